@@ -1,0 +1,1807 @@
+#!/usr/bin/env python3
+"""llmhop: one OpenAI-compatible endpoint in front of many LLM servers.
+
+The router reads the ``model`` of each request (the top-level JSON field of the body, or the
+``/route/{model}/...`` prefix of the path), finds that model's upstream in its JSON config and
+forwards the request byte for byte, streaming the answer back.
+
+The file is laid out bottom-up, each part depending only on those above it:
+
+1. secrets     -- ``${env:...}``, ``${file:...}``, ``${cred:...}`` references
+2. config      -- the strict JSON config and the routing table built from it
+3. protocol    -- HTTP/1.1 message rules (RFC 9112) on bytes, without any I/O
+4. upstreams   -- connections to the model servers, pooled for keep-alive
+5. exchange    -- one client connection: read, route, forward, relay, log
+6. server      -- listeners, signals, shutdown
+7. command line
+
+Standard library only, Python 3.11 or newer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import itertools
+import json
+import os
+import re
+import signal
+import ssl
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+VERSION = "0.1.0"
+
+DEFAULT_PORT = 8080
+DEFAULT_MAX_BODY_BYTES = 100 * 1024 * 1024
+DEFAULT_MAX_CONCURRENT_REQUESTS = 8
+DEFAULT_CONNECT_TIMEOUT = 30.0
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADER_FIELDS = 256
+HEAD_TIMEOUT = 10.0  # a request head must arrive whole within this, from its first byte
+IDLE_TIMEOUT = 75.0  # a keep-alive client connection may wait this long for its next request
+READ_SIZE = 256 * 1024
+WRITE_HIGH_WATER = 256 * 1024
+MAX_IDLE_UPSTREAM_CONNECTIONS = 64
+# An unread request body up to this size is read and dropped after an early error response, so
+# the connection can be reused and the client is not cut off mid-send.
+MAX_DISCARD_BYTES = 256 * 1024
+
+
+def log(message: str) -> None:
+    sys.stderr.write(f"llmhop: {message}\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Secrets
+# ---------------------------------------------------------------------------------------------
+
+SECRET_SCHEMES = ("env", "file", "cred")
+_BARE_REFERENCE = re.compile(r"[A-Za-z0-9_]+|[*#@!?-]")
+
+
+class SecretError(Exception):
+    """A secret reference that cannot be resolved; the message never holds secret contents."""
+
+
+def _trim_line_terminator(text: str) -> str:
+    # Exactly one: "secret\n\n" keeps its inner newline, as files written by hand often end so.
+    if text.endswith("\r\n"):
+        return text[:-2]
+    if text.endswith("\n"):
+        return text[:-1]
+    return text
+
+
+def _read_secret_file(path: str) -> str:
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as exc:
+        raise SecretError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return _trim_line_terminator(data.decode())
+    except UnicodeDecodeError:
+        raise SecretError(f"{path} is not UTF-8 text") from None
+
+
+class SecretResolver:
+    """Resolves one ``scheme:argument`` reference; ``check_only`` validates without reading."""
+
+    def __init__(self, environ: dict[str, str] | None = None, *, check_only: bool = False):
+        self.environ = os.environ if environ is None else environ
+        self.check_only = check_only
+
+    def __call__(self, scheme: str, argument: str) -> str:
+        return getattr(self, f"_{scheme}")(argument)
+
+    def _env(self, name: str) -> str:
+        if not name:
+            raise SecretError("env: needs a variable name")
+        if self.check_only:
+            return "checked"
+        value = self.environ.get(name)
+        if value is None:
+            raise SecretError(f"environment variable {name} is not set")
+        return value
+
+    def _credentials_directory(self, reference: str) -> str:
+        directory = self.environ.get("CREDENTIALS_DIRECTORY", "")
+        if not directory:
+            raise SecretError(f"{reference} needs $CREDENTIALS_DIRECTORY, which is not set")
+        return directory
+
+    def _file(self, path: str) -> str:
+        if not path:
+            raise SecretError("file: needs a path")
+        if self.check_only:
+            return "checked"
+        if not os.path.isabs(path):
+            # The seed's rule: a relative path names a file among systemd's credentials.
+            path = os.path.join(self._credentials_directory(f"relative path {path!r}"), path)
+        return _read_secret_file(path)
+
+    def _cred(self, name: str) -> str:
+        if not name or "/" in name or name in (".", ".."):
+            raise SecretError(f"cred: needs a credential name without '/', got {name!r}")
+        if self.check_only:
+            return "checked"
+        return _read_secret_file(os.path.join(self._credentials_directory(f"cred:{name}"), name))
+
+
+def expand_secrets(value: str, resolve: Callable[[str, str], str]) -> tuple[str, list[str]]:
+    """Expand every reference in ``value``; return the result and every error found."""
+    parts: list[str] = []
+    errors: list[str] = []
+    position = 0
+    while (dollar := value.find("$", position)) >= 0:
+        parts.append(value[position:dollar])
+        following = value[dollar + 1 : dollar + 2]
+        if following == "$":
+            parts.append("$")
+            position = dollar + 2
+        elif following == "{":
+            close = value.find("}", dollar + 2)
+            if close < 0:
+                errors.append(f"unclosed reference {value[dollar:]!r}")
+                return "".join(parts), errors
+            reference = value[dollar + 2 : close]
+            scheme, colon, argument = reference.partition(":")
+            if colon and scheme in SECRET_SCHEMES:
+                try:
+                    parts.append(resolve(scheme, argument))
+                except SecretError as exc:
+                    errors.append(f"${{{reference}}}: {exc}")
+            else:
+                errors.append(_not_a_reference(f"${{{reference}}}"))
+            position = close + 1
+        elif match := _BARE_REFERENCE.match(value, dollar + 1):
+            errors.append(_not_a_reference("$" + match.group()))
+            position = match.end()
+        else:
+            parts.append("$")  # a lone "$" followed by nothing name-like is literal text
+            position = dollar + 1
+    parts.append(value[position:])
+    return "".join(parts), errors
+
+
+def _not_a_reference(text: str) -> str:
+    return f"{text!r} is not a cred:, env: or file: reference; write $$ for a literal $"
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Config
+# ---------------------------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """Every problem found in a config, each as ``(key path, message)``."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        super().__init__(
+            "\n".join(
+                f"config: {path}: {message}" if path else f"config: {message}"
+                for path, message in problems
+            )
+        )
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where a model is served: a TCP host and port (maybe TLS), or a unix socket."""
+
+    scheme: str  # "http", "https" or "unix"
+    host: str  # no brackets; the socket path for unix
+    port: int
+    base_path: str  # "" or "/prefix" without a trailing slash
+    query: str  # raw, forwarded byte for byte
+    host_header: bytes  # the upstream's own authority, as a Host header value
+
+    @property
+    def pool_key(self) -> tuple[str, str, int]:
+        return (self.scheme, self.host, self.port)
+
+    def __str__(self) -> str:
+        if self.scheme == "unix":
+            return f"unix://{self.host}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}{self.base_path}"
+
+
+def parse_upstream_url(url: str) -> Upstream:
+    """Parse a model URL: absolute ``http(s)://host[:port][/base][?query]`` or ``unix:///path``."""
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
+        raise ValueError("must not contain spaces or control characters")
+    parts = urlsplit(url)
+    if "#" in url:
+        raise ValueError("must not have a fragment")
+    if parts.scheme == "unix":
+        if parts.netloc:
+            raise ValueError("a unix URL takes no host: write unix:///absolute/path.sock")
+        if not parts.path.startswith("/"):
+            raise ValueError("a unix URL needs an absolute socket path")
+        if parts.query:
+            raise ValueError("a unix URL takes no query")
+        return Upstream("unix", parts.path, 0, "", "", b"localhost")
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an absolute http(s) or unix URL")
+    if "@" in parts.netloc:
+        raise ValueError("must not carry user information")
+    if not parts.hostname:
+        raise ValueError("needs a host")
+    try:
+        explicit_port = parts.port
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    default_port = 443 if parts.scheme == "https" else 80
+    port = default_port if explicit_port is None else explicit_port
+    authority = parts.netloc.rpartition(":")[0] if explicit_port is not None else parts.netloc
+    if port != default_port:
+        authority = f"{authority}:{port}"
+    return Upstream(
+        scheme=parts.scheme,
+        host=parts.hostname,
+        port=port,
+        base_path=parts.path.rstrip("/"),
+        query=parts.query,
+        host_header=authority.lower().encode("ascii"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    host: str  # "" = every interface
+    port: int  # 0 = an ephemeral port, logged at startup
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    name: str
+    upstream: Upstream
+    headers: tuple[tuple[bytes, bytes], ...]  # injected into every request, replacing the client's
+    header_names: frozenset[bytes]  # lower-case names of ``headers``
+    host_header: bytes  # the Host sent upstream: a configured Host wins over the upstream's own
+    unlisted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listener: Listener
+    max_body_bytes: int  # 0 = no cap
+    max_concurrent_requests: int  # 0 = no cap
+    auth_tokens: tuple[bytes, ...]
+    connect_timeout: float
+    shutdown_timeout: float
+    models: dict[str, Model]
+
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Header value octets: VCHAR, obs-text, SP and HTAB (RFC 9110 §5.5); used to delete valid bytes.
+_FIELD_VALUE_OCTETS = bytes([9, *range(0x20, 0x7F), *range(0x80, 0x100)])
+# Framing and connection management stay the proxy's: a model may not set them.
+_MANAGED_HEADERS = frozenset(
+    b"connection content-length expect keep-alive proxy-connection te trailer "
+    b"transfer-encoding upgrade".split()
+)
+
+
+def is_valid_field_value(value: bytes) -> bool:
+    return not value.translate(None, _FIELD_VALUE_OCTETS)
+
+
+_CONFIG_KEYS = {
+    "host": str,
+    "port": int,
+    "listen": str,
+    "maxBodyBytes": int,
+    "maxConcurrentRequests": int,
+    "connectTimeout": (int, float),
+    "shutdownTimeout": (int, float),
+    "authTokens": list,
+    "models": dict,
+}
+_MODEL_KEYS = {"url": str, "headers": dict, "unlisted": bool}
+_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    bool: "a boolean",
+    list: "a list",
+    dict: "an object",
+}
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _has_type(value: Any, expected: type | tuple[type, ...]) -> bool:
+    if isinstance(value, bool):  # JSON true is no number here
+        return expected is bool
+    if expected is float or (isinstance(expected, tuple) and float in expected):
+        return isinstance(value, int | float) and value == value  # NaN is no timeout
+    return isinstance(value, expected)
+
+
+def _type_name(expected: type | tuple[type, ...]) -> str:
+    return "a number" if isinstance(expected, tuple) else _TYPE_NAMES[expected]
+
+
+class _ConfigReader:
+    """Walks the decoded JSON, collecting every problem with its key path."""
+
+    def __init__(self, resolve: Callable[[str, str], str]):
+        self.resolve = resolve
+        self.problems: list[tuple[str, str]] = []
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append((path, message))
+
+    def fields(self, obj: dict[str, Any], schema: dict[str, Any], prefix: str) -> dict[str, Any]:
+        """The keys of ``obj`` that exist in ``schema`` and have the right type."""
+        valid = {}
+        for key, value in obj.items():
+            path = f"{prefix}{key}"
+            expected = schema.get(key)
+            if expected is None:
+                self.problem(path, f"unknown key (known: {', '.join(schema)})")
+            elif not _has_type(value, expected):
+                self.problem(path, f"must be {_type_name(expected)}")
+            else:
+                valid[key] = value
+        return valid
+
+    def secret(self, path: str, template: str) -> bytes | None:
+        value, errors = expand_secrets(template, self.resolve)
+        for error in errors:
+            self.problem(path, error)
+        if errors:
+            return None
+        encoded = value.encode()
+        if not is_valid_field_value(encoded):
+            self.problem(path, "must be a valid header value (no control characters)")
+            return None
+        return encoded
+
+    def listener(self, fields: dict[str, Any]) -> Listener:
+        if "listen" in fields:
+            if "host" in fields or "port" in fields:
+                self.problem("listen", "cannot be combined with host/port")
+            return self.listen_address(fields["listen"])
+        port = fields.get("port", DEFAULT_PORT)
+        if not 0 <= port <= 65535:
+            self.problem("port", "must be in 0..65535")
+        return Listener(fields.get("host", ""), port)
+
+    def listen_address(self, address: str) -> Listener:
+        host, colon, port_text = address.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            colon = ""  # an IPv6 literal must be written in brackets
+        if not colon or not port_text.isdigit() or int(port_text) > 65535:
+            self.problem("listen", 'must be "host:port", ":port" or "[ipv6]:port"')
+            return Listener("", DEFAULT_PORT)
+        return Listener(host, int(port_text))
+
+    def count(self, fields: dict[str, Any], key: str, default: int) -> int:
+        value = fields.get(key, default)
+        if value < 0:
+            self.problem(key, "must not be negative (0 disables the limit)")
+        return value
+
+    def seconds(self, fields: dict[str, Any], key: str, default: float) -> float:
+        value = float(fields.get(key, default))
+        if value <= 0:
+            self.problem(key, "must be a positive number of seconds")
+        return value
+
+    def auth_tokens(self, tokens: list[Any]) -> tuple[bytes, ...]:
+        result = []
+        for index, template in enumerate(tokens):
+            path = f"authTokens[{index}]"
+            if not isinstance(template, str):
+                self.problem(path, "must be a string")
+            elif (token := self.secret(path, template)) is not None:
+                if token:
+                    result.append(token)
+                else:
+                    self.problem(path, "must not be empty")
+        return tuple(result)
+
+    def models(self, models: dict[str, Any]) -> dict[str, Model]:
+        if not models:
+            self.problem("models", "no models configured")
+        result = {}
+        for name, entry in models.items():
+            path = f"models.{name}"
+            if not name:
+                self.problem("models", "a model name must not be empty")
+            elif not isinstance(entry, dict):
+                self.problem(path, "must be an object")
+            elif (model := self.model(name, entry, path)) is not None:
+                result[name] = model
+        return result
+
+    def model(self, name: str, entry: dict[str, Any], path: str) -> Model | None:
+        fields = self.fields(entry, _MODEL_KEYS, f"{path}.")
+        if "url" not in fields:
+            if "url" not in entry:
+                self.problem(f"{path}.url", "is required")
+            return None
+        try:
+            upstream = parse_upstream_url(fields["url"])
+        except ValueError as exc:
+            self.problem(f"{path}.url", str(exc))
+            return None
+        headers = self.model_headers(fields.get("headers", {}), f"{path}.headers")
+        configured_host = dict(headers).get(b"host")
+        return Model(
+            name=name,
+            upstream=upstream,
+            headers=tuple((n, v) for n, v in headers if n != b"host"),
+            header_names=frozenset(n for n, _ in headers),
+            host_header=configured_host or upstream.host_header,
+            unlisted=fields.get("unlisted", False),
+        )
+
+    def model_headers(self, headers: dict[str, Any], prefix: str) -> list[tuple[bytes, bytes]]:
+        result: list[tuple[bytes, bytes]] = []
+        seen: dict[bytes, str] = {}
+        for name, template in headers.items():
+            path = f"{prefix}.{name}"
+            raw_name = name.encode("utf-8", "replace")
+            lower = raw_name.lower()
+            if not _TOKEN.fullmatch(raw_name):
+                self.problem(path, "is not a valid header name")
+            elif lower in seen:
+                self.problem(path, f"duplicates header {seen[lower]!r} (names ignore case)")
+            elif lower in _MANAGED_HEADERS:
+                self.problem(path, "is managed by the proxy and cannot be set")
+            elif not isinstance(template, str):
+                self.problem(path, "must be a string")
+            elif (value := self.secret(path, template)) is not None:
+                # Host is kept by its lower-case name so the caller can find it.
+                result.append((lower if lower == b"host" else raw_name, value))
+            seen.setdefault(lower, name)
+        return result
+
+
+def parse_config(text: str | bytes, resolve: Callable[[str, str], str]) -> Config:
+    """Decode and validate a config strictly; raise ConfigError naming every problem."""
+    try:
+        if isinstance(text, bytes):
+            text = text.decode()
+        decoder = json.JSONDecoder(object_pairs_hook=_reject_duplicate_keys)
+        document, end = decoder.raw_decode(text.lstrip())
+    except UnicodeDecodeError:
+        raise ConfigError([("", "is not UTF-8 text")]) from None
+    except ValueError as exc:
+        raise ConfigError([("", f"invalid JSON: {exc}")]) from None
+    if text.lstrip()[end:].strip():
+        raise ConfigError([("", "multiple JSON values in config")])
+    if not isinstance(document, dict):
+        raise ConfigError([("", "must be a JSON object")])
+    reader = _ConfigReader(resolve)
+    fields = reader.fields(document, _CONFIG_KEYS, "")
+    if "models" not in document:
+        reader.problem("models", "no models configured")
+    config = Config(
+        listener=reader.listener(fields),
+        max_body_bytes=reader.count(fields, "maxBodyBytes", DEFAULT_MAX_BODY_BYTES),
+        max_concurrent_requests=reader.count(
+            fields, "maxConcurrentRequests", DEFAULT_MAX_CONCURRENT_REQUESTS
+        ),
+        auth_tokens=reader.auth_tokens(fields.get("authTokens", [])),
+        connect_timeout=reader.seconds(fields, "connectTimeout", DEFAULT_CONNECT_TIMEOUT),
+        shutdown_timeout=reader.seconds(fields, "shutdownTimeout", DEFAULT_SHUTDOWN_TIMEOUT),
+        models=reader.models(fields.get("models", {})),
+    )
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    return config
+
+
+def load_config(path: str, *, check_only: bool = False) -> Config:
+    try:
+        with open(path, "rb") as file:
+            text = file.read()
+    except OSError as exc:
+        raise ConfigError([("", f"cannot read {path}: {exc.strerror}")]) from None
+    return parse_config(text, SecretResolver(check_only=check_only))
+
+
+class RoutingTable:
+    """A config with its answers prepared; replaced whole, never changed, so a reload is atomic."""
+
+    def __init__(self, config: Config, created: int | None = None):
+        self.config = config
+        self.models = config.models
+        created = int(time.time()) if created is None else created
+        listed = sorted(name for name, model in config.models.items() if not model.unlisted)
+        objects = {
+            name: {"id": name, "object": "model", "created": created, "owned_by": "llmhop"}
+            for name in listed
+        }
+        self.model_objects = {name: _json_bytes(obj) for name, obj in objects.items()}
+        self.models_list = _json_bytes({"object": "list", "data": list(objects.values())})
+        self.health = _json_bytes({"status": "ok", "models": len(listed)})
+
+    def authorized(self, authorization: bytes | None) -> bool:
+        """Whether a request's Authorization header passes; always true when auth is off."""
+        tokens = self.config.auth_tokens
+        if not tokens:
+            return True
+        if authorization is None:
+            return False
+        scheme, _, credentials = authorization.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        # Compare against every token so the time taken does not tell which one matched.
+        matched = False
+        for token in tokens:
+            matched |= hmac.compare_digest(credentials, token)
+        return matched
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode() + b"\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. HTTP/1.1 protocol rules (RFC 9110, RFC 9112), on bytes; nothing here does I/O
+# ---------------------------------------------------------------------------------------------
+
+
+class ProtocolError(Exception):
+    """A message that breaks HTTP/1.1; the connection it came on cannot be trusted further."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+_REQUEST_LINE = re.compile(rb"([^ ]+) ([^ ]+) (HTTP/[0-9]\.[0-9])")
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n]*))?")
+_TARGET_OCTETS = bytes([*range(0x21, 0x7F), *range(0x80, 0x100)])
+HOP_BY_HOP = frozenset(
+    b"connection keep-alive proxy-connection te transfer-encoding upgrade "
+    b"proxy-authenticate proxy-authorization".split()
+)
+
+Headers = list[tuple[bytes, bytes]]  # (name as received, value)
+
+
+def parse_fields(lines: list[bytes]) -> Headers:
+    if len(lines) > MAX_HEADER_FIELDS:
+        raise ProtocolError(431, f"more than {MAX_HEADER_FIELDS} header fields")
+    headers = []
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name):
+            if line[:1] in (b" ", b"\t"):
+                raise ProtocolError(400, "obsolete line folding is not allowed")
+            raise ProtocolError(400, "malformed header field")
+        value = value.strip(b" \t")
+        if not is_valid_field_value(value):
+            raise ProtocolError(400, "invalid character in header value")
+        headers.append((name, value))
+    return headers
+
+
+def header_values(headers: Headers, lower_name: bytes) -> list[bytes]:
+    return [value for name, value in headers if name.lower() == lower_name]
+
+
+def header_tokens(headers: Headers, lower_name: bytes) -> list[bytes]:
+    """The comma-separated elements of every field of that name, lower-cased."""
+    return [
+        element.strip(b" \t").lower()
+        for value in header_values(headers, lower_name)
+        for element in value.split(b",")
+        if element.strip(b" \t")
+    ]
+
+
+CHUNKED = -1  # a body length meaning "chunked transfer coding"
+UNTIL_CLOSE = -2  # a response body delimited by the connection closing
+
+
+def body_length(headers: Headers) -> int:
+    """The framing of a message body (RFC 9112 §6.3): a length, CHUNKED, or None for none."""
+    codings = header_tokens(headers, b"transfer-encoding")
+    lengths = header_values(headers, b"content-length")
+    if codings:
+        if lengths:
+            raise ProtocolError(400, "both Content-Length and Transfer-Encoding")
+        if codings[-1] != b"chunked":
+            raise ProtocolError(400, "chunked must be the final transfer coding")
+        if len(codings) > 1:
+            raise ProtocolError(501, "transfer codings other than chunked are not supported")
+        return CHUNKED
+    if not lengths:
+        return 0
+    elements = {element.strip(b" \t") for value in lengths for element in value.split(b",")}
+    if len(elements) != 1:
+        raise ProtocolError(400, "conflicting Content-Length values")
+    (length,) = elements
+    if not length.isdigit() or len(length) > 18:
+        raise ProtocolError(400, "invalid Content-Length")
+    return int(length)
+
+
+@dataclass(slots=True)
+class Request:
+    method: bytes
+    target: bytes
+    http_minor: int  # 0 or 1
+    headers: Headers
+    length: int  # bytes of body, or CHUNKED
+    keep_alive: bool
+    expect_continue: bool
+    upgrade: bytes | None  # the protocol asked for, when the client asks to switch
+    # ``length`` becomes 0 once the body is read; a body read in part spoils keep_alive.
+
+    def header(self, lower_name: bytes) -> bytes | None:
+        for name, value in self.headers:
+            if name.lower() == lower_name:
+                return value
+        return None
+
+
+def parse_request_head(head: bytes) -> Request:
+    """Parse a request head (without its final blank line); raise ProtocolError if invalid."""
+    request_line, *field_lines = head.split(b"\r\n")
+    match = _REQUEST_LINE.fullmatch(request_line)
+    if match is None or not _TOKEN.fullmatch(match[1]):
+        raise ProtocolError(400, "malformed request line")
+    method, target, version = match.groups()
+    if target.translate(None, _TARGET_OCTETS):
+        raise ProtocolError(400, "invalid character in request target")
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise ProtocolError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+    http_minor = version[-1] - ord("0")
+    headers = parse_fields(field_lines)
+    hosts = header_values(headers, b"host")
+    if http_minor == 1 and len(hosts) != 1:
+        raise ProtocolError(400, "an HTTP/1.1 request needs exactly one Host header")
+    if http_minor == 0 and header_values(headers, b"transfer-encoding"):
+        raise ProtocolError(400, "Transfer-Encoding is not defined for HTTP/1.0")
+    length = body_length(headers)
+    connection = header_tokens(headers, b"connection")
+    expectations = header_tokens(headers, b"expect")
+    if expectations and expectations != [b"100-continue"]:
+        raise ProtocolError(417, "only Expect: 100-continue is supported")
+    upgrade = header_values(headers, b"upgrade")
+    return Request(
+        method=method,
+        target=target,
+        http_minor=http_minor,
+        headers=headers,
+        length=length,
+        keep_alive=http_minor == 1 and b"close" not in connection,
+        expect_continue=bool(expectations) and http_minor == 1,
+        upgrade=upgrade[0] if upgrade and b"upgrade" in connection else None,
+    )
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    reason: bytes
+    headers: Headers
+    length: int  # bytes of body, CHUNKED or UNTIL_CLOSE
+    keep_alive: bool
+
+
+def parse_response_head(head: bytes, request_method: bytes) -> Response:
+    status_line, *field_lines = head.split(b"\r\n")
+    match = _STATUS_LINE.fullmatch(status_line)
+    if match is None:
+        raise ProtocolError(502, "malformed status line from upstream")
+    headers = parse_fields(field_lines)
+    status = int(match[2])
+    connection = header_tokens(headers, b"connection")
+    keep_alive = match[1] == b"1" and b"close" not in connection
+    if request_method == b"HEAD" or status < 200 or status in (204, 304):
+        length = 0
+    else:
+        length = body_length(headers)
+        if length == 0 and not header_values(headers, b"content-length"):
+            length, keep_alive = UNTIL_CLOSE, False
+    return Response(status, match[3] or b"", headers, length, keep_alive)
+
+
+class ChunkedDecoder:
+    """Follows chunked framing (RFC 9112 §7.1) over raw bytes, which callers forward unchanged.
+
+    ``feed`` returns how much of the data belongs to the message; the rest, if any, follows it.
+    Payload pieces are appended to ``payload`` when one is given.
+    """
+
+    __slots__ = ("_line", "_remaining", "_state", "done", "size", "trailer_fields")
+
+    _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
+    _MAX_LINE = 8 * 1024
+
+    def __init__(self) -> None:
+        self._state = self._SIZE
+        self._line = b""
+        self._remaining = 0
+        self.size = 0  # payload bytes so far
+        self.done = False
+        self.trailer_fields = 0
+
+    def feed(self, data: bytes, payload: list[bytes] | None = None) -> int:
+        position = 0
+        end = len(data)
+        while position < end and not self.done:
+            if self._state == self._DATA:
+                take = min(self._remaining, end - position)
+                if payload is not None:
+                    payload.append(data[position : position + take])
+                position += take
+                self.size += take
+                self._remaining -= take
+                if not self._remaining:
+                    self._state = self._DATA_END
+                continue
+            newline = data.find(b"\n", position)
+            if newline < 0:
+                self._line += data[position:]
+                if len(self._line) > self._MAX_LINE:
+                    raise ProtocolError(400, "chunked framing line too long")
+                return end
+            line = self._line + data[position:newline]
+            self._line = b""
+            position = newline + 1
+            if not line.endswith(b"\r"):
+                raise ProtocolError(400, "chunked framing lines must end with CRLF")
+            self._line_complete(line[:-1])
+        return position
+
+    def _line_complete(self, line: bytes) -> None:
+        if self._state == self._SIZE:
+            size, _, extension = line.partition(b";")
+            size = size.rstrip(b" \t")
+            if not size or len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
+                raise ProtocolError(400, "invalid chunk size")
+            if not is_valid_field_value(extension):
+                raise ProtocolError(400, "invalid chunk extension")
+            self._remaining = int(size, 16)
+            self._state = self._DATA if self._remaining else self._TRAILER
+        elif self._state == self._DATA_END:
+            if line:
+                raise ProtocolError(400, "chunk data longer than its size")
+            self._state = self._SIZE
+        elif not line:
+            self.done = True
+        else:
+            self.trailer_fields += 1
+            parse_fields([line])
+            if self.trailer_fields > MAX_HEADER_FIELDS:
+                raise ProtocolError(431, "too many trailer fields")
+
+
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
+def response_head(status: int, headers: list[bytes], reason: bytes | None = None) -> bytes:
+    """A response head; ``headers`` are complete ``Name: value`` lines without CRLF."""
+    if reason is None:
+        reason = _REASONS.get(status, b"")
+    return b"\r\n".join([b"HTTP/1.1 %d %s" % (status, reason), *headers, b"", b""])
+
+
+ERROR_TYPES = {401: "authentication_error", 502: "upstream_error", 503: "server_error"}
+ERROR_TYPES[504] = ERROR_TYPES[502]
+
+
+def error_body(status: int, message: str, code: str) -> bytes:
+    """An OpenAI-shaped error object."""
+    error = {
+        "message": message,
+        "type": ERROR_TYPES.get(status, "invalid_request_error"),
+        "param": None,
+        "code": code,
+    }
+    return _json_bytes({"error": error})
+
+
+def split_target(target: bytes) -> tuple[bytes, bytes]:
+    """(path, query) of an origin-form or absolute-form request target; query keeps its '?'."""
+    if not target.startswith(b"/"):
+        scheme, sep, rest = target.partition(b"://")
+        if not sep or scheme.lower() not in (b"http", b"https"):
+            raise ProtocolError(400, "request target must be a path")
+        slash = rest.find(b"/")
+        target = rest[slash:] if slash >= 0 else b"/"
+    question = target.find(b"?")
+    if question < 0:
+        return target, b""
+    return target[:question], target[question:]
+
+
+def join_query(upstream_query: str, client_query: bytes) -> bytes:
+    """The upstream's own query, then the client's, both verbatim."""
+    if not upstream_query:
+        return client_query
+    if len(client_query) <= 1:
+        return b"?" + upstream_query.encode()
+    return b"?" + upstream_query.encode() + b"&" + client_query[1:]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Upstream connections
+# ---------------------------------------------------------------------------------------------
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached, or broke HTTP; the request gets a 502 or 504."""
+
+    def __init__(self, status: int, message: str, *, nothing_received: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.nothing_received = nothing_received
+
+
+class Connection:
+    """A byte stream with our own read buffer: parsing stays in bytes, reads stay large."""
+
+    __slots__ = ("buffer", "reader", "writer")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+        self.buffer = bytearray()
+
+    async def read(self, limit: int = READ_SIZE) -> bytes:
+        """Buffered bytes first, else the next bytes from the peer; b"" at end of stream."""
+        if self.buffer:
+            data = bytes(self.buffer[:limit])
+            del self.buffer[:limit]
+            return data
+        return await self.reader.read(limit)
+
+    async def read_head(self, max_bytes: int = MAX_HEAD_BYTES) -> bytes | None:
+        """The next message head without its blank line, or None at a clean end of stream."""
+        searched = 0
+        while True:
+            while self.buffer.startswith(b"\r\n"):  # RFC 9112 §2.2: blank lines may precede
+                del self.buffer[:2]
+            end = self.buffer.find(b"\r\n\r\n", max(0, searched - 3))
+            if end >= 0:
+                head = bytes(self.buffer[:end])
+                del self.buffer[: end + 4]
+                return head
+            if len(self.buffer) > max_bytes:
+                raise ProtocolError(431, f"header block larger than {max_bytes} bytes")
+            searched = len(self.buffer)
+            data = await self.reader.read(READ_SIZE)
+            if not data:
+                if self.buffer:
+                    raise ProtocolError(400, "connection closed inside a message head")
+                return None
+            self.buffer += data
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def flush(self) -> None:
+        """Wait only when the peer is slow: most writes return without yielding."""
+        transport = self.writer.transport
+        if transport.is_closing():
+            raise ConnectionResetError("connection lost")
+        if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+            await self.writer.drain()
+
+    def close(self) -> None:
+        self.writer.transport.abort()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per upstream, reused most-recent first."""
+
+    def __init__(self) -> None:
+        self.idle: dict[tuple[str, str, int], list[Connection]] = {}
+        self.opened = 0  # connections opened since start, for metrics and benchmarks
+        self._ssl: ssl.SSLContext | None = None
+
+    async def acquire(self, upstream: Upstream, timeout: float) -> tuple[Connection, bool]:
+        """A connection to the upstream and whether it was reused."""
+        idle = self.idle.get(upstream.pool_key)
+        while idle:
+            connection = idle.pop()
+            if not connection.reader.at_eof() and not connection.writer.transport.is_closing():
+                return connection, True
+            connection.close()
+        return await self._open(upstream, timeout), False
+
+    def release(self, upstream: Upstream, connection: Connection) -> None:
+        idle = self.idle.setdefault(upstream.pool_key, [])
+        if len(idle) < MAX_IDLE_UPSTREAM_CONNECTIONS and not connection.buffer:
+            idle.append(connection)
+        else:
+            connection.close()
+
+    def close(self) -> None:
+        for idle in self.idle.values():
+            for connection in idle:
+                connection.close()
+        self.idle.clear()
+
+    async def _open(self, upstream: Upstream, timeout: float) -> Connection:
+        try:
+            async with asyncio.timeout(timeout):
+                if upstream.scheme == "unix":
+                    reader, writer = await asyncio.open_unix_connection(upstream.host)
+                else:
+                    reader, writer = await asyncio.open_connection(
+                        upstream.host,
+                        upstream.port,
+                        ssl=self._ssl_context() if upstream.scheme == "https" else None,
+                    )
+        except TimeoutError:
+            raise UpstreamError(504, f"connecting to the upstream took over {timeout:g}s") from None
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
+            raise UpstreamError(502, f"cannot connect to the upstream: {reason}") from None
+        self.opened += 1
+        return Connection(reader, writer)
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The exchange: one client connection, request after request
+# ---------------------------------------------------------------------------------------------
+
+
+class HTTPError(Exception):
+    """A request the router answers itself, with an OpenAI-shaped error."""
+
+    def __init__(
+        self, status: int, message: str, code: str, *, headers: tuple[bytes, ...] = ()
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.headers = headers
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What one request did, for the access log and the metrics."""
+
+    started: float
+    method: str = "-"
+    path: str = "-"
+    route: str = "-"  # health, models, path, body, error
+    model: str = "-"
+    status: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    upstream_seconds: float | None = None  # until the upstream's response head
+    request_id: bytes = b"-"
+
+
+class Metrics:
+    """Observes finished exchanges; the server's systemd side extends it."""
+
+    def observe(self, exchange: Exchange) -> None:
+        pass
+
+
+_REPLACED_REQUEST_HEADERS = (
+    b"host",
+    b"content-length",
+    b"expect",
+    b"x-request-id",
+    b"x-forwarded-for",
+    b"x-forwarded-host",
+    b"x-forwarded-proto",
+)
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
+_REQUEST_ID_PREFIX = os.urandom(4).hex()
+_request_counter = itertools.count(1)
+
+
+def request_id_for(request: Request) -> bytes:
+    given = request.header(b"x-request-id")
+    if given is not None and _REQUEST_ID.fullmatch(given):
+        return given
+    return f"{_REQUEST_ID_PREFIX}-{next(_request_counter)}".encode()
+
+
+class Router:
+    """Shared state: the routing table, the upstream pool, the concurrency count."""
+
+    def __init__(self, table: RoutingTable, *, metrics: Metrics | None = None):
+        self.table = table
+        self.pool = UpstreamPool()
+        self.metrics = metrics or Metrics()
+        self.in_flight = 0
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self.access_log = True
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The start_server callback: one client connection."""
+        connection = ClientConnection(self, reader, writer)
+        self.connections.add(connection)
+        try:
+            await connection.serve()
+        finally:
+            self.connections.discard(connection)
+
+    def log_exchange(self, exchange: Exchange) -> None:
+        self.metrics.observe(exchange)
+        if not self.access_log:
+            return
+        total = (time.monotonic() - exchange.started) * 1000
+        upstream = (
+            "-" if exchange.upstream_seconds is None else f"{exchange.upstream_seconds * 1000:.1f}"
+        )
+        sys.stderr.write(
+            f'access: "{exchange.method} {exchange.path}" model={exchange.model} '
+            f"route={exchange.route} status={exchange.status} in={exchange.bytes_in} "
+            f"out={exchange.bytes_out} total_ms={total:.1f} upstream_ms={upstream} "
+            f"id={exchange.request_id.decode('ascii', 'replace')}\n"
+        )
+
+
+class ClientConnection(Connection):
+    __slots__ = ("_exchange_task", "busy", "gone", "peer_ip", "router")
+
+    def __init__(self, router: Router, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        super().__init__(reader, writer)
+        self.router = router
+        peer = writer.get_extra_info("peername")
+        self.peer_ip = peer[0] if isinstance(peer, tuple) and peer else None
+        self.busy = False  # between the first byte of a request and the end of its response
+        self.gone = False
+        self._exchange_task: asyncio.Task[Any] | None = None
+
+    async def serve(self) -> None:
+        try:
+            while not self.router.draining:
+                if not await self._exchange():
+                    break
+        except Exception as exc:  # a bug must cost one connection, never the server
+            log(f"internal error on a client connection: {exc!r}")
+        finally:
+            self.close_gracefully()
+
+    def close_gracefully(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+    async def _next_head(self) -> bytes | None:
+        """Wait for a request: idle time is generous, a head started must finish quickly."""
+        if not self.buffer:
+            try:
+                async with asyncio.timeout(IDLE_TIMEOUT):
+                    data = await self.reader.read(READ_SIZE)
+            except TimeoutError:
+                return None
+            if not data:
+                return None
+            self.buffer += data
+        self.busy = True
+        async with asyncio.timeout(HEAD_TIMEOUT):
+            return await self.read_head()
+
+    async def _exchange(self) -> bool:
+        """Serve one request; whether the connection may carry another."""
+        self.busy = False
+        try:
+            head = await self._next_head()
+        except TimeoutError:
+            return False  # the head did not come in time: nothing sensible can be answered
+        except ProtocolError as exc:
+            self._bad_message(exc)
+            return False
+        except ConnectionError:
+            return False
+        if head is None:
+            return False
+        exchange = Exchange(time.monotonic())
+        try:
+            request = parse_request_head(head)
+        except ProtocolError as exc:
+            self._bad_message(exc, exchange)
+            return False
+        exchange.method = request.method.decode("latin-1")
+        exchange.request_id = request_id_for(request)
+        self._exchange_task = asyncio.current_task()
+        try:
+            keep_alive = await self._respond(request, exchange)
+        except HTTPError as exc:
+            keep_alive = await self._answer_error(request, exchange, exc)
+        except ProtocolError as exc:
+            self._bad_message(exc, exchange)
+            keep_alive = False
+        except (ConnectionError, ClientGone):
+            self.gone = True
+            keep_alive = False
+        except asyncio.CancelledError:
+            if not self.gone:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            keep_alive = False
+        finally:
+            self._exchange_task = None
+        if self.gone and exchange.status == 0:
+            exchange.status = 499  # nginx's "client closed request"
+        self.router.log_exchange(exchange)
+        return keep_alive and not self.gone
+
+    # -- routing ------------------------------------------------------------------------------
+
+    async def _respond(self, request: Request, exchange: Exchange) -> bool:
+        table = self.router.table  # this request keeps the table it started with
+        path, query = split_target(request.target)
+        exchange.path = path.decode("latin-1")
+        method = request.method
+        if path == b"/health":
+            exchange.route = "health"
+            if method not in (b"GET", b"HEAD"):
+                raise HTTPError(
+                    405, "use GET /health", "method_not_allowed", headers=(b"Allow: GET, HEAD",)
+                )
+            return await self._answer_json(request, exchange, 200, table.health)
+        if not table.authorized(request.header(b"authorization")):
+            exchange.route = "error"
+            raise HTTPError(
+                401,
+                "missing or invalid bearer token",
+                "invalid_api_key",
+                headers=(b'WWW-Authenticate: Bearer realm="llmhop"',),
+            )
+        if method in (b"GET", b"HEAD") and path == b"/v1/models":
+            exchange.route = "models"
+            return await self._answer_json(request, exchange, 200, table.models_list)
+        if method in (b"GET", b"HEAD") and path.startswith(b"/v1/models/"):
+            exchange.route = "models"
+            name = unquote(path[len(b"/v1/models/") :].decode("latin-1"), errors="replace")
+            body = table.model_objects.get(name)
+            if body is None:
+                raise HTTPError(404, f"unknown model {json.dumps(name)}", "model_not_found")
+            return await self._answer_json(request, exchange, 200, body)
+        if path.startswith(b"/route/"):
+            exchange.route = "path"
+            encoded_name, _, rest = path[len(b"/route/") :].partition(b"/")
+            name = unquote(encoded_name.decode("latin-1"), errors="replace")
+            model = self._model(table, name, exchange)
+            return await self._proxy(request, exchange, table, model, b"/" + rest + query, None)
+        exchange.route = "body"
+        body = await self._read_body(request, exchange, table.config.max_body_bytes)
+        name = model_of_body(body.payload)
+        model = self._model(table, name, exchange)
+        return await self._proxy(request, exchange, table, model, path + query, body)
+
+    @staticmethod
+    def _model(table: RoutingTable, name: str, exchange: Exchange) -> Model:
+        if not name:
+            raise HTTPError(400, "missing model name in /route/{model}/...", "missing_model")
+        exchange.model = name
+        model = table.models.get(name)
+        if model is None:
+            raise HTTPError(404, f"unknown model {json.dumps(name)}", "model_not_found")
+        return model
+
+    # -- request bodies -------------------------------------------------------------------------
+
+    def _continue(self, request: Request) -> None:
+        if request.expect_continue:
+            request.expect_continue = False
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    async def _body_chunks(
+        self, request: Request, exchange: Exchange, cap: int, payload: list[bytes] | None
+    ) -> AsyncIterator[bytes]:
+        """The request body as it arrives on the wire, framing included; enforces the cap."""
+        if request.length == 0:
+            return
+        if request.length > 0 and cap and request.length > cap:
+            raise BodyTooLarge
+        self._continue(request)
+        keep_alive, request.keep_alive = request.keep_alive, False  # until all is read
+        async for data in self._body_wire(request, exchange, cap, payload):
+            yield data
+        request.length = 0
+        request.keep_alive = keep_alive
+
+    async def _body_wire(
+        self, request: Request, exchange: Exchange, cap: int, payload: list[bytes] | None
+    ) -> AsyncIterator[bytes]:
+        if request.length > 0:
+            remaining = request.length
+            while remaining:
+                data = await self.read(min(remaining, READ_SIZE))
+                if not data:
+                    raise ClientGone
+                remaining -= len(data)
+                exchange.bytes_in += len(data)
+                if payload is not None:
+                    payload.append(data)
+                yield data
+            return
+        decoder = ChunkedDecoder()
+        while not decoder.done:
+            data = await self.read()
+            if not data:
+                raise ClientGone
+            end = decoder.feed(data, payload)
+            if end < len(data):
+                self.buffer[:0] = data[end:]  # the next pipelined request
+                data = data[:end]
+            exchange.bytes_in += len(data)
+            if cap and decoder.size > cap:
+                raise BodyTooLarge
+            yield data
+
+    async def _read_body(self, request: Request, exchange: Exchange, cap: int) -> BufferedBody:
+        wire: list[bytes] = []
+        payload: list[bytes] | None = [] if request.length == CHUNKED else None
+        try:
+            async for data in self._body_chunks(request, exchange, cap, payload):
+                wire.append(data)
+        except BodyTooLarge:
+            raise HTTPError(413, _too_large(cap), "request_too_large") from None
+        raw = b"".join(wire)
+        return BufferedBody(raw, raw if payload is None else b"".join(payload))
+
+    # -- forwarding -----------------------------------------------------------------------------
+
+    def _upstream_head(
+        self,
+        request: Request,
+        exchange: Exchange,
+        config: Config,
+        model: Model,
+        target: bytes,
+        length: int,
+    ) -> bytes:
+        upstream = model.upstream
+        path, question, query = target.partition(b"?")
+        dropped = set(HOP_BY_HOP)
+        dropped.update(header_tokens(request.headers, b"connection"))
+        dropped.update(model.header_names)
+        dropped.update(_REPLACED_REQUEST_HEADERS)
+        if config.auth_tokens:
+            dropped.add(b"authorization")  # the client's token is ours, never the upstream's
+        lines = [
+            b"%s %s%s%s HTTP/1.1"
+            % (
+                request.method,
+                upstream.base_path.encode(),
+                path,
+                join_query(upstream.query, question + query),
+            ),
+            b"Host: " + model.host_header,
+        ]
+        lines += [n + b": " + v for n, v in request.headers if n.lower() not in dropped]
+        lines += [n + b": " + v for n, v in model.headers]
+        if self.peer_ip is not None:
+            lines.append(b"X-Forwarded-For: " + self.peer_ip.encode())
+        if client_host := request.header(b"host"):
+            lines.append(b"X-Forwarded-Host: " + client_host)
+        lines.append(b"X-Forwarded-Proto: http")
+        lines.append(b"X-Request-Id: " + exchange.request_id)
+        if request.upgrade is not None:
+            lines += [b"Connection: Upgrade", b"Upgrade: " + request.upgrade]
+        if length == CHUNKED:
+            lines.append(b"Transfer-Encoding: chunked")
+        elif length or request.method in (b"POST", b"PUT", b"PATCH"):
+            lines.append(b"Content-Length: %d" % length)
+        lines += [b"", b""]
+        return b"\r\n".join(lines)
+
+    async def _proxy(
+        self,
+        request: Request,
+        exchange: Exchange,
+        table: RoutingTable,
+        model: Model,
+        target: bytes,
+        body: BufferedBody | None,
+    ) -> bool:
+        """Forward the request; ``body`` is None when it streams from the client as it comes."""
+        config = table.config
+        cap = config.max_body_bytes
+        if body is None and cap and request.length > cap:
+            raise HTTPError(413, _too_large(cap), "request_too_large")
+        limit = config.max_concurrent_requests
+        if limit and self.router.in_flight >= limit:
+            raise HTTPError(
+                503,
+                f"too many concurrent requests (the limit is {limit})",
+                "too_many_concurrent_requests",
+                headers=(b"Retry-After: 1",),
+            )
+        self.router.in_flight += 1
+        try:
+            return await self._forward(request, exchange, config, model, target, body)
+        finally:
+            self.router.in_flight -= 1
+
+    async def _forward(
+        self,
+        request: Request,
+        exchange: Exchange,
+        config: Config,
+        model: Model,
+        target: bytes,
+        body: BufferedBody | None,
+    ) -> bool:
+        if body is None:
+            length = request.length
+        else:
+            length = CHUNKED if request.length == CHUNKED else len(body.raw)
+        head = self._upstream_head(request, exchange, config, model, target, length)
+        replayable = body is not None or length == 0
+        upstream = model.upstream
+        watch: asyncio.Task[None] | None = None
+        sent_at = time.monotonic()
+        try:
+            for attempt in range(2):
+                connection, reused = await self._acquire(upstream, config)
+                try:
+                    await self._send_request(request, exchange, config, connection, head, body)
+                    watch = watch or self._watch_client()
+                    response = await self._read_response_head(connection, request.method)
+                except UpstreamError as exc:
+                    connection.close()
+                    # An idle connection the upstream had just closed: replay once, if we can.
+                    if reused and exc.nothing_received and replayable and attempt == 0:
+                        continue
+                    raise HTTPError(exc.status, str(exc), "upstream_error") from None
+                except BaseException:
+                    connection.close()
+                    raise
+                break
+            exchange.upstream_seconds = time.monotonic() - sent_at
+            if response.status == 101:
+                await _stop(watch)
+                return await self._tunnel(exchange, connection, response)
+            try:
+                return await self._relay_response(request, exchange, upstream, connection, response)
+            except BaseException:
+                connection.close()
+                raise
+        finally:
+            await _stop(watch)
+
+    async def _acquire(self, upstream: Upstream, config: Config) -> tuple[Connection, bool]:
+        try:
+            return await self.router.pool.acquire(upstream, config.connect_timeout)
+        except UpstreamError as exc:
+            code = "upstream_timeout" if exc.status == 504 else "upstream_unavailable"
+            raise HTTPError(exc.status, str(exc), code) from None
+
+    async def _send_request(
+        self,
+        request: Request,
+        exchange: Exchange,
+        config: Config,
+        connection: Connection,
+        head: bytes,
+        body: BufferedBody | None,
+    ) -> None:
+        try:
+            if body is not None:
+                connection.writer.writelines((head, body.raw))
+                await connection.flush()
+                return
+            connection.write(head)
+            async for data in self._body_chunks(request, exchange, config.max_body_bytes, None):
+                connection.write(data)
+                await connection.flush()
+        except BodyTooLarge:
+            raise HTTPError(413, _too_large(config.max_body_bytes), "request_too_large") from None
+        except ConnectionError:
+            # The upstream may have answered early (say, with its own 413): read that below.
+            # Whatever the client still sends is unread, so its connection cannot be reused.
+            request.keep_alive = False
+
+    async def _read_response_head(self, connection: Connection, method: bytes) -> Response:
+        while True:
+            try:
+                head = await connection.read_head()
+                if head is None:
+                    raise UpstreamError(
+                        502,
+                        "the upstream closed the connection without answering",
+                        nothing_received=True,
+                    )
+                response = parse_response_head(head, method)
+            except ProtocolError as exc:
+                raise UpstreamError(502, f"invalid response from the upstream: {exc}") from None
+            except ConnectionError as exc:
+                raise UpstreamError(
+                    502, f"the upstream reset the connection: {exc}", nothing_received=True
+                ) from None
+            if response.status >= 200 or response.status == 101:
+                return response  # interim 1xx answers are ours to drop: we sent no Expect
+
+    def _watch_client(self) -> asyncio.Task[None] | None:
+        """Notice a client that leaves while the upstream works, and stop the exchange then."""
+        if self.buffer or self._exchange_task is None:
+            return None  # data already waits: the client is evidently still there
+        return asyncio.get_running_loop().create_task(self._await_client_eof(self._exchange_task))
+
+    async def _await_client_eof(self, exchange_task: asyncio.Task[Any]) -> None:
+        try:
+            data = await self.reader.read(READ_SIZE)
+        except ConnectionError:
+            data = b""
+        if data:
+            self.buffer += data  # a pipelined request: keep it, stop watching
+            return
+        self.gone = True
+        exchange_task.cancel()
+
+    async def _relay_response(
+        self,
+        request: Request,
+        exchange: Exchange,
+        upstream: Upstream,
+        connection: Connection,
+        response: Response,
+    ) -> bool:
+        """Send the response on as it arrives; whether the client connection stays usable."""
+        exchange.status = response.status
+        dechunk = response.length == CHUNKED and request.http_minor == 0
+        keep_alive = (
+            request.keep_alive
+            and response.length != UNTIL_CLOSE
+            and not dechunk
+            and not self.router.draining
+        )
+        self.write(self._client_head(response, exchange, keep_alive, dechunk))
+        try:
+            async for data in self._response_chunks(connection, response, dechunk):
+                exchange.bytes_out += len(data)
+                self.write(data)
+                await self.flush()
+        except ProtocolError as exc:
+            # Never pass a cut-off body off as complete: closing the client connection tells.
+            log(f"upstream of model {exchange.model} broke its response: {exc}")
+            connection.close()
+            return False
+        if response.keep_alive and not connection.buffer:
+            self.router.pool.release(upstream, connection)
+        else:
+            connection.close()
+        await self.flush()
+        return keep_alive
+
+    @staticmethod
+    def _client_head(
+        response: Response, exchange: Exchange, keep_alive: bool, dechunk: bool
+    ) -> bytes:
+        dropped = set(HOP_BY_HOP)
+        dropped.update(header_tokens(response.headers, b"connection"))
+        dropped.add(b"content-length")
+        lines = [b"HTTP/1.1 %d %s" % (response.status, response.reason)]
+        lines += [n + b": " + v for n, v in response.headers if n.lower() not in dropped]
+        if not header_values(response.headers, b"x-request-id"):
+            lines.append(b"X-Request-Id: " + exchange.request_id)
+        if response.length == CHUNKED and not dechunk:
+            lines.append(b"Transfer-Encoding: chunked")
+        elif response.length > 0:
+            lines.append(b"Content-Length: %d" % response.length)
+        elif response.length == 0 and (
+            lengths := header_values(response.headers, b"content-length")
+        ):
+            # HEAD and 304 answers describe the body they would have had.
+            lines.append(b"Content-Length: " + lengths[0].split(b",")[0].strip())
+        if not keep_alive:
+            lines.append(b"Connection: close")
+        lines += [b"", b""]
+        return b"\r\n".join(lines)
+
+    @staticmethod
+    async def _response_chunks(
+        upstream: Connection, response: Response, dechunk: bool
+    ) -> AsyncIterator[bytes]:
+        """The response body as it arrives: raw framing, or only the payload when de-chunking."""
+        length = response.length
+        if length == UNTIL_CLOSE:
+            while data := await upstream.read():
+                yield data
+            return
+        if length >= 0:
+            remaining = length
+            while remaining:
+                data = await upstream.read(min(remaining, READ_SIZE))
+                if not data:
+                    raise ProtocolError(502, "the upstream closed the connection mid-body")
+                remaining -= len(data)
+                yield data
+            return
+        decoder = ChunkedDecoder()
+        while not decoder.done:
+            data = await upstream.read()
+            if not data:
+                raise ProtocolError(502, "the upstream closed the connection mid-body")
+            payload: list[bytes] | None = [] if dechunk else None
+            end = decoder.feed(data, payload)
+            if end < len(data):
+                upstream.buffer += data[end:]  # bytes after the message: never reuse this one
+                data = data[:end]
+            if payload is None:
+                yield data
+            elif payload:
+                yield b"".join(payload)
+
+    async def _tunnel(self, exchange: Exchange, upstream: Connection, response: Response) -> bool:
+        """After 101 Switching Protocols both sides speak another protocol: copy bytes both ways."""
+        lines = [b"HTTP/1.1 101 " + response.reason]
+        lines += [n + b": " + v for n, v in response.headers]
+        self.write(b"\r\n".join([*lines, b"", b""]))
+
+        async def copy(source: Connection, target: Connection) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await source.read():
+                    target.write(data)
+                    await target.writer.drain()
+                if target.writer.can_write_eof():
+                    target.writer.write_eof()
+
+        with contextlib.suppress(ConnectionError):
+            await asyncio.gather(copy(self, upstream), copy(upstream, self))
+        upstream.close()
+        return False
+
+    # -- answers of our own ---------------------------------------------------------------------
+
+    async def _answer_json(
+        self, request: Request, exchange: Exchange, status: int, body: bytes
+    ) -> bool:
+        exchange.status = status
+        keep_alive = request.keep_alive and await self._discard_body(request)
+        head = response_head(
+            status,
+            [
+                b"Content-Type: application/json",
+                b"Content-Length: %d" % len(body),
+                b"X-Request-Id: " + exchange.request_id,
+                *(() if keep_alive else (b"Connection: close",)),
+            ],
+        )
+        self.write(head if request.method == b"HEAD" else head + body)
+        exchange.bytes_out = len(body)
+        await self.flush()
+        return keep_alive
+
+    async def _answer_error(self, request: Request, exchange: Exchange, error: HTTPError) -> bool:
+        exchange.status = error.status
+        keep_alive = request.keep_alive and await self._discard_body(request)
+        body = error_body(error.status, str(error), error.code)
+        head = response_head(
+            error.status,
+            [
+                b"Content-Type: application/json",
+                b"Content-Length: %d" % len(body),
+                b"X-Request-Id: " + exchange.request_id,
+                *error.headers,
+                *(() if keep_alive else (b"Connection: close",)),
+            ],
+        )
+        self.write(head if request.method == b"HEAD" else head + body)
+        exchange.bytes_out = len(body)
+        with contextlib.suppress(ConnectionError):
+            await self.writer.drain()
+        return keep_alive
+
+    async def _discard_body(self, request: Request) -> bool:
+        """Read and drop an unread small body so the connection stays usable; else close it."""
+        if request.length == 0:
+            return True
+        if request.expect_continue or request.length > MAX_DISCARD_BYTES:
+            request.length = 0  # the client waits for 100 or sends too much: close instead
+            return False
+        exchange = Exchange(0.0)
+        try:
+            async with asyncio.timeout(1.0):
+                async for _ in self._body_chunks(request, exchange, MAX_DISCARD_BYTES, None):
+                    pass
+        except (TimeoutError, BodyTooLarge, ProtocolError, ClientGone, ConnectionError):
+            return False
+        finally:
+            request.length = 0
+        return True
+
+    def _bad_message(self, error: ProtocolError, exchange: Exchange | None = None) -> None:
+        """Answer a message that broke HTTP, then give up on the connection."""
+        code = {431: "headers_too_large", 505: "http_version_not_supported"}.get(
+            error.status, "bad_request"
+        )
+        body = error_body(error.status, str(error), code)
+        self.write(
+            response_head(
+                error.status,
+                [
+                    b"Content-Type: application/json",
+                    b"Content-Length: %d" % len(body),
+                    b"Connection: close",
+                ],
+            )
+            + body
+        )
+        if exchange is None:
+            exchange = Exchange(time.monotonic())
+        exchange.status = error.status
+        exchange.route = "error"
+        exchange.bytes_out = len(body)
+        self.router.log_exchange(exchange)
+
+
+@dataclass(frozen=True, slots=True)
+class BufferedBody:
+    raw: bytes  # as received, framing included
+    payload: bytes  # the content, for reading the model
+
+
+def model_of_body(payload: bytes) -> str:
+    """The top-level ``model`` string of a JSON body."""
+    try:
+        document = json.loads(payload)
+    except (ValueError, RecursionError):
+        raise HTTPError(400, "invalid JSON request body", "invalid_json") from None
+    model = document.get("model") if isinstance(document, dict) else None
+    if not isinstance(model, str):
+        raise HTTPError(
+            400, 'missing model: the JSON body needs a string "model" field', "missing_model"
+        )
+    if not model:
+        raise HTTPError(400, "missing model: the model name is empty", "missing_model")
+    return model
+
+
+def _too_large(cap: int) -> str:
+    return f"request body too large (the limit is {cap} bytes)"
+
+
+async def _stop(task: asyncio.Task[Any] | None) -> None:
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.wait((task,))
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The server
+# ---------------------------------------------------------------------------------------------
+
+
+def format_address(sockname: Any) -> str:
+    if isinstance(sockname, str | bytes):
+        return f"unix:{os.fsdecode(sockname)}"
+    host, port = sockname[0], sockname[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Server:
+    def __init__(self, config_path: str, config: Config):
+        self.config_path = config_path
+        self.router = Router(RoutingTable(config))
+        self.servers: list[asyncio.Server] = []
+        self.addresses: list[str] = []
+        self.stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        listener = self.router.table.config.listener
+        server = await asyncio.start_server(
+            self.router.serve, host=listener.host or None, port=listener.port, reuse_address=True
+        )
+        self.servers.append(server)
+        count = len(self.router.table.models)
+        for sock in server.sockets:
+            address = format_address(sock.getsockname())
+            self.addresses.append(address)
+            log(f"listening on {address} with {count} model(s)")
+
+    async def run(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopping.set)
+        await self.stopping.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let requests in flight finish within the drain timeout, then close."""
+        router = self.router
+        router.draining = True
+        for server in self.servers:
+            server.close()
+        for connection in list(router.connections):
+            if not connection.busy:
+                connection.close_gracefully()
+        timeout = router.table.config.shutdown_timeout
+        deadline = time.monotonic() + timeout
+        while any(c.busy for c in router.connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for connection in list(router.connections):
+            connection.close()
+        router.pool.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def _argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmhop",
+        description="One OpenAI-compatible endpoint in front of many LLM servers.",
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "--config", "-config", default="config.json", metavar="PATH", help="JSON config file"
+    )
+    parser.add_argument(
+        "--check",
+        "-check",
+        action="store_true",
+        help="validate the config (secrets by syntax only) and exit",
+    )
+    parser.add_argument("--version", "-version", action="version", version=f"llmhop {VERSION}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _argument_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, check_only=args.check)
+        RoutingTable(config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if args.check:
+        print(f"config ok: {len(config.models)} model(s)", file=sys.stderr)
+        return 0
+    server = Server(args.config, config)
+    try:
+        asyncio.run(server.run())
+    except OSError as exc:
+        log(f"cannot listen: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
