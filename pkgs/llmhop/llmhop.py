@@ -499,8 +499,6 @@ def parse_config(text: str | bytes, resolve: Callable[[str, str], str]) -> Confi
         raise ConfigError([("", "must be a JSON object")])
     reader = _ConfigReader(resolve)
     fields = reader.fields(document, _CONFIG_KEYS, "")
-    if "models" not in document:
-        reader.problem("models", "no models configured")
     config = Config(
         listener=reader.listener(fields),
         max_body_bytes=reader.count(fields, "maxBodyBytes", DEFAULT_MAX_BODY_BYTES),
@@ -1050,6 +1048,8 @@ class Router:
         self.connections: set[ClientConnection] = set()
         self.draining = False
         self.access_log = True
+        self.head_timeout = HEAD_TIMEOUT
+        self.idle_timeout = IDLE_TIMEOUT
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """The start_server callback: one client connection."""
@@ -1106,7 +1106,7 @@ class ClientConnection(Connection):
         """Wait for a request: idle time is generous, a head started must finish quickly."""
         if not self.buffer:
             try:
-                async with asyncio.timeout(IDLE_TIMEOUT):
+                async with asyncio.timeout(self.router.idle_timeout):
                     data = await self.reader.read(READ_SIZE)
             except TimeoutError:
                 return None
@@ -1114,7 +1114,7 @@ class ClientConnection(Connection):
                 return None
             self.buffer += data
         self.busy = True
-        async with asyncio.timeout(HEAD_TIMEOUT):
+        async with asyncio.timeout(self.router.head_timeout):
             return await self.read_head()
 
     async def _exchange(self) -> bool:
