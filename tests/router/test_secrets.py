@@ -21,7 +21,7 @@ def test_env_value_is_not_trimmed() -> None:
 
 
 def test_unset_env_variable_is_an_error() -> None:
-    value, errors = expand("${env:MISSING}")
+    _, errors = expand("${env:MISSING}")
     assert errors == ["${env:MISSING}: environment variable MISSING is not set"]
 
 
