@@ -883,12 +883,12 @@ class Connection:
             while self.buffer.startswith(b"\r\n"):  # RFC 9112 §2.2: blank lines may precede
                 del self.buffer[:2]
             end = self.buffer.find(b"\r\n\r\n", max(0, searched - 3))
+            if end > max_bytes or (end < 0 and len(self.buffer) > max_bytes):
+                raise ProtocolError(431, f"header block larger than {max_bytes} bytes")
             if end >= 0:
                 head = bytes(self.buffer[:end])
                 del self.buffer[: end + 4]
                 return head
-            if len(self.buffer) > max_bytes:
-                raise ProtocolError(431, f"header block larger than {max_bytes} bytes")
             searched = len(self.buffer)
             data = await self.reader.read(READ_SIZE)
             if not data:
@@ -1278,7 +1278,9 @@ class ClientConnection(Connection):
         except BodyTooLarge:
             raise HTTPError(413, _too_large(cap), "request_too_large") from None
         raw = b"".join(wire)
-        return BufferedBody(raw, raw if payload is None else b"".join(payload))
+        if payload is None:
+            return BufferedBody(raw, raw, chunked=False)
+        return BufferedBody(raw, b"".join(payload), chunked=True)
 
     # -- forwarding -----------------------------------------------------------------------------
 
@@ -1366,7 +1368,7 @@ class ClientConnection(Connection):
         if body is None:
             length = request.length
         else:
-            length = CHUNKED if request.length == CHUNKED else len(body.raw)
+            length = CHUNKED if body.chunked else len(body.raw)
         head = self._upstream_head(request, exchange, config, model, target, length)
         replayable = body is not None or length == 0
         upstream = model.upstream
@@ -1671,6 +1673,7 @@ class ClientConnection(Connection):
 class BufferedBody:
     raw: bytes  # as received, framing included
     payload: bytes  # the content, for reading the model
+    chunked: bool
 
 
 def model_of_body(payload: bytes) -> str:

@@ -218,6 +218,7 @@ class RunningRouter:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.server = llmhop.Server("<test>", parsed)
+        router_attributes.setdefault("access_log", False)
         for name, value in router_attributes.items():
             setattr(self.server.router, name, value)
         self.call(self.server.start())

@@ -1,0 +1,83 @@
+{
+  lib,
+  stdenvNoCC,
+  python3,
+  runtimeShell,
+}:
+let
+  root = ../..;
+
+  # Only what the package and its check need; plain cleanSourceWith works with Nix 2.8.
+  keep = [
+    "pyproject.toml"
+    "pkgs"
+    "pkgs/llmhop"
+    "pkgs/llmhop/llmhop.py"
+    "tests"
+    "tests/router"
+  ];
+  filter =
+    path: type:
+    let
+      rel = lib.removePrefix (toString root + "/") (toString path);
+    in
+    lib.elem rel keep || lib.hasPrefix "tests/router/" rel;
+
+  pyproject = lib.importTOML (root + "/pyproject.toml");
+in
+stdenvNoCC.mkDerivation {
+  pname = "llmhop";
+  inherit (pyproject.project) version;
+
+  src = lib.cleanSourceWith {
+    name = "llmhop-source";
+    src = lib.cleanSource root;
+    inherit filter;
+  };
+
+  dontConfigure = true;
+  dontBuild = true;
+
+  installPhase = ''
+    runHook preInstall
+
+    install -Dm644 pkgs/llmhop/llmhop.py $out/lib/llmhop/llmhop.py
+    mkdir -p $out/bin
+    cat > $out/bin/llmhop <<EOF
+    #!${runtimeShell}
+    exec ${python3.interpreter} -I $out/lib/llmhop/llmhop.py "\$@"
+    EOF
+    cat > $out/bin/llmhop-notify <<EOF
+    #!${runtimeShell}
+    exec ${python3.interpreter} -I $out/lib/llmhop/llmhop.py notify "\$@"
+    EOF
+    chmod 0755 $out/bin/llmhop $out/bin/llmhop-notify
+
+    runHook postInstall
+  '';
+
+  # The router's own tests, minus the real-backend ones (tests/e2e is not in src).
+  doCheck = true;
+  nativeCheckInputs = [ python3.pkgs.pytest ];
+  checkPhase = ''
+    runHook preCheck
+    if [ -d tests/router ]; then
+      pytest -p no:cacheprovider tests/router
+    fi
+    runHook postCheck
+  '';
+
+  doInstallCheck = true;
+  installCheckPhase = ''
+    runHook preInstallCheck
+    $out/bin/llmhop --version
+    runHook postInstallCheck
+  '';
+
+  meta = {
+    description = "One OpenAI-compatible endpoint in front of many local LLM servers";
+    license = lib.licenses.mit;
+    mainProgram = "llmhop";
+    platforms = lib.platforms.unix;
+  };
+}
