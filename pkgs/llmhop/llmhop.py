@@ -1365,10 +1365,7 @@ class ClientConnection(Connection):
         target: bytes,
         body: BufferedBody | None,
     ) -> bool:
-        if body is None:
-            length = request.length
-        else:
-            length = CHUNKED if body.chunked else len(body.raw)
+        length = request.length if body is None else body.length
         head = self._upstream_head(request, exchange, config, model, target, length)
         replayable = body is not None or length == 0
         upstream = model.upstream
@@ -1674,6 +1671,10 @@ class BufferedBody:
     raw: bytes  # as received, framing included
     payload: bytes  # the content, for reading the model
     chunked: bool
+
+    @property
+    def length(self) -> int:
+        return CHUNKED if self.chunked else len(self.raw)
 
 
 def model_of_body(payload: bytes) -> str:

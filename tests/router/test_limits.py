@@ -176,7 +176,8 @@ def test_idle_keep_alive_connection_is_closed(
         (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
         (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: br, chunked\r\n\r\n", 501),
         (
-            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\n"
+            b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
             400,
         ),
         (b"GET / HTTP/1.1\r\nHost: a\r\n bad: fold\r\n\r\n", 400),
@@ -231,7 +232,7 @@ def test_slow_connect_gives_504(router_factory: Factory) -> None:
         filler.setblocking(False)
         filler.connect_ex(listener.getsockname())
         fillers.append(filler)
-    url = "http://127.0.0.1:%d" % listener.getsockname()[1]
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
     try:
         router = router_factory({"connectTimeout": 0.3, "models": {"m": {"url": url}}})
         reply = exchange(router, "POST", "/v1/x", chat("m"))
