@@ -1,0 +1,94 @@
+# Evaluate llmhop's NixOS modules without nixpkgs: lib.evalModules over modules/, the real
+# quadlet-nix module, stub declarations of the NixOS options they write (nixos-stubs.nix) and
+# a stub pkgs (stub-pkgs.nix). Returns JSON-friendly data: rendered units, the evaluated
+# units, users, groups, tmpfiles, firewall, failed assertions and warnings.
+{
+  lib,
+  # The source tree of mirkolenz/quadlet-nix (a path or store path string).
+  quadlet-nix,
+}:
+{
+  # Extra NixOS modules: a test's configuration.
+  modules ? [ ],
+  # Package name -> real directory to use as its outPath (see stub-pkgs.nix).
+  pkgsOverrides ? { },
+}:
+let
+  pkgs = import ./stub-pkgs.nix {
+    inherit lib;
+    overrides = pkgsOverrides;
+  };
+
+  eval = lib.evalModules {
+    modules = [
+      ./nixos-stubs.nix
+      # As nixosModules.default in flake.nix: quadlet-nix's module (nixosModules.quadlet) + ours.
+      "${quadlet-nix}/config-modules/nixos.nix"
+      ../../modules
+      { _module.args.pkgs = lib.mkDefault pkgs; }
+    ]
+    ++ modules;
+  };
+
+  inherit (eval) config;
+
+  units = kind: lib.filterAttrs (_: u: u.enable) config.systemd.${kind};
+
+  unitView =
+    def:
+    lib.filterAttrs (_: v: v != null && v != [ ] && v != { } && v != "") {
+      inherit (def)
+        description
+        requires
+        wants
+        upholds
+        after
+        before
+        bindsTo
+        partOf
+        conflicts
+        wantedBy
+        requiredBy
+        upheldBy
+        aliases
+        startLimitBurst
+        startLimitIntervalSec
+        unitConfig
+        overrideStrategy
+        ;
+      serviceConfig = def.serviceConfig or null;
+      environment = def.environment or null;
+      listenStreams = def.listenStreams or null;
+      socketConfig = def.socketConfig or null;
+      timerConfig = def.timerConfig or null;
+      startAt = def.startAt or null;
+    };
+
+  render = import ./render.nix { inherit lib pkgs; };
+in
+{
+  units = render config;
+  services = lib.mapAttrs (_: unitView) (units "services");
+  sockets = lib.mapAttrs (_: unitView) (units "sockets");
+  timers = lib.mapAttrs (_: unitView) (units "timers");
+  userServices = lib.mapAttrs (_: unitView) (
+    lib.filterAttrs (_: u: u.enable) config.systemd.user.services
+  );
+  users = lib.mapAttrs (
+    _: u:
+    removeAttrs u [
+      "shell"
+    ]
+  ) config.users.users;
+  groups = config.users.groups;
+  tmpfiles = {
+    inherit (config.systemd.tmpfiles) rules settings;
+  };
+  firewall = {
+    inherit (config.networking.firewall) allowedTCPPorts allowedUDPPorts;
+  };
+  etc = lib.mapAttrs (_: e: { inherit (e) text mode user group; }) config.environment.etc;
+  quadlet = lib.mapAttrs (_: c: c.text) config.virtualisation.quadlet.containers;
+  assertions = map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
+  inherit (config) warnings;
+}
