@@ -1,0 +1,154 @@
+"""Rendered unit files: NixOS-like rendering, systemd-analyze verify and security."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import analyze_security, analyze_verify, evaluate, llmhop_package, write_units
+
+pytestmark = [
+    pytest.mark.nix,
+    pytest.mark.systemd,
+    pytest.mark.usefixtures("nix_inputs", "systemd_analyze"),
+]
+
+ROUTER_UNITS = ["llmhop.service", "llmhop-default.socket"]
+# The exposure score the router's unit must not exceed (systemd-analyze: 0 best, 10 worst).
+MAX_EXPOSURE = 2.0
+
+
+def render(scratch: Path, config: dict[str, Any], module: Path | None = None) -> Path:
+    """Evaluate with runnable stand-ins (so ExecStart= exists) and write the system units."""
+    pkgs = {"llmhop": str(llmhop_package(scratch / "pkgs")), "coreutils": "/usr"}
+    result = evaluate(config, module=module, pkgs=pkgs)
+    return write_units(result["units"]["system"], scratch / "units")
+
+
+def router(**service_config: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {"services": {"llmhop": {"enable": True}}}
+    if service_config:
+        config["systemd"] = {"services": {"llmhop": {"serviceConfig": service_config}}}
+    return config
+
+
+# --- the renderer -----------------------------------------------------------------------
+
+
+def test_rendering_like_nixos(tmp_path: Path) -> None:
+    module = tmp_path / "units.nix"
+    module.write_text(
+        """{
+  systemd.services.demo = {
+    description = "demo";
+    after = [ "a.service" "b.service" ];
+    wantedBy = [ "multi-user.target" ];
+    aliases = [ "demo-alias.service" ];
+    environment.GREETING = "hello world";
+    path = [ ];
+    serviceConfig = {
+      ExecStart = "/bin/true";
+      PrivateTmp = true;
+      ProtectHome = false;
+      BindReadOnlyPaths = [ "/a" "/b" ];
+      SupplementaryGroups = [ ];
+      RestartSec = 5;
+    };
+  };
+  systemd.services.nightly = {
+    script = "echo hi";
+    startAt = "daily";
+  };
+  systemd.services.extra = {
+    overrideStrategy = "asDropin";
+    serviceConfig.TimeoutStartSec = 60;
+  };
+}
+"""
+    )
+    units = evaluate(module=module)["units"]["system"]
+    demo = units["files"]["demo.service"]
+    assert demo.startswith("[Unit]\nAfter=a.service b.service\nDescription=demo\n\n[Service]\n")
+    assert 'Environment="GREETING=hello world"\n' in demo
+    assert "PrivateTmp=true\n" in demo
+    assert "ProtectHome=false\n" in demo
+    assert "BindReadOnlyPaths=/a\nBindReadOnlyPaths=/b\n" in demo
+    assert "SupplementaryGroups" not in demo
+    assert "RestartSec=5\n" in demo
+    assert "[Install]" not in demo
+    assert units["links"]["multi-user.target.wants/demo.service"] == "demo.service"
+    assert units["links"]["demo-alias.service"] == "demo.service"
+    assert "ExecStart=/nix/store/" in units["files"]["nightly.service"]
+    assert "[Timer]\nOnCalendar=daily\n" in units["files"]["nightly.timer"]
+    assert units["links"]["timers.target.wants/nightly.timer"] == "nightly.timer"
+    assert "TimeoutStartSec=60\n" in units["files"]["extra.service.d/overrides.conf"]
+
+
+def test_router_unit_text(scratch: Path) -> None:
+    text = (render(scratch, router()) / "llmhop.service").read_text()
+    assert "Type=notify\n" in text
+    assert "RestrictAddressFamilies=AF_INET\nRestrictAddressFamilies=AF_INET6\n" in text
+    assert "CapabilityBoundingSet=\n" in text
+    assert "NoNewPrivileges=true\n" in text
+    socket = (scratch / "units" / "llmhop-default.socket").read_text()
+    assert "[Socket]\nListenStream=8080\nService=llmhop.service\n" in socket
+
+
+# --- systemd-analyze --------------------------------------------------------------------
+
+
+def test_router_units_verify(scratch: Path) -> None:
+    result = analyze_verify(render(scratch, router()), ROUTER_UNITS)
+    assert result.clean, result.stderr
+
+
+def test_router_exposure(scratch: Path, record_property: pytest.RecordProperty) -> None:
+    score, report = analyze_security(render(scratch, router()), "llmhop.service")
+    record_property("llmhop.service exposure", score)
+    print(f"systemd-analyze security: llmhop.service exposure {score}")
+    assert score <= MAX_EXPOSURE, report
+
+
+def test_weaker_hardening_scores_worse(scratch: Path) -> None:
+    """The score reacts to the unit: the check is not vacuous. (mkForce written as JSON.)"""
+    hardened, _ = analyze_security(render(scratch, router()), "llmhop.service")
+    weak_dir = scratch / "weak"
+    weak_dir.mkdir()
+    weak, _ = analyze_security(
+        render(weak_dir, _force(PrivateUsers=False, ProtectSystem=False, PrivateDevices=False)),
+        "llmhop.service",
+    )
+    assert weak > hardened
+
+
+def _force(**service_config: Any) -> dict[str, Any]:
+    config = router()
+    config["systemd"] = {
+        "services": {
+            "llmhop": {
+                "serviceConfig": {
+                    k: {"_type": "override", "priority": 50, "content": v}
+                    for k, v in service_config.items()
+                }
+            }
+        }
+    }
+    return config
+
+
+@pytest.mark.parametrize(
+    ("service_config", "complaint"),
+    [
+        ({"ProtectSytem": "strict"}, "Unknown key 'ProtectSytem'"),
+        ({"RestrictAddressFamilies": ["AF_NOPE"]}, "AF_NOPE"),
+        ({"ExecStartPre": "/nonexistent/bin/prepare"}, "/nonexistent/bin/prepare"),
+    ],
+    ids=["unknown-key", "bad-value", "missing-program"],
+)
+def test_a_wrong_unit_fails_verify(
+    scratch: Path, service_config: dict[str, Any], complaint: str
+) -> None:
+    result = analyze_verify(render(scratch, router(**service_config)), ROUTER_UNITS)
+    assert not result.clean
+    assert complaint in result.stderr
