@@ -325,3 +325,46 @@ def send_raw(router: RunningRouter, data: bytes) -> bytes:
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
         return SocketReader(sock).rest()
+
+
+class RouterProcess:
+    """The router as its own process, as users run it; its stderr is collected as it comes.
+
+    Reading stderr all the time matters: a full pipe would block the router's log writes.
+    """
+
+    def __init__(self, config: dict[str, Any], tmp_path: Path, env: dict[str, str] | None = None):
+        import re
+        import subprocess
+
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps({"host": "127.0.0.1", "port": 0, **config}))
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROUTER_SCRIPT), "--config", str(path)],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={"PATH": os.environ["PATH"], **(env or {})},
+        )
+        assert self.process.stderr is not None
+        self.first_line = self.process.stderr.readline()
+        self.lines: list[str] = [self.first_line]
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+) ", self.first_line)
+        assert match, self.first_line
+        self.address = ("127.0.0.1", int(match[1]))
+
+    def _collect(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(self.address, timeout=WAIT)
+
+    def stop(self) -> str:
+        """Terminate, wait, and return everything the router wrote to stderr."""
+        self.process.terminate()
+        self.process.wait(WAIT * 2)
+        self._reader.join(WAIT)
+        return "".join(self.lines)
