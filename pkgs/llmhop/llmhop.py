@@ -11,9 +11,10 @@ The file is laid out bottom-up, each part depending only on those above it:
 2. config      -- the strict JSON config and the routing table built from it
 3. protocol    -- HTTP/1.1 message rules (RFC 9112) on bytes, without any I/O
 4. upstreams   -- connections to the model servers, pooled for keep-alive
-5. exchange    -- one client connection: read, route, forward, relay, log
-6. server      -- listeners, signals, shutdown
-7. command line
+5. exchange    -- one client connection: read, route, forward, relay, log, count
+6. server      -- listeners (socket activation too), sd_notify, reload, drain
+7. notify      -- ``llmhop-notify``: sd_notify readiness for workers that lack it
+8. command line
 
 Standard library only, Python 3.11 or newer.
 """
@@ -22,17 +23,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
+import collections
 import contextlib
 import hmac
+import http.client
 import itertools
 import json
 import os
 import re
 import signal
+import socket
 import ssl
+import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -283,6 +289,7 @@ class Config:
     auth_tokens: tuple[bytes, ...]
     connect_timeout: float
     shutdown_timeout: float
+    metrics_auth: bool  # whether /metrics needs a token too
     models: dict[str, Model]
 
 
@@ -309,6 +316,7 @@ _CONFIG_KEYS = {
     "connectTimeout": (int, float),
     "shutdownTimeout": (int, float),
     "authTokens": list,
+    "metricsAuth": bool,
     "models": dict,
 }
 _MODEL_KEYS = {"url": str, "headers": dict, "unlisted": bool}
@@ -508,6 +516,7 @@ def parse_config(text: str | bytes, resolve: Callable[[str, str], str]) -> Confi
         auth_tokens=reader.auth_tokens(fields.get("authTokens", [])),
         connect_timeout=reader.seconds(fields, "connectTimeout", DEFAULT_CONNECT_TIMEOUT),
         shutdown_timeout=reader.seconds(fields, "shutdownTimeout", DEFAULT_SHUTDOWN_TIMEOUT),
+        metrics_auth=fields.get("metricsAuth", False),
         models=reader.models(fields.get("models", {})),
     )
     if reader.problems:
@@ -1006,16 +1015,131 @@ class Exchange:
     bytes_in: int = 0
     bytes_out: int = 0
     upstream_seconds: float | None = None  # until the upstream's response head
+    upstream_failure: str | None = None  # connect, timeout, protocol: the upstream's fault
     request_id: bytes = b"-"
 
 
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class Histogram:
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def lines(self, name: str, labels: str) -> list[str]:
+        result = []
+        cumulative = 0
+        for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), self.counts, strict=True):
+            cumulative += count
+            result.append(f'{name}_bucket{{{labels},le="{bound}"}} {cumulative}')
+        result.append(f"{name}_sum{{{labels}}} {self.total:.6f}")
+        result.append(f"{name}_count{{{labels}}} {cumulative}")
+        return result
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 class Metrics:
-    """Observes finished exchanges; the server's systemd side extends it."""
+    """Counters of what the router did, rendered in the Prometheus text format.
 
-    def observe(self, exchange: Exchange) -> None:
-        pass
+    Only configured model names become label values, so clients cannot grow the label set.
+    """
+
+    def __init__(self) -> None:
+        self.requests: collections.Counter[tuple[str, str, int]] = collections.Counter()
+        self.in_flight: collections.Counter[str] = collections.Counter()
+        self.duration: collections.defaultdict[str, Histogram] = collections.defaultdict(Histogram)
+        self.first_byte: collections.defaultdict[str, Histogram] = collections.defaultdict(
+            Histogram
+        )
+        self.bytes_in: collections.Counter[str] = collections.Counter()
+        self.bytes_out: collections.Counter[str] = collections.Counter()
+        self.upstream_errors: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.reloads: collections.Counter[str] = collections.Counter()
+
+    def observe(self, exchange: Exchange, model: str) -> None:
+        self.requests[model, exchange.route, exchange.status] += 1
+        self.duration[model].observe(time.monotonic() - exchange.started)
+        if exchange.upstream_seconds is not None:
+            self.first_byte[model].observe(exchange.upstream_seconds)
+        self.bytes_in[model] += exchange.bytes_in
+        self.bytes_out[model] += exchange.bytes_out
+        if exchange.upstream_failure is not None:
+            self.upstream_errors[model, exchange.upstream_failure] += 1
+
+    def render(self, router: Router) -> bytes:
+        lines = [
+            "# HELP llmhop_info The running llmhop.",
+            "# TYPE llmhop_info gauge",
+            f'llmhop_info{{version="{VERSION}"}} 1',
+            "# HELP llmhop_models Models in the routing table.",
+            "# TYPE llmhop_models gauge",
+            f"llmhop_models {len(router.table.models)}",
+            "# HELP llmhop_requests_total Requests answered, by model, route kind and status.",
+            "# TYPE llmhop_requests_total counter",
+        ]
+        for (model, route, status), count in sorted(self.requests.items()):
+            labels = f'model="{_label(model)}",route="{route}",status="{status}"'
+            lines.append(f"llmhop_requests_total{{{labels}}} {count}")
+        lines += [
+            "# HELP llmhop_requests_in_flight Proxied requests in flight, by model.",
+            "# TYPE llmhop_requests_in_flight gauge",
+        ]
+        for model in sorted(set(self.in_flight) | set(router.table.models)):
+            lines.append(
+                f'llmhop_requests_in_flight{{model="{_label(model)}"}} {self.in_flight[model]}'
+            )
+        for name, help_text, histograms in (
+            (
+                "llmhop_request_duration_seconds",
+                "Time from request head to the end of the response.",
+                self.duration,
+            ),
+            (
+                "llmhop_time_to_first_byte_seconds",
+                "Time from forwarding until the upstream's response head.",
+                self.first_byte,
+            ),
+        ):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+            for model, histogram in sorted(histograms.items()):
+                lines += histogram.lines(name, f'model="{_label(model)}"')
+        for name, help_text, counter in (
+            ("llmhop_request_body_bytes_total", "Request body bytes received.", self.bytes_in),
+            ("llmhop_response_body_bytes_total", "Response body bytes sent.", self.bytes_out),
+        ):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+            lines += [f'{name}{{model="{_label(m)}"}} {n}' for m, n in sorted(counter.items())]
+        lines += [
+            "# HELP llmhop_upstream_errors_total Upstreams unreachable, slow to connect or broken.",
+            "# TYPE llmhop_upstream_errors_total counter",
+        ]
+        for (model, kind), count in sorted(self.upstream_errors.items()):
+            lines.append(
+                f'llmhop_upstream_errors_total{{model="{_label(model)}",kind="{kind}"}} {count}'
+            )
+        lines += [
+            "# HELP llmhop_upstream_connections_opened_total Connections opened to upstreams.",
+            "# TYPE llmhop_upstream_connections_opened_total counter",
+            f"llmhop_upstream_connections_opened_total {router.pool.opened}",
+            "# HELP llmhop_config_reloads_total Config reloads, by result.",
+            "# TYPE llmhop_config_reloads_total counter",
+        ]
+        for result in ("success", "failure"):
+            lines.append(f'llmhop_config_reloads_total{{result="{result}"}} {self.reloads[result]}')
+        return ("\n".join(lines) + "\n").encode()
 
 
+PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
 _REPLACED_REQUEST_HEADERS = (
     b"host",
     b"content-length",
@@ -1046,6 +1170,9 @@ class Router:
         self.metrics = metrics or Metrics()
         self.in_flight = 0
         self.connections: set[ClientConnection] = set()
+        self.busy_connections = 0
+        self.all_idle = asyncio.Event()  # set whenever no request is being served
+        self.all_idle.set()
         self.draining = False
         self.access_log = True
         self.head_timeout = HEAD_TIMEOUT
@@ -1060,8 +1187,18 @@ class Router:
         finally:
             self.connections.discard(connection)
 
+    def exchange_started(self) -> None:
+        self.busy_connections += 1
+        self.all_idle.clear()
+
+    def exchange_finished(self) -> None:
+        self.busy_connections -= 1
+        if not self.busy_connections:
+            self.all_idle.set()
+
     def log_exchange(self, exchange: Exchange) -> None:
-        self.metrics.observe(exchange)
+        model = exchange.model if exchange.model in self.table.models else "-"
+        self.metrics.observe(exchange, model)
         if not self.access_log:
             return
         total = (time.monotonic() - exchange.started) * 1000
@@ -1089,9 +1226,17 @@ class ClientConnection(Connection):
         self._exchange_task: asyncio.Task[Any] | None = None
 
     async def serve(self) -> None:
+        router = self.router
         try:
-            while not self.router.draining:
-                if not await self._exchange():
+            while not router.draining and await self._request_arrives():
+                self.busy = True
+                router.exchange_started()
+                try:
+                    keep_alive = await self._exchange()
+                finally:
+                    self.busy = False
+                    router.exchange_finished()
+                if not keep_alive:
                     break
         except Exception as exc:  # a bug must cost one connection, never the server
             log(f"internal error on a client connection: {exc!r}")
@@ -1102,26 +1247,23 @@ class ClientConnection(Connection):
         with contextlib.suppress(Exception):
             self.writer.close()
 
-    async def _next_head(self) -> bytes | None:
-        """Wait for a request: idle time is generous, a head started must finish quickly."""
-        if not self.buffer:
-            try:
-                async with asyncio.timeout(self.router.idle_timeout):
-                    data = await self.reader.read(READ_SIZE)
-            except TimeoutError:
-                return None
-            if not data:
-                return None
-            self.buffer += data
-        self.busy = True
-        async with asyncio.timeout(self.router.head_timeout):
-            return await self.read_head()
+    async def _request_arrives(self) -> bool:
+        """Wait idly for the first bytes of the next request; False when none will come."""
+        if self.buffer:
+            return True
+        try:
+            async with asyncio.timeout(self.router.idle_timeout):
+                data = await self.reader.read(READ_SIZE)
+        except (TimeoutError, ConnectionError):
+            return False
+        self.buffer += data
+        return bool(data)
 
     async def _exchange(self) -> bool:
         """Serve one request; whether the connection may carry another."""
-        self.busy = False
         try:
-            head = await self._next_head()
+            async with asyncio.timeout(self.router.head_timeout):
+                head = await self.read_head()
         except TimeoutError:
             return False  # the head did not come in time: nothing sensible can be answered
         except ProtocolError as exc:
@@ -1178,7 +1320,16 @@ class ClientConnection(Connection):
                     405, "use GET /health", "method_not_allowed", headers=(b"Allow: GET, HEAD",)
                 )
             return await self._answer_json(request, exchange, 200, table.health)
-        if not table.authorized(request.header(b"authorization")):
+        authorized = table.authorized(request.header(b"authorization"))
+        if (
+            path == b"/metrics"
+            and method in (b"GET", b"HEAD")
+            and (authorized or not table.config.metrics_auth)
+        ):
+            exchange.route = "metrics"
+            body = self.router.metrics.render(self.router)
+            return await self._answer(request, exchange, 200, body, PROMETHEUS_TEXT)
+        if not authorized:
             exchange.route = "error"
             raise HTTPError(
                 401,
@@ -1350,11 +1501,14 @@ class ClientConnection(Connection):
                 "too_many_concurrent_requests",
                 headers=(b"Retry-After: 1",),
             )
-        self.router.in_flight += 1
+        router = self.router
+        router.in_flight += 1
+        router.metrics.in_flight[model.name] += 1
         try:
             return await self._forward(request, exchange, config, model, target, body)
         finally:
-            self.router.in_flight -= 1
+            router.in_flight -= 1
+            router.metrics.in_flight[model.name] -= 1
 
     async def _forward(
         self,
@@ -1373,7 +1527,7 @@ class ClientConnection(Connection):
         sent_at = time.monotonic()
         try:
             for attempt in range(2):
-                connection, reused = await self._acquire(upstream, config)
+                connection, reused = await self._acquire(upstream, config, exchange)
                 try:
                     await self._send_request(request, exchange, config, connection, head, body)
                     watch = watch or self._watch_client()
@@ -1383,6 +1537,7 @@ class ClientConnection(Connection):
                     # An idle connection the upstream had just closed: replay once, if we can.
                     if reused and exc.nothing_received and replayable and attempt == 0:
                         continue
+                    exchange.upstream_failure = "protocol"
                     raise HTTPError(exc.status, str(exc), "upstream_error") from None
                 except BaseException:
                     connection.close()
@@ -1400,11 +1555,15 @@ class ClientConnection(Connection):
         finally:
             await _stop(watch)
 
-    async def _acquire(self, upstream: Upstream, config: Config) -> tuple[Connection, bool]:
+    async def _acquire(
+        self, upstream: Upstream, config: Config, exchange: Exchange
+    ) -> tuple[Connection, bool]:
         try:
             return await self.router.pool.acquire(upstream, config.connect_timeout)
         except UpstreamError as exc:
-            code = "upstream_timeout" if exc.status == 504 else "upstream_unavailable"
+            timed_out = exc.status == 504
+            exchange.upstream_failure = "timeout" if timed_out else "connect"
+            code = "upstream_timeout" if timed_out else "upstream_unavailable"
             raise HTTPError(exc.status, str(exc), code) from None
 
     async def _send_request(
@@ -1495,6 +1654,7 @@ class ClientConnection(Connection):
         except ProtocolError as exc:
             # Never pass a cut-off body off as complete: closing the client connection tells.
             log(f"upstream of model {exchange.model} broke its response: {exc}")
+            exchange.upstream_failure = "protocol"
             connection.close()
             return False
         if response.keep_alive and not connection.buffer:
@@ -1587,19 +1747,27 @@ class ClientConnection(Connection):
     async def _answer_json(
         self, request: Request, exchange: Exchange, status: int, body: bytes
     ) -> bool:
+        return await self._answer(request, exchange, status, body, b"application/json")
+
+    async def _answer(
+        self, request: Request, exchange: Exchange, status: int, body: bytes, content_type: bytes
+    ) -> bool:
         exchange.status = status
         keep_alive = request.keep_alive and await self._discard_body(request)
         head = response_head(
             status,
             [
-                b"Content-Type: application/json",
+                b"Content-Type: " + content_type,
                 b"Content-Length: %d" % len(body),
                 b"X-Request-Id: " + exchange.request_id,
                 *(() if keep_alive else (b"Connection: close",)),
             ],
         )
-        self.write(head if request.method == b"HEAD" else head + body)
-        exchange.bytes_out = len(body)
+        if request.method == b"HEAD":
+            self.write(head)
+        else:
+            self.write(head + body)
+            exchange.bytes_out = len(body)
         await self.flush()
         return keep_alive
 
@@ -1710,38 +1878,191 @@ async def _stop(task: asyncio.Task[Any] | None) -> None:
 
 def format_address(sockname: Any) -> str:
     if isinstance(sockname, str | bytes):
-        return f"unix:{os.fsdecode(sockname)}"
+        return f"unix:{os.fsdecode(sockname) or '(unnamed)'}"
     host, port = sockname[0], sockname[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class ActivationError(Exception):
+    pass
+
+
+def activated_sockets(
+    environ: MutableMapping[str, str],
+) -> list[tuple[socket.socket, str]]:
+    """The listening sockets systemd passed (sd_listen_fds), with their names.
+
+    The activation variables are removed afterwards, so nothing started later mistakes them
+    for its own.
+    """
+    try:
+        if environ.get("LISTEN_PID", "") != str(os.getpid()):
+            return []
+        count_text = environ.get("LISTEN_FDS", "")
+        if not count_text.isdigit():
+            raise ActivationError(f"LISTEN_FDS must be a non-negative integer, got {count_text!r}")
+        count = int(count_text)
+        names = environ.get("LISTEN_FDNAMES", "").split(":")
+        sockets: list[tuple[socket.socket, str]] = []
+        for index in range(count):
+            fd = SD_LISTEN_FDS_START + index
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError as exc:
+                for opened, _ in sockets:
+                    opened.close()
+                raise ActivationError(f"fd {fd} is not a socket: {exc.strerror}") from None
+            if sock.type != socket.SOCK_STREAM:
+                raise ActivationError(f"fd {fd} is not a stream socket")
+            sock.set_inheritable(False)
+            name = names[index] if index < len(names) and names[index] else f"fd{fd}"
+            sockets.append((sock, name))
+        return sockets
+    finally:
+        for variable in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            environ.pop(variable, None)
+
+
+SD_LISTEN_FDS_START = 3
+
+
+class Notifier:
+    """sd_notify(3): readiness and status for systemd; silent when not run by it."""
+
+    def __init__(self, environ: MutableMapping[str, str]):
+        address = environ.get("NOTIFY_SOCKET", "")
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        self.socket: socket.socket | None = None
+        if self.address:
+            self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    def send(self, *fields: str) -> bool:
+        if self.socket is None:
+            return True
+        try:
+            self.socket.sendto("\n".join(fields).encode(), self.address)
+        except OSError as exc:
+            log(f"cannot notify systemd at {self.address!r}: {exc.strerror}")
+            return False
+        return True
+
+
+def watchdog_interval(environ: MutableMapping[str, str]) -> float | None:
+    """Half the watchdog timeout systemd asks for, in seconds, or None without a watchdog."""
+    usec = environ.get("WATCHDOG_USEC", "")
+    pid = environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2_000_000
+
+
+STATUS_INTERVAL = 5.0
+
+
 class Server:
-    def __init__(self, config_path: str, config: Config):
+    """Listeners, signals and the service's lifecycle around one Router."""
+
+    def __init__(
+        self,
+        config_path: str,
+        config: Config,
+        *,
+        activated: list[tuple[socket.socket, str]] | None = None,
+        environ: MutableMapping[str, str] | None = None,
+    ):
+        environ = os.environ if environ is None else environ
         self.config_path = config_path
         self.router = Router(RoutingTable(config))
+        self.activated = activated or []
+        self.notifier = Notifier(environ)
+        self.watchdog_interval = watchdog_interval(environ)
         self.servers: list[asyncio.Server] = []
         self.addresses: list[str] = []
         self.stopping = asyncio.Event()
+        self.reload_note = ""
 
     async def start(self) -> None:
+        serve = self.router.serve
+        if self.activated:
+            for sock, name in self.activated:
+                if sock.family == socket.AF_UNIX:
+                    server = await asyncio.start_unix_server(serve, sock=sock)
+                else:
+                    server = await asyncio.start_server(serve, sock=sock)
+                self._listening(server, f" ({name})")
+            return
         listener = self.router.table.config.listener
         server = await asyncio.start_server(
-            self.router.serve, host=listener.host or None, port=listener.port, reuse_address=True
+            serve, host=listener.host or None, port=listener.port, reuse_address=True
         )
+        self._listening(server, "")
+
+    def _listening(self, server: asyncio.Server, note: str) -> None:
         self.servers.append(server)
         count = len(self.router.table.models)
         for sock in server.sockets:
             address = format_address(sock.getsockname())
             self.addresses.append(address)
-            log(f"listening on {address} with {count} model(s)")
+            log(f"listening on {address}{note} with {count} model(s)")
+
+    def status(self) -> str:
+        router = self.router
+        text = (
+            f"{len(router.table.models)} model(s) on {', '.join(self.addresses)}; "
+            f"{router.in_flight} request(s) in flight"
+        )
+        return f"{text}; {self.reload_note}" if self.reload_note else text
 
     async def run(self) -> None:
         await self.start()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.notifier.send("READY=1", f"STATUS={self.status()}")
+        background = [loop.create_task(self._report_status())]
+        if self.watchdog_interval is not None:
+            background.append(loop.create_task(self._pet_watchdog(self.watchdog_interval)))
         await self.stopping.wait()
+        self.notifier.send("STOPPING=1", f"STATUS=draining {self.router.in_flight} request(s)")
+        for task in background:
+            task.cancel()
         await self.shutdown()
+
+    def reload(self) -> None:
+        """Re-read the config; swap the routing table whole, or keep the old one on error."""
+        monotonic_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
+        metrics = self.router.metrics
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            for line in str(exc).splitlines():
+                log(f"reload failed, the running config stays: {line}")
+            metrics.reloads["failure"] += 1
+            self.reload_note = f"last reload failed ({len(exc.problems)} problem(s))"
+        else:
+            if config.listener != self.router.table.config.listener and not self.activated:
+                log("the listen address changed: that takes effect on restart")
+            self.router.table = RoutingTable(config)
+            metrics.reloads["success"] += 1
+            self.reload_note = ""
+            log(f"reloaded {self.config_path}: {len(config.models)} model(s)")
+        self.notifier.send("READY=1", f"STATUS={self.status()}")
+
+    async def _report_status(self) -> None:
+        last = self.status()
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL)
+            if (current := self.status()) != last:
+                self.notifier.send(f"STATUS={current}")
+                last = current
+
+    async def _pet_watchdog(self, interval: float) -> None:
+        # Sent from the event loop itself, so a stuck loop starves the watchdog, as it should.
+        while True:
+            self.notifier.send("WATCHDOG=1")
+            await asyncio.sleep(interval)
 
     async def shutdown(self) -> None:
         """Stop accepting, let requests in flight finish within the drain timeout, then close."""
@@ -1753,16 +2074,145 @@ class Server:
             if not connection.busy:
                 connection.close_gracefully()
         timeout = router.table.config.shutdown_timeout
-        deadline = time.monotonic() + timeout
-        while any(c.busy for c in router.connections) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        try:
+            async with asyncio.timeout(timeout):
+                await router.all_idle.wait()
+        except TimeoutError:
+            busy = sum(c.busy for c in router.connections)
+            log(f"drain timeout ({timeout:g}s): cutting {busy} request(s) still in flight")
         for connection in list(router.connections):
             connection.close()
         router.pool.close()
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Command line
+# 7. llmhop-notify: readiness for workers that do not speak sd_notify
+# ---------------------------------------------------------------------------------------------
+
+NOTIFY_USAGE = (
+    "usage: llmhop-notify -url <http://host:port | unix:///path.sock> [-health-path /health]"
+    " [--] COMMAND [ARG...]"
+)
+HEALTH_POLL_INTERVAL = 1.0
+HEALTH_PROBE_TIMEOUT = 10.0
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_notify_arguments(argv: list[str]) -> tuple[Upstream, str, list[str]]:
+    """Go-style flags (``-url x``, ``--url=x``) up to ``--`` or the first non-flag argument."""
+    options = {"url": "", "health-path": "/health"}
+    index = 0
+    while index < len(argv):
+        argument = argv[index]
+        if argument == "--":
+            index += 1
+            break
+        if not argument.startswith("-") or argument == "-":
+            break
+        name, equals, value = argument.lstrip("-").partition("=")
+        if name in ("h", "help"):
+            raise UsageError("")
+        if name not in options:
+            raise UsageError(f"unknown flag {argument}")
+        if not equals:
+            index += 1
+            if index == len(argv):
+                raise UsageError(f"flag {argument} needs a value")
+            value = argv[index]
+        options[name] = value
+        index += 1
+    command = argv[index:]
+    if not options["url"]:
+        raise UsageError("-url is required")
+    if not command:
+        raise UsageError("a command to run is required")
+    if not options["health-path"].startswith("/"):
+        raise UsageError("-health-path must start with /")
+    try:
+        upstream = parse_upstream_url(options["url"])
+    except ValueError as exc:
+        raise UsageError(f"-url {options['url']}: {exc}") from None
+    return upstream, options["health-path"], command
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def is_healthy(upstream: Upstream, health_path: str, timeout: float = HEALTH_PROBE_TIMEOUT) -> bool:
+    """Whether GET health_path answers 200; redirects are not followed."""
+    connection: http.client.HTTPConnection
+    if upstream.scheme == "unix":
+        connection = _UnixHTTPConnection(upstream.host, timeout)
+    elif upstream.scheme == "https":
+        connection = http.client.HTTPSConnection(upstream.host, upstream.port, timeout=timeout)
+    else:
+        connection = http.client.HTTPConnection(upstream.host, upstream.port, timeout=timeout)
+    try:
+        connection.request("GET", upstream.base_path + health_path)
+        response = connection.getresponse()
+        response.read(4096)
+        return response.status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
+
+
+def exit_status(returncode: int) -> int:
+    """A child's status as a shell reports it: 128 + the signal for a signal death."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def notify_main(argv: list[str]) -> int:
+    try:
+        upstream, health_path, command = parse_notify_arguments(argv)
+    except UsageError as exc:
+        if str(exc):
+            print(f"llmhop-notify: {exc}", file=sys.stderr)
+        print(NOTIFY_USAGE, file=sys.stderr)
+        return 0 if not str(exc) else 1
+    notifier = Notifier(os.environ)
+    try:
+        child = subprocess.Popen(command)
+    except OSError as exc:
+        print(f"llmhop-notify: cannot run {command[0]}: {exc.strerror}", file=sys.stderr)
+        return 127
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda received, _frame: child.send_signal(received))
+    while True:
+        returncode = child.poll()
+        if returncode is not None:
+            print(f"llmhop-notify: {command[0]} exited before it was ready", file=sys.stderr)
+            return exit_status(returncode)
+        if is_healthy(upstream, health_path):
+            break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(HEALTH_POLL_INTERVAL)
+    if not notifier.send("READY=1", f"STATUS={command[0]} is healthy at {upstream}{health_path}"):
+        child.kill()
+        child.wait()
+        return 1
+    return exit_status(child.wait())
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Command line
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1770,6 +2220,7 @@ def _argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmhop",
         description="One OpenAI-compatible endpoint in front of many LLM servers.",
+        epilog="llmhop notify -url URL [-health-path P] [--] CMD...: see llmhop-notify.",
         allow_abbrev=False,
     )
     parser.add_argument(
@@ -1786,6 +2237,12 @@ def _argument_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+        if os.path.basename(sys.argv[0]) == "llmhop-notify":
+            return notify_main(argv)
+    if argv[:1] == ["notify"]:
+        return notify_main(argv[1:])
     args = _argument_parser().parse_args(argv)
     try:
         config = load_config(args.config, check_only=args.check)
@@ -1796,14 +2253,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"config ok: {len(config.models)} model(s)", file=sys.stderr)
         return 0
-    server = Server(args.config, config)
+    try:
+        activated = activated_sockets(os.environ)
+    except ActivationError as exc:
+        log(f"socket activation: {exc}")
+        return 1
+    server = Server(args.config, config, activated=activated)
     try:
         asyncio.run(server.run())
     except OSError as exc:
         log(f"cannot listen: {exc}")
         return 1
-    except KeyboardInterrupt:
-        pass
     return 0
 
 
