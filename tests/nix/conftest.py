@@ -11,8 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import harness  # noqa: E402
-import systemd_ns  # noqa: E402
+import nix_harness as harness
+import systemd_ns
 
 
 @pytest.fixture(scope="session")

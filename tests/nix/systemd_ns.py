@@ -136,9 +136,7 @@ def unavailable() -> str | None:
     return None
 
 
-def passwd_entries(
-    users: dict[str, Any], groups: dict[str, Any]
-) -> tuple[list[str], list[str]]:
+def passwd_entries(users: dict[str, Any], groups: dict[str, Any]) -> tuple[list[str], list[str]]:
     """/etc/passwd and /etc/group lines for the evaluated users.users and users.groups that
     the host does not have, with ids allocated from 999 down as NixOS does for system users."""
     host_passwd = Path("/etc/passwd").read_text().splitlines()
@@ -255,16 +253,16 @@ class SystemdNamespace:
         binds = ""
         if passwd or group:
             (work / "passwd").write_text(
-                Path("/etc/passwd").read_text().rstrip("\n") + "\n" + "".join(
-                    line + "\n" for line in passwd
-                )
+                Path("/etc/passwd").read_text().rstrip("\n")
+                + "\n"
+                + "".join(line + "\n" for line in passwd)
             )
             (work / "group").write_text(
-                Path("/etc/group").read_text().rstrip("\n") + "\n" + "".join(
-                    line + "\n" for line in group
-                )
+                Path("/etc/group").read_text().rstrip("\n")
+                + "\n"
+                + "".join(line + "\n" for line in group)
             )
-            binds = f"mount --bind {work}/passwd /etc/passwd\nmount --bind {work}/group /etc/group\n"
+            binds = "".join(f"mount --bind {work}/{f} /etc/{f}\n" for f in ("passwd", "group"))
         (work / "journald.conf").write_text(JOURNALD_CONF)
         (work / "console").write_text("")
         (work / "empty").mkdir()
@@ -334,6 +332,10 @@ exec env -i {env_args} {systemd} --system --log-target=journal --show-status=no
             self._await_ready(notify)
         finally:
             notify.close()
+        if self.journal_enabled:
+            # journald is socket-activated; once it is up its runtime journal exists and
+            # `journalctl --follow` can watch it.
+            self.systemctl("start", "systemd-journald.service", check=True)
 
     def _await_ready(self, notify: socket.socket) -> None:
         """Wait for systemd's READY=1 (sent when the boot transaction is done)."""
@@ -342,7 +344,9 @@ exec env -i {env_args} {systemd} --system --log-target=journal --show-status=no
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"systemd did not boot within {self.boot_timeout}s\n{self.log()}")
+                raise TimeoutError(
+                    f"systemd did not boot within {self.boot_timeout}s\n{self.log()}"
+                )
             notify.settimeout(min(remaining, 1.0))
             try:
                 data, ancdata, _, _ = notify.recvmsg(4096, socket.CMSG_SPACE(ucred))
@@ -354,9 +358,7 @@ exec env -i {env_args} {systemd} --system --log-target=journal --show-status=no
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     self.pid = struct.unpack("3i", payload[:ucred])[0]
-            fields = dict(
-                line.split("=", 1) for line in data.decode().splitlines() if "=" in line
-            )
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
             self.boot_status = fields.get("STATUS", self.boot_status)
             if fields.get("READY") == "1" and self.pid is not None:
                 return
@@ -426,8 +428,9 @@ exec env -i {env_args} {systemd} --system --log-target=journal --show-status=no
     def systemctl(
         self, *args: str, timeout: float = 60, check: bool = False
     ) -> subprocess.CompletedProcess[str]:
-        return self.run("systemctl", "--no-pager", "--no-ask-password", *args, timeout=timeout,
-                        check=check)
+        return self.run(
+            "systemctl", "--no-pager", "--no-ask-password", *args, timeout=timeout, check=check
+        )
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
         out = self.systemctl("show", unit, *[f"--property={p}" for p in props], check=True)
@@ -442,31 +445,55 @@ exec env -i {env_args} {systemd} --system --log-target=journal --show-status=no
     def wait_for_journal(self, unit: str, text: str, timeout: float = 30) -> str:
         """Follow `unit`'s journal until a line contains `text`; returns that line."""
         proc = subprocess.Popen(
-            [*self.nsenter(), "journalctl", "--no-pager", "--quiet", "--follow", "--lines=all",
-             "--output=cat", "--unit", unit],
+            [
+                *self.nsenter(),
+                "journalctl",
+                "--no-pager",
+                "--quiet",
+                "--follow",
+                "--lines=all",
+                "--output=cat",
+                "--unit",
+                unit,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
-            text=True,
+            bufsize=0,
+            start_new_session=True,
         )
         try:
             assert proc.stdout is not None
+            fd = proc.stdout.fileno()
+            pending = b""
             deadline = time.monotonic() + timeout
             while (remaining := deadline - time.monotonic()) > 0:
-                ready, _, _ = select.select([proc.stdout], [], [], remaining)
+                ready, _, _ = select.select([fd], [], [], remaining)
                 if not ready:
                     break
-                line = proc.stdout.readline()
-                if not line:
+                chunk = os.read(fd, 65536)
+                if not chunk:
                     break
-                if text in line:
-                    return line.rstrip("\n")
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    if text in line.decode(errors="replace"):
+                        return line.decode(errors="replace")
             raise TimeoutError(f"{text!r} not in the journal of {unit}:\n{self.journal(unit)}")
         finally:
-            proc.kill()
-            proc.wait()
+            # nsenter forked journalctl into the namespace: stop journalctl and let nsenter
+            # reap it (a zombie left in the namespace would hold up systemd's exit).
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+            with contextlib.suppress(OSError):
+                for child in children.read_text().split():
+                    os.kill(int(child), signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
-    def http(self, url: str, *, headers: dict[str, str] | None = None,
-             timeout: float = 30) -> tuple[int, str]:
+    def http(
+        self, url: str, *, headers: dict[str, str] | None = None, timeout: float = 30
+    ) -> tuple[int, str]:
         """GET `url` from inside the network namespace: (status, body)."""
         script = (
             "import json, sys, urllib.request, urllib.error\n"

@@ -88,6 +88,11 @@ def missing_inputs() -> str | None:
     return None
 
 
+def mk_force(value: Any) -> dict[str, Any]:
+    """lib.mkForce written as JSON, for configurations passed to evaluate()."""
+    return {"_type": "override", "priority": 50, "content": value}
+
+
 def evaluate(
     config: dict[str, Any] | None = None,
     *,

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import FailedAssertions, NixEvalError, evaluate
+from nix_harness import FailedAssertions, NixEvalError, evaluate
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
 

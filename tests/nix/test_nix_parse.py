@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from harness import REPO, nix_env
+from nix_harness import REPO, nix_env
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_tools")]
 

@@ -6,7 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import analyze_security, analyze_verify, evaluate, llmhop_package, write_units
+from nix_harness import (
+    analyze_security,
+    analyze_verify,
+    evaluate,
+    llmhop_package,
+    mk_force,
+    write_units,
+)
 
 pytestmark = [
     pytest.mark.nix,
@@ -111,7 +118,7 @@ def test_router_exposure(scratch: Path, record_property: pytest.RecordProperty) 
 
 
 def test_weaker_hardening_scores_worse(scratch: Path) -> None:
-    """The score reacts to the unit: the check is not vacuous. (mkForce written as JSON.)"""
+    """The score reacts to the unit: the check is not vacuous."""
     hardened, _ = analyze_security(render(scratch, router()), "llmhop.service")
     weak_dir = scratch / "weak"
     weak_dir.mkdir()
@@ -126,12 +133,7 @@ def _force(**service_config: Any) -> dict[str, Any]:
     config = router()
     config["systemd"] = {
         "services": {
-            "llmhop": {
-                "serviceConfig": {
-                    k: {"_type": "override", "priority": 50, "content": v}
-                    for k, v in service_config.items()
-                }
-            }
+            "llmhop": {"serviceConfig": {k: mk_force(v) for k, v in service_config.items()}}
         }
     }
     return config

@@ -1,0 +1,137 @@
+"""Real systemd: boot it as PID 1 in namespaces with the module's units and run scenarios."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nix_harness import REPO, evaluate, llmhop_package, mk_force
+from systemd_ns import SystemdNamespace
+
+HERE = Path(__file__).resolve().parent
+
+pytestmark = [pytest.mark.systemd, pytest.mark.usefixtures("real_systemd")]
+
+HELLO = {
+    "files": {
+        "hello.service": (
+            "[Unit]\nDescription=hello\n[Service]\n"
+            "ExecStart=/bin/sh -c 'echo hello from a unit; exec sleep infinity'\n"
+        ),
+        "broken.service": (
+            "[Unit]\nDescription=broken\n[Service]\nType=notify\nExecStart=/bin/false\n"
+        ),
+    },
+    "links": {"multi-user.target.wants/hello.service": "hello.service"},
+}
+
+
+def bpf_framework() -> bool:
+    """SocketBindDeny= needs systemd built with the BPF framework (Debian 12's is not)."""
+    out = subprocess.run(["systemctl", "--version"], capture_output=True, text=True, check=True)
+    return "+BPF_FRAMEWORK" in out.stdout
+
+
+# --- the fixture itself -------------------------------------------------------------------
+
+
+def test_boots_runs_units_and_leaves_nothing_behind() -> None:
+    host_run = sorted(os.listdir("/run"))
+    with SystemdNamespace(HELLO) as ns:
+        assert ns.pid is not None
+        assert ns.boot_status  # systemd's STATUS= from the READY=1 notification
+        assert ns.systemctl("is-system-running").stdout.strip() == "running"
+        assert ns.show("hello.service", "ActiveState")["ActiveState"] == "active"
+        assert "hello from a unit" in ns.wait_for_journal("hello.service", "hello from a unit")
+        # systemd is PID 1 of its own PID namespace and sees only its own processes.
+        assert ns.run("cat", "/proc/1/comm").stdout.strip() == "systemd"
+        cgroup, work, pid = ns.cgroup, ns.work, ns.pid
+        assert cgroup is not None and cgroup.is_dir()
+    assert not cgroup.exists()
+    assert work is not None and not work.exists()
+    assert not Path(f"/proc/{pid}").exists()
+    assert sorted(os.listdir("/run")) == host_run
+
+
+def test_a_failing_unit_is_reported() -> None:
+    with SystemdNamespace(HELLO) as ns:
+        start = ns.systemctl("start", "broken.service")
+        assert start.returncode != 0
+        assert ns.systemctl("is-failed", "broken.service").stdout.strip() == "failed"
+        assert ns.systemctl("is-system-running").stdout.strip() == "degraded"
+
+
+# --- the module's units under systemd -------------------------------------------------------
+
+
+def module_units(scratch: Path, router: Path, **extra: Any) -> dict[str, Any]:
+    pkgs = {"llmhop": str(llmhop_package(scratch / "pkgs", router=router)), "coreutils": "/usr"}
+    config: dict[str, Any] = {
+        "services": {
+            "llmhop": {
+                "enable": True,
+                "host": "127.0.0.1",
+                "port": 8080,
+                "settings": {"models": {"m": {"url": "http://127.0.0.1:18001"}}},
+            }
+        },
+        # Started by the first connection rather than at boot, as in the VM test.
+        "systemd": {"services": {"llmhop": {"wantedBy": mk_force([])}}},
+    }
+    config["services"]["llmhop"].update(extra)
+    return evaluate(config, pkgs=pkgs)
+
+
+def boot(result: dict[str, Any]) -> SystemdNamespace:
+    return SystemdNamespace(
+        result["units"]["system"], users=result["users"], groups=result["groups"]
+    )
+
+
+def test_socket_activation_notify_and_reload(scratch: Path) -> None:
+    result = module_units(scratch, HERE / "fake_router.py")
+    with boot(result) as ns:
+        assert ns.show("llmhop-default.socket", "ActiveState")["ActiveState"] == "active"
+        assert ns.show("llmhop.service", "ActiveState")["ActiveState"] == "inactive"
+
+        status, body = ns.http("http://127.0.0.1:8080/health")
+        assert status == 200, body
+        health = json.loads(body)
+        assert health["status"] == "ok"
+        assert health["listen_pid_ok"] is True
+        assert health["config"] == {"models": {"m": {"url": "http://127.0.0.1:18001"}}}
+        assert health["uid"] != 0
+        if bpf_framework():
+            assert health["bind"] == "denied"
+
+        service = ns.show("llmhop.service", "ActiveState", "Type", "User", "MainPID")
+        assert service["ActiveState"] == "active"
+        assert service["Type"] == "notify"
+        assert service["User"] == "llmhop"
+
+        assert ns.systemctl("reload", "llmhop.service").returncode == 0
+        ns.wait_for_journal("llmhop.service", "reloaded (1)")
+        assert json.loads(ns.http("http://127.0.0.1:8080/health")[1])["reloads"] == 1
+
+        assert ns.systemctl("stop", "llmhop.service").returncode == 0
+        assert ns.show("llmhop.service", "ActiveState")["ActiveState"] == "inactive"
+        assert ns.systemctl("is-system-running").stdout.strip() == "running"
+
+
+def test_the_real_router_under_systemd(scratch: Path) -> None:
+    router = REPO / "pkgs" / "llmhop" / "llmhop.py"
+    source = router.read_text() if router.exists() else ""
+    if "LISTEN_FDS" not in source or "NOTIFY_SOCKET" not in source:
+        pytest.skip("the router does not implement socket activation and sd_notify yet")
+    result = module_units(scratch, router)
+    with boot(result) as ns:
+        status, body = ns.http("http://127.0.0.1:8080/health")
+        assert status == 200, body + ns.journal("llmhop.service")
+        assert ns.show("llmhop.service", "ActiveState")["ActiveState"] == "active"
+        assert ns.systemctl("reload", "llmhop.service").returncode == 0
+        assert ns.http("http://127.0.0.1:8080/health")[0] == 200
+        assert ns.systemctl("stop", "llmhop.service").returncode == 0
