@@ -58,7 +58,10 @@ stdenvNoCC.mkDerivation {
 
   # The router's own tests, minus the real-backend ones (tests/e2e is not in src).
   doCheck = true;
-  nativeCheckInputs = [ python3.pkgs.pytest ];
+  nativeCheckInputs = [
+    python3
+    python3.pkgs.pytest
+  ];
   checkPhase = ''
     runHook preCheck
     if [ -d tests/router ]; then
