@@ -3,8 +3,8 @@
 Shape: hidden 64, 2 layers, 4 heads, a byte-level BPE vocabulary in the GPT-2 style (the 256
 byte tokens, a few merges, three ChatML control tokens) and a ChatML chat template. The
 weights come from a fixed seed, so the file is the same bytes every time; it is about half a
-megabyte. It generates gibberish, which is all a proxy test needs: real tokens, streamed by a
-real llama.cpp.
+megabyte. It generates printable-ASCII gibberish and never stops before max_tokens, which is
+all a proxy test needs: real tokens, streamed by a real llama.cpp, for as long as asked.
 
 Run as a script to write one: `python tests/e2e/tiny_model.py OUT.gguf`.
 """
@@ -95,10 +95,29 @@ def vocabulary() -> list[str]:
 VOCABULARY = vocabulary()
 VOCAB_SIZE = len(VOCABULARY)
 ENDOFTEXT_ID = VOCABULARY.index(ENDOFTEXT)
-IM_START_ID = VOCABULARY.index(IM_START)
 IM_END_ID = VOCABULARY.index(IM_END)
-# llama.cpp treats both as end of generation; a generation that must run long biases them away.
-END_OF_GENERATION_IDS = (ENDOFTEXT_ID, IM_END_ID)
+
+
+def can_be_generated(token: str) -> bool:
+    """Printable ASCII only (GPT-2 writes the space as "Ġ"), and no control token.
+
+    Why: llama-cpp-python streams a token only once its text is valid UTF-8, and while a
+    stray byte keeps the text invalid it loops without yielding a chunk, so it could neither
+    stream nor notice a disconnect. And a model that never ends runs exactly max_tokens long.
+    """
+    if token in CONTROL_TOKENS:
+        return False
+    return all(character == "Ġ" or " " < character <= "~" for character in token)
+
+
+GENERATABLE_IDS = tuple(i for i, token in enumerate(VOCABULARY) if can_be_generated(token))
+
+# Hidden dimension 0 carries a constant: every token embedding is CONSTANT_FEATURE there, no
+# layer writes to it (row 0 of attn_output and ffn_down is zero) or reads it (norm weight 0),
+# so after the final RMSNorm it is always large and positive. A negative weight in the output
+# row of a token then pushes its logit far below the others, whatever the input: a bias.
+CONSTANT_FEATURE = 1.0
+SUPPRESSING_WEIGHT = -4.0
 
 
 def random_weights(rng: np.random.Generator, *shape: int) -> np.ndarray:
@@ -106,9 +125,21 @@ def random_weights(rng: np.random.Generator, *shape: int) -> np.ndarray:
     return rng.normal(0.0, 0.02, size=shape).astype(np.float32)
 
 
-def write_tiny_llama_gguf(path: Path) -> None:
-    """Write the model to `path`; the same bytes on every call."""
-    rng = np.random.default_rng(SEED)
+def norm_weights_ignoring_constant() -> np.ndarray:
+    weights = np.ones(HIDDEN_SIZE, np.float32)
+    weights[0] = 0.0
+    return weights
+
+
+def keeping_constant(residual_projection: np.ndarray) -> np.ndarray:
+    """Zero the row that would write into the constant dimension of the residual stream."""
+    residual_projection[0, :] = 0.0
+    return residual_projection
+
+
+def write_tiny_llama_gguf(path: Path, seed: int = SEED) -> None:
+    """Write the model to `path`: the same bytes for the same seed, other weights for another."""
+    rng = np.random.default_rng(seed)
     head_size = HIDDEN_SIZE // HEAD_COUNT
     writer = gguf.GGUFWriter(str(path), arch="llama")
 
@@ -123,6 +154,8 @@ def write_tiny_llama_gguf(path: Path) -> None:
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(VOCAB_SIZE)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    # One vector per input from /v1/embeddings (llama defaults to one per token).
+    writer.add_pooling_type(gguf.PoolingType.MEAN)
 
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
@@ -140,25 +173,35 @@ def write_tiny_llama_gguf(path: Path) -> None:
     writer.add_chat_template(CHATML_TEMPLATE)
 
     # numpy shapes are ggml's dimensions reversed: (rows = outputs, columns = inputs).
-    writer.add_tensor("token_embd.weight", random_weights(rng, VOCAB_SIZE, HIDDEN_SIZE))
+    token_embeddings = random_weights(rng, VOCAB_SIZE, HIDDEN_SIZE)
+    token_embeddings[:, 0] = CONSTANT_FEATURE
+    writer.add_tensor("token_embd.weight", token_embeddings)
     for layer in range(LAYER_COUNT):
         prefix = f"blk.{layer}"
-        writer.add_tensor(f"{prefix}.attn_norm.weight", np.ones(HIDDEN_SIZE, np.float32))
-        for projection in ("attn_q", "attn_k", "attn_v", "attn_output"):
+        writer.add_tensor(f"{prefix}.attn_norm.weight", norm_weights_ignoring_constant())
+        for projection in ("attn_q", "attn_k", "attn_v"):
             writer.add_tensor(
                 f"{prefix}.{projection}.weight", random_weights(rng, HIDDEN_SIZE, HIDDEN_SIZE)
             )
-        writer.add_tensor(f"{prefix}.ffn_norm.weight", np.ones(HIDDEN_SIZE, np.float32))
+        writer.add_tensor(
+            f"{prefix}.attn_output.weight",
+            keeping_constant(random_weights(rng, HIDDEN_SIZE, HIDDEN_SIZE)),
+        )
+        writer.add_tensor(f"{prefix}.ffn_norm.weight", norm_weights_ignoring_constant())
         for projection in ("ffn_gate", "ffn_up"):
             writer.add_tensor(
                 f"{prefix}.{projection}.weight",
                 random_weights(rng, FEED_FORWARD_SIZE, HIDDEN_SIZE),
             )
         writer.add_tensor(
-            f"{prefix}.ffn_down.weight", random_weights(rng, HIDDEN_SIZE, FEED_FORWARD_SIZE)
+            f"{prefix}.ffn_down.weight",
+            keeping_constant(random_weights(rng, HIDDEN_SIZE, FEED_FORWARD_SIZE)),
         )
     writer.add_tensor("output_norm.weight", np.ones(HIDDEN_SIZE, np.float32))
-    writer.add_tensor("output.weight", random_weights(rng, VOCAB_SIZE, HIDDEN_SIZE))
+    output = random_weights(rng, VOCAB_SIZE, HIDDEN_SIZE)
+    output[:, 0] = SUPPRESSING_WEIGHT
+    output[list(GENERATABLE_IDS), 0] = 0.0
+    writer.add_tensor("output.weight", output)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
