@@ -2024,6 +2024,7 @@ class Server:
         if self.watchdog_interval is not None:
             background.append(loop.create_task(self._pet_watchdog(self.watchdog_interval)))
         await self.stopping.wait()
+        self.stop_accepting()
         self.notifier.send("STOPPING=1", f"STATUS=draining {self.router.in_flight} request(s)")
         for task in background:
             task.cancel()
@@ -2064,12 +2065,15 @@ class Server:
             self.notifier.send("WATCHDOG=1")
             await asyncio.sleep(interval)
 
+    def stop_accepting(self) -> None:
+        self.router.draining = True
+        for server in self.servers:
+            server.close()
+
     async def shutdown(self) -> None:
         """Stop accepting, let requests in flight finish within the drain timeout, then close."""
         router = self.router
-        router.draining = True
-        for server in self.servers:
-            server.close()
+        self.stop_accepting()
         for connection in list(router.connections):
             if not connection.busy:
                 connection.close_gracefully()
@@ -2204,7 +2208,8 @@ def notify_main(argv: list[str]) -> int:
             break
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(HEALTH_POLL_INTERVAL)
-    if not notifier.send("READY=1", f"STATUS={command[0]} is healthy at {upstream}{health_path}"):
+    name = os.path.basename(command[0])
+    if not notifier.send("READY=1", f"STATUS={name} is healthy at {upstream}{health_path}"):
         child.kill()
         child.wait()
         return 1

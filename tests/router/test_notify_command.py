@@ -1,0 +1,173 @@
+"""llmhop-notify: sd_notify readiness for worker processes that cannot send it themselves."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from support import ROUTER_SCRIPT, WAIT
+
+FAKE_WORKER = str(Path(__file__).with_name("fake_worker.py"))
+
+
+class Notify:
+    def __init__(self, tmp_path: Path, args: list[str], *, argv0: list[str] | None = None):
+        self.socket_path = str(tmp_path / "notify.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.socket_path)
+        self.sock.settimeout(WAIT)
+        command = argv0 or [sys.executable, str(ROUTER_SCRIPT), "notify"]
+        self.process = subprocess.Popen(
+            [*command, *args],
+            env={"PATH": os.environ["PATH"], "NOTIFY_SOCKET": self.socket_path},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def message(self) -> str:
+        return self.sock.recv(4096).decode()
+
+    def pending_message(self) -> str | None:
+        self.sock.setblocking(False)
+        try:
+            return self.sock.recv(4096).decode()
+        except BlockingIOError:
+            return None
+        finally:
+            self.sock.settimeout(WAIT)
+
+    def wait(self) -> int:
+        return self.process.wait(WAIT * 2)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(WAIT)
+        self.sock.close()
+
+
+@pytest.fixture
+def notify(tmp_path: Path):
+    started: list[Notify] = []
+
+    def start(args: list[str], **kwargs: list[str]) -> Notify:
+        item = Notify(tmp_path, args, **kwargs)
+        started.append(item)
+        return item
+
+    yield start
+    for item in started:
+        item.close()
+
+
+def worker(*args: str) -> list[str]:
+    return [sys.executable, FAKE_WORKER, *args]
+
+
+def probes(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_ready_only_once_healthy_on_a_unix_socket(notify, tmp_path: Path) -> None:
+    sock = str(tmp_path / "http.sock")
+    probe_log = tmp_path / "probes"
+    run = notify(
+        [
+            "-url",
+            f"unix://{sock}",
+            "-health-path",
+            "/health",
+            "--",
+            *worker("--unix", sock, "--loading", "2", "--probes", str(probe_log)),
+        ]
+    )
+    ready = run.message()
+    name = os.path.basename(sys.executable)
+    assert ready == f"READY=1\nSTATUS={name} is healthy at unix://{sock}/health"
+    assert probes(probe_log) == ["/health 503", "/health 503", "/health 200"]
+    run.process.send_signal(signal.SIGTERM)  # forwarded: the worker dies of it
+    assert run.wait() == 128 + signal.SIGTERM
+
+
+def test_tcp_url_with_base_path_and_custom_health_path(notify, tmp_path: Path) -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    probe_log = tmp_path / "probes"
+    run = notify(
+        [
+            f"--url=http://127.0.0.1:{port}/base",
+            "-health-path",
+            "/v1/models",
+            *worker("--port", str(port), "--probes", str(probe_log)),
+        ]
+    )
+    assert run.message().startswith("READY=1\n")
+    assert probes(probe_log) == ["/base/v1/models 200"]
+
+
+def test_child_dying_before_ready_fails_at_once(notify) -> None:
+    started = time.monotonic()
+    run = notify(["-url", "http://127.0.0.1:9", "--", "sh", "-c", "exit 3"])
+    assert run.wait() == 3
+    assert time.monotonic() - started < WAIT
+    assert run.pending_message() is None
+    assert "exited before it was ready" in run.process.stderr.read()
+
+
+def test_exit_code_of_the_child_after_ready(notify, tmp_path: Path) -> None:
+    sock = str(tmp_path / "http.sock")
+    run = notify(["-url", f"unix://{sock}", *worker("--unix", sock, "--exit-after-ready", "7")])
+    assert run.message().startswith("READY=1\n")
+    assert run.wait() == 7
+
+
+def test_redirect_is_not_ready(notify, tmp_path: Path) -> None:
+    sock = str(tmp_path / "http.sock")
+    probe_log = tmp_path / "probes"
+    run = notify(
+        [
+            "-url",
+            f"unix://{sock}",
+            *worker("--unix", sock, "--health-status", "301", "--probes", str(probe_log)),
+        ]
+    )
+    deadline = time.monotonic() + WAIT
+    while len(probes(probe_log)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert probes(probe_log)[:2] == ["/health 301", "/health 301"]
+    assert run.pending_message() is None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "-url is required"),
+        (["-url", "http://x"], "a command to run is required"),
+        (["-url", "ftp://x", "true"], "must be an absolute http(s) or unix URL"),
+        (["-bogus", "1", "true"], "unknown flag -bogus"),
+        (["-url"], "flag -url needs a value"),
+    ],
+)
+def test_usage_errors(notify, args: list[str], message: str) -> None:
+    run = notify(args)
+    assert run.wait() == 1
+    stderr = run.process.stderr.read()
+    assert message in stderr
+    assert "usage: llmhop-notify -url" in stderr
+
+
+def test_installed_name_runs_notify(notify, tmp_path: Path) -> None:
+    link = tmp_path / "llmhop-notify"
+    link.symlink_to(ROUTER_SCRIPT)
+    run = notify(
+        ["-url", "http://127.0.0.1:9", "--", "sh", "-c", "exit 4"],
+        argv0=[sys.executable, str(link)],
+    )
+    assert run.wait() == 4
