@@ -105,6 +105,7 @@ class CancellationFigures:
     busy_cpu_seconds: float  # backend CPU time used during it
     settled_after: float | None  # seconds from the disconnect until the backend went quiet
     cpu_after_disconnect: float  # backend CPU-seconds from the disconnect until then
+    cpu_in_quiet_window: float  # backend CPU-seconds during the quiet window that followed
 
     def describe(self) -> str:
         settled = "never" if self.settled_after is None else f"{self.settled_after:.3f} s"
@@ -112,7 +113,8 @@ class CancellationFigures:
             f"streaming: {self.busy_cpu_seconds:.3f} CPU-s in {self.busy_seconds:.3f} s "
             f"({self.busy_cpu_seconds / self.busy_seconds:.0%} of a core) after "
             f"{self.chunks_before_disconnect} chunks; after the disconnect: quiet after "
-            f"{settled}, {self.cpu_after_disconnect:.3f} CPU-s until then"
+            f"{settled} ({self.cpu_after_disconnect:.3f} CPU-s until then, "
+            f"{self.cpu_in_quiet_window:.3f} CPU-s in the next {QUIET_WINDOW_SECONDS} s)"
         )
 
 
@@ -156,6 +158,7 @@ def measure_streamed_cancellation(
         busy_cpu_seconds=busy_end.cpu - busy_start.cpu,
         settled_after=settle.settled_after,
         cpu_after_disconnect=settle.cpu_after_disconnect,
+        cpu_in_quiet_window=settle.cpu_in_quiet_window,
     )
 
 

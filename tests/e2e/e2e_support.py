@@ -28,7 +28,10 @@ from typing import Any
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-ROUTER_SCRIPT = REPO_ROOT / "pkgs" / "llmhop" / "llmhop.py"
+# LLMHOP_E2E_ROUTER runs the suite against another copy of the router script.
+ROUTER_SCRIPT = Path(
+    os.environ.get("LLMHOP_E2E_ROUTER", REPO_ROOT / "pkgs" / "llmhop" / "llmhop.py")
+)
 SETUP_SCRIPT = REPO_ROOT / "tests" / "e2e" / "setup.sh"
 
 # What the suite imports or runs: the compiled library, the server extra and the clients.
@@ -41,6 +44,8 @@ BACKEND_START_TIMEOUT = 60.0
 ROUTER_START_TIMEOUT = 10.0
 PROCESS_STOP_TIMEOUT = 10.0
 POLL_INTERVAL = 0.05
+# CPU time is counted in 10 ms ticks; sampling a little slower than that resolves it.
+CPU_POLL_INTERVAL = 0.02
 
 LISTENING_LINE = re.compile(r"listening on (\S+) with \d+ model\(s\)")
 
@@ -323,6 +328,7 @@ class CpuSample:
 class SettleResult:
     settled_after: float | None  # seconds from the disconnect to the start of a quiet window
     cpu_after_disconnect: float  # CPU-seconds the process used from the disconnect to then
+    cpu_in_quiet_window: float  # CPU-seconds it used during the quiet window (or the last one)
     samples: list[CpuSample]
 
 
