@@ -867,6 +867,14 @@ class UpstreamError(Exception):
         self.nothing_received = nothing_received
 
 
+class BodyTooLarge(Exception):
+    pass
+
+
+class IncompleteBody(Exception):
+    """The peer closed the connection before the end of a message body."""
+
+
 class Connection:
     """A byte stream with our own read buffer: parsing stays in bytes, reads stay large."""
 
@@ -905,6 +913,44 @@ class Connection:
                     raise ProtocolError(400, "connection closed inside a message head")
                 return None
             self.buffer += data
+
+    async def body(
+        self, length: int, *, cap: int = 0, payload: list[bytes] | None = None
+    ) -> AsyncIterator[bytes]:
+        """One message body as it arrives, framing included, in pieces as large as come.
+
+        ``length`` is a byte count, CHUNKED or UNTIL_CLOSE. The content is appended to
+        ``payload`` when one is given; chunked content beyond ``cap`` (0: no cap) raises
+        BodyTooLarge (a declared length is the caller's to refuse before reading), a body cut
+        short IncompleteBody. Bytes after the body stay buffered for the next message.
+        """
+        if length == UNTIL_CLOSE:
+            while data := await self.read():
+                yield data
+            return
+        if length >= 0:
+            remaining = length
+            while remaining:
+                data = await self.read(min(remaining, READ_SIZE))
+                if not data:
+                    raise IncompleteBody
+                remaining -= len(data)
+                if payload is not None:
+                    payload.append(data)
+                yield data
+            return
+        decoder = ChunkedDecoder()
+        while not decoder.done:
+            data = await self.read()
+            if not data:
+                raise IncompleteBody
+            end = decoder.feed(data, payload)
+            if end < len(data):
+                self.buffer[:0] = data[end:]
+                data = data[:end]
+            if cap and decoder.size > cap:
+                raise BodyTooLarge
+            yield data
 
     def write(self, data: bytes) -> None:
         self.writer.write(data)
@@ -992,10 +1038,6 @@ class HTTPError(Exception):
         self.status = status
         self.code = code
         self.headers = headers
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 class ClientGone(Exception):
@@ -1386,39 +1428,14 @@ class ClientConnection(Connection):
             raise BodyTooLarge
         self._continue(request)
         keep_alive, request.keep_alive = request.keep_alive, False  # until all is read
-        async for data in self._body_wire(request, exchange, cap, payload):
-            yield data
+        try:
+            async for data in self.body(request.length, cap=cap, payload=payload):
+                exchange.bytes_in += len(data)
+                yield data
+        except IncompleteBody:
+            raise ClientGone from None
         request.length = 0
         request.keep_alive = keep_alive
-
-    async def _body_wire(
-        self, request: Request, exchange: Exchange, cap: int, payload: list[bytes] | None
-    ) -> AsyncIterator[bytes]:
-        if request.length > 0:
-            remaining = request.length
-            while remaining:
-                data = await self.read(min(remaining, READ_SIZE))
-                if not data:
-                    raise ClientGone
-                remaining -= len(data)
-                exchange.bytes_in += len(data)
-                if payload is not None:
-                    payload.append(data)
-                yield data
-            return
-        decoder = ChunkedDecoder()
-        while not decoder.done:
-            data = await self.read()
-            if not data:
-                raise ClientGone
-            end = decoder.feed(data, payload)
-            if end < len(data):
-                self.buffer[:0] = data[end:]  # the next pipelined request
-                data = data[:end]
-            exchange.bytes_in += len(data)
-            if cap and decoder.size > cap:
-                raise BodyTooLarge
-            yield data
 
     async def _read_body(self, request: Request, exchange: Exchange, cap: int) -> BufferedBody:
         wire: list[bytes] = []
@@ -1693,35 +1710,17 @@ class ClientConnection(Connection):
     async def _response_chunks(
         upstream: Connection, response: Response, dechunk: bool
     ) -> AsyncIterator[bytes]:
-        """The response body as it arrives: raw framing, or only the payload when de-chunking."""
-        length = response.length
-        if length == UNTIL_CLOSE:
-            while data := await upstream.read():
-                yield data
-            return
-        if length >= 0:
-            remaining = length
-            while remaining:
-                data = await upstream.read(min(remaining, READ_SIZE))
-                if not data:
-                    raise ProtocolError(502, "the upstream closed the connection mid-body")
-                remaining -= len(data)
-                yield data
-            return
-        decoder = ChunkedDecoder()
-        while not decoder.done:
-            data = await upstream.read()
-            if not data:
-                raise ProtocolError(502, "the upstream closed the connection mid-body")
-            payload: list[bytes] | None = [] if dechunk else None
-            end = decoder.feed(data, payload)
-            if end < len(data):
-                upstream.buffer += data[end:]  # bytes after the message: never reuse this one
-                data = data[:end]
-            if payload is None:
-                yield data
-            elif payload:
-                yield b"".join(payload)
+        """The response body as it arrives: raw framing, or only the content when de-chunking."""
+        payload: list[bytes] | None = [] if dechunk else None
+        try:
+            async for data in upstream.body(response.length, payload=payload):
+                if payload is None:
+                    yield data
+                elif payload:
+                    yield b"".join(payload)
+                    payload.clear()
+        except IncompleteBody:
+            raise ProtocolError(502, "the upstream closed the connection mid-body") from None
 
     async def _tunnel(self, exchange: Exchange, upstream: Connection, response: Response) -> bool:
         """After 101 Switching Protocols both sides speak another protocol: copy bytes both ways."""
