@@ -1248,11 +1248,18 @@ class Router:
             "-" if exchange.upstream_seconds is None else f"{exchange.upstream_seconds * 1000:.1f}"
         )
         sys.stderr.write(
-            f'access: "{exchange.method} {exchange.path}" model={exchange.model} '
+            f'access: "{exchange.method} {exchange.path}" model={_loggable(exchange.model)} '
             f"route={exchange.route} status={exchange.status} in={exchange.bytes_in} "
             f"out={exchange.bytes_out} total_ms={total:.1f} upstream_ms={upstream} "
             f"id={exchange.request_id.decode('ascii', 'replace')}\n"
         )
+
+
+def _loggable(text: str, limit: int = 200) -> str:
+    """Client-chosen text made safe for a one-line log: no spaces, controls or runaway length."""
+    if len(text) <= limit and text.isprintable() and " " not in text:
+        return text
+    return json.dumps(text[:limit] + ("..." if len(text) > limit else ""))
 
 
 class ClientConnection(Connection):

@@ -8,7 +8,7 @@ from pathlib import Path
 from support import FakeUpstream, RouterProcess, SocketReader, chat, read_reply, request_bytes
 
 LINE = re.compile(
-    r'access: "(?P<method>\S+) (?P<path>\S+)" model=(?P<model>\S+) route=(?P<route>\S+) '
+    r'access: "(?P<method>\S+) (?P<path>\S+)" model=(?P<model>"(?:[^"\\]|\\.)*"|\S+) route=(?P<route>\S+) '
     r"status=(?P<status>\d+) in=(?P<bytes_in>\d+) out=(?P<bytes_out>\d+) "
     r"total_ms=(?P<total>[\d.]+) upstream_ms=(?P<upstream>[\d.]+|-) id=(?P<id>\S+)"
 )
@@ -32,6 +32,7 @@ def test_access_log_lines_and_no_secrets(tmp_path: Path, upstream: FakeUpstream)
         request_bytes("POST", "/v1/chat/completions", chat("nope"), auth),
         request_bytes("GET", "/v1/models", None, {"Authorization": "Bearer wrong-secret-5"}),
         request_bytes("GET", "/health"),
+        request_bytes("POST", "/v1/x", chat("evil\naccess: forged line"), auth),
     ]
     with router.connect() as sock:
         reader = SocketReader(sock)
@@ -47,7 +48,10 @@ def test_access_log_lines_and_no_secrets(tmp_path: Path, upstream: FakeUpstream)
         ("POST", "/v1/chat/completions", "nope", "404"),
         ("GET", "/v1/models", "-", "401"),
         ("GET", "/health", "-", "200"),
+        ("POST", "/v1/x", '"evil\\naccess: forged line"', "404"),
     ]
+    # A model name with a line break cannot forge a log line of its own.
+    assert len(log.splitlines()) == 1 + len(requests)
     proxied = fields[0]
     assert proxied["route"] == "body"
     assert int(proxied["bytes_in"]) == len(chat("m"))
