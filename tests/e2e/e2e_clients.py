@@ -112,17 +112,20 @@ class CancellationFigures:
         return (
             f"streaming: {self.busy_cpu_seconds:.3f} CPU-s in {self.busy_seconds:.3f} s "
             f"({self.busy_cpu_seconds / self.busy_seconds:.0%} of a core) after "
-            f"{self.chunks_before_disconnect} chunks; after the disconnect: quiet after "
+            f"{self.chunks_before_disconnect} chunks; then quiet after "
             f"{settled} ({self.cpu_after_disconnect:.3f} CPU-s until then, "
             f"{self.cpu_in_quiet_window:.3f} CPU-s in the next {QUIET_WINDOW_SECONDS} s)"
         )
 
 
 def measure_streamed_cancellation(
-    client: openai.OpenAI, model_name: str, backend_pid: int
+    client: openai.OpenAI, model_name: str, backend_pid: int, drop_connection: bool = True
 ) -> CancellationFigures:
     """Start a long streamed generation, watch the backend's CPU time grow while the chunks
-    arrive, then drop the connection and measure how soon its CPU time stops growing."""
+    arrive, then drop the connection and measure how soon its CPU time stops growing.
+
+    With `drop_connection=False` the client only stops reading and keeps the connection open
+    while the CPU time is watched (the negative control: the generation goes on)."""
     stream = client.chat.completions.create(
         model=model_name,
         messages=CHAT_MESSAGES,
@@ -141,17 +144,19 @@ def measure_streamed_cancellation(
             next(chunks)  # keep reading, as a live client would
             received += 1
         busy_end = CpuSample(time.monotonic(), cpu_seconds(backend_pid))
+        if drop_connection:
+            # Closing an unfinished streamed response closes its connection: the disconnect.
+            stream.close()
+        stopped_reading = CpuSample(time.monotonic(), cpu_seconds(backend_pid))
+        settle = wait_for_cpu_to_settle(
+            backend_pid,
+            stopped_reading,
+            quiet_window=QUIET_WINDOW_SECONDS,
+            quiet_cpu=QUIET_CPU_SECONDS,
+            limit=SETTLE_LIMIT_SECONDS,
+        )
     finally:
-        # The disconnect: closing an unfinished streamed response closes its connection.
         stream.close()
-    disconnected = CpuSample(time.monotonic(), cpu_seconds(backend_pid))
-    settle = wait_for_cpu_to_settle(
-        backend_pid,
-        disconnected,
-        quiet_window=QUIET_WINDOW_SECONDS,
-        quiet_cpu=QUIET_CPU_SECONDS,
-        limit=SETTLE_LIMIT_SECONDS,
-    )
     return CancellationFigures(
         chunks_before_disconnect=received,
         busy_seconds=busy_end.at - busy_start.at,

@@ -339,13 +339,16 @@ def wait_for_cpu_to_settle(
     `quiet_window`; report when that quiet stretch began. Gives up `limit` + `quiet_window`
     seconds after `since`, returning `settled_after=None`."""
     samples = [since]
+    window_cpu = 0.0
     give_up_at = since.at + limit + quiet_window
     while samples[-1].at < give_up_at:
-        time.sleep(POLL_INTERVAL)
+        time.sleep(CPU_POLL_INTERVAL)
         newest = CpuSample(time.monotonic(), cpu_seconds(pid))
         samples.append(newest)
         window_start = next(s for s in samples if s.at >= newest.at - quiet_window)
-        covers_window = newest.at - window_start.at >= quiet_window - POLL_INTERVAL
-        if covers_window and newest.cpu - window_start.cpu <= quiet_cpu:
-            return SettleResult(window_start.at - since.at, window_start.cpu - since.cpu, samples)
-    return SettleResult(None, samples[-1].cpu - since.cpu, samples)
+        covers_window = newest.at - window_start.at >= quiet_window - CPU_POLL_INTERVAL
+        window_cpu = newest.cpu - window_start.cpu
+        if covers_window and window_cpu <= quiet_cpu:
+            settled_after = window_start.at - since.at
+            return SettleResult(settled_after, window_start.cpu - since.cpu, window_cpu, samples)
+    return SettleResult(None, samples[-1].cpu - since.cpu, window_cpu, samples)

@@ -12,7 +12,9 @@ require_e2e_backend()  # skips this module locally, fails it in CI, when the bac
 
 import openai  # noqa: E402
 from e2e_clients import (  # noqa: E402
+    BUSY_CPU_SHARE,
     EMBEDDING_INPUTS,
+    SETTLE_LIMIT_SECONDS,
     SHORT_MAX_TOKENS,
     assert_generation_was_cancelled,
     chat,
@@ -82,6 +84,18 @@ def test_keyed_backend_refuses_any_other_key(backends: Backends) -> None:
     assert backends.alpha.api_key == BACKEND_KEY
     with pytest.raises(openai.AuthenticationError):
         direct_client(backends.alpha, api_key=ROUTER_TOKEN).models.list()
+
+
+def test_measurement_sees_a_generation_that_goes_on(backends: Backends) -> None:
+    """The negative control: a client that merely stops reading, connection open, does not
+    stop llama.cpp, and the measurement reports that the CPU time kept growing."""
+    client = direct_client(backends.beta)
+    figures = measure_streamed_cancellation(client, BETA, backends.beta.pid, drop_connection=False)
+    print(figures.describe())
+    assert figures.settled_after is None, figures.describe()
+    assert figures.cpu_after_disconnect >= BUSY_CPU_SHARE * SETTLE_LIMIT_SECONDS
+    # Closing the stream at the end of the measurement stopped it: the backend is free again.
+    assert chat(client, BETA).choices[0].finish_reason == "length"
 
 
 def test_direct_disconnect_stops_generation(backends: Backends) -> None:
