@@ -26,7 +26,7 @@ COMPLETION_PROMPT = "The router said"
 EMBEDDING_INPUTS = ["llmhop routes requests", "to local models"]
 
 # The cancellation measurement (see measure_streamed_cancellation).
-# About a minute of generation on these machines: far longer than the test needs.
+# Tens of seconds of generation on these machines: far longer than the test needs.
 LONG_MAX_TOKENS = 8000
 WARM_UP_CHUNKS = 20
 BUSY_OBSERVATION_SECONDS = 0.6
