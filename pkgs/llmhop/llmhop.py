@@ -28,7 +28,6 @@ import collections
 import contextlib
 import hmac
 import http.client
-import itertools
 import json
 import os
 import re
@@ -38,6 +37,7 @@ import ssl
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -463,7 +463,7 @@ class _ConfigReader:
             name=name,
             upstream=upstream,
             headers=tuple((n, v) for n, v in headers if n != b"host"),
-            header_names=frozenset(n for n, _ in headers),
+            header_names=frozenset(n.lower() for n, _ in headers),
             host_header=configured_host or upstream.host_header,
             unlisted=fields.get("unlisted", False),
         )
@@ -1192,15 +1192,14 @@ _REPLACED_REQUEST_HEADERS = (
     b"x-forwarded-proto",
 )
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
-_REQUEST_ID_PREFIX = os.urandom(4).hex()
-_request_counter = itertools.count(1)
 
 
 def request_id_for(request: Request) -> bytes:
     given = request.header(b"x-request-id")
     if given is not None and _REQUEST_ID.fullmatch(given):
         return given
-    return f"{_REQUEST_ID_PREFIX}-{next(_request_counter)}".encode()
+    # UUID-shaped: some servers (llama-cpp-python among them) refuse any other request id.
+    return str(uuid.uuid4()).encode()
 
 
 class Router:
@@ -1212,6 +1211,8 @@ class Router:
         self.metrics = metrics or Metrics()
         self.in_flight = 0
         self.connections: set[ClientConnection] = set()
+        self.no_connections = asyncio.Event()
+        self.no_connections.set()
         self.busy_connections = 0
         self.all_idle = asyncio.Event()  # set whenever no request is being served
         self.all_idle.set()
@@ -1224,10 +1225,13 @@ class Router:
         """The start_server callback: one client connection."""
         connection = ClientConnection(self, reader, writer)
         self.connections.add(connection)
+        self.no_connections.clear()
         try:
             await connection.serve()
         finally:
             self.connections.discard(connection)
+            if not self.connections:
+                self.no_connections.set()
 
     def exchange_started(self) -> None:
         self.busy_connections += 1
@@ -2093,6 +2097,11 @@ class Server:
         for connection in list(router.connections):
             connection.close()
         router.pool.close()
+        # Let the connection tasks see their closed transports and end by themselves: at exit,
+        # asyncio would cancel them and log each one.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await router.no_connections.wait()
 
 
 # ---------------------------------------------------------------------------------------------

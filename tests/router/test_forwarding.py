@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 from collections.abc import Callable
@@ -129,6 +130,20 @@ def test_model_headers_win_after_hop_by_hop_removal(
     assert b"client-secret" not in received.head
 
 
+def test_model_header_replaces_the_clients_whatever_the_case(
+    router_factory: Factory, upstream: FakeUpstream
+) -> None:
+    router = router_factory(
+        {"models": {"m": {"url": upstream.url, "headers": {"Authorization": "Bearer k"}}}}
+    )
+    headers = {"authorization": "Bearer client", "Content-Type": "application/json"}
+    assert exchange(router, "POST", "/v1/x", chat("m"), headers).status == 200
+    lines = upstream.next_request().header_lines
+    assert [line for line in lines if line.lower().startswith(b"authorization")] == [
+        b"Authorization: Bearer k"
+    ]
+
+
 def test_client_authorization_is_stripped_when_auth_is_on(
     router_factory: Factory, upstream: FakeUpstream
 ) -> None:
@@ -145,7 +160,7 @@ def test_request_id_is_passed_through_or_generated(
     assert upstream.next_request().headers["x-request-id"] == "client-id-1"
     reply = exchange(router, "POST", "/v1/x", chat("m"), {"X-Request-Id": "bad id with spaces"})
     generated = upstream.next_request().headers["x-request-id"]
-    assert generated != "bad id with spaces"
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}", generated)
     assert reply.headers["x-request-id"] == generated
 
 

@@ -303,9 +303,16 @@ def test_notify_messages_in_order(
         == f"READY=1\nSTATUS=2 model(s) on 127.0.0.1:{port}; 0 request(s) in flight"
     )
 
-    service.signal(signal.SIGTERM)
-    assert notify_socket.next() == "STOPPING=1\nSTATUS=draining 0 request(s)"
+    # An idle keep-alive connection is simply closed on stop, with nothing on stderr.
+    with socket.create_connection(address, timeout=WAIT) as idle:
+        idle.sendall(request_bytes("GET", "/health"))
+        reader = SocketReader(idle)
+        assert read_reply(reader).status == 200
+        service.signal(signal.SIGTERM)
+        assert notify_socket.next() == "STOPPING=1\nSTATUS=draining 0 request(s)"
+        assert reader.rest() == b""
     assert service.exit_status() == 0
+    assert "Traceback" not in service.log and "Exception" not in service.log
 
 
 def test_abstract_notify_socket(tmp_path: Path, upstream: FakeUpstream, services: Factory) -> None:
