@@ -491,3 +491,37 @@ def test_drain_timeout_cuts_what_is_left(
             assert service.exit_status() == 0
     upstream_listener.close()
     assert "drain timeout (0.3s): cutting 1 request(s) still in flight" in service.log
+
+
+# --- listeners without activation ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "address"),
+    [
+        ({"host": "::1", "port": 0}, r"\[::1\]:(\d+)"),
+        ({"listen": "[::1]:0"}, r"\[::1\]:(\d+)"),
+        ({"listen": "127.0.0.1:0"}, r"127\.0\.0\.1:(\d+)"),
+    ],
+)
+def test_tcp_listeners_ipv4_and_ipv6(
+    tmp_path: Path, upstream: FakeUpstream, services: Factory, config: dict[str, Any], address: str
+) -> None:
+    path = write_config(tmp_path / "c.json", {**config, "models": {"m": {"url": upstream.url}}})
+    service = services(router_argv(path), {})
+    port = int(service.wait_for_line(rf"listening on {address} with 1 model\(s\)")[1])
+    family = socket.AF_INET6 if "::" in address else socket.AF_INET
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    assert get((host, port), "/health", family).status == 200
+
+
+def test_every_interface_means_ipv4_and_ipv6(
+    tmp_path: Path, upstream: FakeUpstream, services: Factory
+) -> None:
+    path = write_config(tmp_path / "c.json", {"port": 0, "models": {"m": {"url": upstream.url}}})
+    service = services(router_argv(path), {})
+    first = service.wait_for_line(r"listening on (0\.0\.0\.0|\[::\]):(\d+) ")
+    second = service.wait_for_line(
+        r"listening on (?!" + re.escape(first[1]) + r")(0\.0\.0\.0|\[::\]):\d+ "
+    )
+    assert {first[1], second[1]} == {"0.0.0.0", "[::]"}
