@@ -229,14 +229,18 @@ def make_package(root: Path, name: str, programs: dict[str, str]) -> Path:
 def llmhop_package(root: Path, router: Path | None = None) -> Path:
     """A stand-in for pkgs.llmhop running `router` (default: the real pkgs/llmhop/llmhop.py)
     with the host's python3, laid out like package.nix installs it."""
-    router = router or REPO / "pkgs" / "llmhop" / "llmhop.py"
     python = shutil.which("python3", path="/usr/bin:/bin") or "/usr/bin/python3"
+    # A copy inside the package, as package.nix installs it: the checkout may sit below /tmp,
+    # which PrivateTmp= hides from the units.
+    installed = root / "llmhop" / "lib" / "llmhop" / "llmhop.py"
+    installed.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(router or REPO / "pkgs" / "llmhop" / "llmhop.py", installed)
     return make_package(
         root,
         "llmhop",
         {
-            "llmhop": f'#!/bin/sh\nexec {python} -I {router} "$@"\n',
-            "llmhop-notify": f'#!/bin/sh\nexec {python} -I {router} notify "$@"\n',
+            "llmhop": f'#!/bin/sh\nexec {python} -I {installed} "$@"\n',
+            "llmhop-notify": f'#!/bin/sh\nexec {python} -I {installed} notify "$@"\n',
         },
     )
 
