@@ -1760,16 +1760,25 @@ class ClientConnection(Connection):
         return await self._answer(request, exchange, status, body, b"application/json")
 
     async def _answer(
-        self, request: Request, exchange: Exchange, status: int, body: bytes, content_type: bytes
+        self,
+        request: Request,
+        exchange: Exchange,
+        status: int,
+        body: bytes,
+        content_type: bytes,
+        headers: tuple[bytes, ...] = (),
     ) -> bool:
         exchange.status = status
-        keep_alive = request.keep_alive and await self._discard_body(request)
+        keep_alive = (
+            request.keep_alive and not self.router.draining and await self._discard_body(request)
+        )
         head = response_head(
             status,
             [
                 b"Content-Type: " + content_type,
                 b"Content-Length: %d" % len(body),
                 b"X-Request-Id: " + exchange.request_id,
+                *headers,
                 *(() if keep_alive else (b"Connection: close",)),
             ],
         )
@@ -1782,24 +1791,13 @@ class ClientConnection(Connection):
         return keep_alive
 
     async def _answer_error(self, request: Request, exchange: Exchange, error: HTTPError) -> bool:
-        exchange.status = error.status
-        keep_alive = request.keep_alive and await self._discard_body(request)
         body = error_body(error.status, str(error), error.code)
-        head = response_head(
-            error.status,
-            [
-                b"Content-Type: application/json",
-                b"Content-Length: %d" % len(body),
-                b"X-Request-Id: " + exchange.request_id,
-                *error.headers,
-                *(() if keep_alive else (b"Connection: close",)),
-            ],
-        )
-        self.write(head if request.method == b"HEAD" else head + body)
-        exchange.bytes_out = len(body)
-        with contextlib.suppress(ConnectionError):
-            await self.writer.drain()
-        return keep_alive
+        try:
+            return await self._answer(
+                request, exchange, error.status, body, b"application/json", error.headers
+            )
+        except ConnectionError:
+            return False
 
     async def _discard_body(self, request: Request) -> bool:
         """Read and drop an unread small body so the connection stays usable; else close it."""
