@@ -41,7 +41,7 @@ let
       };
     };
     testExecStart = {
-      expr = builtins.match "/nix/store/[^ ]+-llmhop/bin/llmhop --config /nix/store/[^ ]+-llmhop.json" service.serviceConfig.ExecStart != null;
+      expr = builtins.match "/nix/store/[^ ]+-llmhop/bin/llmhop --config /etc/llmhop/llmhop.json" service.serviceConfig.ExecStart != null;
       expected = true;
     };
     testUserDeclared = {
@@ -100,6 +100,112 @@ let
     testQuadletInert = {
       expr = base.quadlet == { } && base.userServices == { };
       expected = true;
+    };
+    # The seed's example, as written.
+    testSeedExample = {
+      expr =
+        let
+          result = router {
+            services.llmhop.llama-cpp.models."qwen3-8b" = {
+              port = 18001;
+              settings.hf-repo = "unsloth/Qwen3-8B-GGUF:UD-Q4_K_XL";
+            };
+            services.llmhop.llama-cpp.enable = true;
+          };
+          exec = result.services.llama-cpp-qwen3-8b.serviceConfig.ExecStart;
+        in
+        {
+          flags = lib.hasSuffix ''"--alias" "qwen3-8b" "--hf-repo" "unsloth/Qwen3-8B-GGUF:UD-Q4_K_XL" "--host" "127.0.0.1" "--port" "18001"'' exec;
+          notify = lib.hasInfix ''"-url" "http://127.0.0.1:18001" "-health-path" "/health" "--"'' exec;
+          ports = result.registries.portsRegistry;
+        };
+      expected = {
+        flags = true;
+        notify = true;
+        ports = {
+          "llama-cpp.models.qwen3-8b" = 18001;
+          "llmhop.listen.default" = 8080;
+        };
+      };
+    };
+    testPortCollision = {
+      expr =
+        (router {
+          services.llmhop.llama-cpp = {
+            enable = true;
+            models.a.port = 8080;
+          };
+        }).assertions;
+      expected = [
+        "services.llmhop: port 8080 is claimed more than once, by llama-cpp.models.a, llmhop.listen.default."
+      ];
+    };
+    testCliDialects = {
+      expr = {
+        vllm = llmhopLib.renderCliArgs "vllm" {
+          max-model-len = 8192;
+          enable-prefix-caching = false;
+          lora-paths = [
+            "x=/p/x"
+            "y=/p/y"
+          ];
+          speculative-config = {
+            model = "d";
+            num_speculative_tokens = 3;
+          };
+          temperature = 0.6;
+          dropped = null;
+        };
+        llama = llmhopLib.renderCliArgs "llama-cpp" {
+          lora = [
+            "a"
+            "b"
+          ];
+          no-mmap = false;
+          jinja = true;
+        };
+        sglang = llmhopLib.renderCliArgsShell "sglang" {
+          port = 30000;
+          worker-urls = [
+            "http://a"
+            "http://b"
+          ];
+          enable-metrics = false;
+        };
+      };
+      expected = {
+        vllm = [
+          "--no-enable-prefix-caching"
+          "--lora-paths"
+          "x=/p/x"
+          "y=/p/y"
+          "--max-model-len"
+          "8192"
+          "--speculative-config"
+          ''{"model":"d","num_speculative_tokens":3}''
+          "--temperature"
+          "0.6"
+        ];
+        llama = [
+          "--jinja"
+          "--lora"
+          "a"
+          "--lora"
+          "b"
+          "--mmap"
+        ];
+        sglang = "'--port=30000' --worker-urls http://a http://b";
+      };
+    };
+    testUnknownCredentialReferenceThrows = {
+      expr =
+        (builtins.tryEval (
+          llmhopLib.resolveCredentialRefs {
+            names = [ "a" ];
+            directory = "%d";
+          } { key = "\${cred:missing}"; }
+        ).key).success;
+      expected = false;
     };
     testIpLiterals = {
       expr = map llmhopLib.isListenHost [

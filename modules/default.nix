@@ -1,3 +1,7 @@
+# services.llmhop: the router and the backends that run its workers.
 {
-  imports = [ ./router.nix ];
+  imports = [
+    ./router.nix
+    ./backends/llama-cpp.nix
+  ];
 }

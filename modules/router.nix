@@ -1,3 +1,6 @@
+# The router: services.llmhop.{enable,package,listeners,identity,credentials,settings},
+# one llmhop-<name>.socket per listener and a hardened, socket-activated llmhop.service.
+# Also the registries every backend writes to, their assertions and the routes they register.
 {
   config,
   lib,
@@ -5,25 +8,131 @@
   ...
 }:
 let
+  inherit (lib) mkOption types;
+
   cfg = config.services.llmhop;
   llmhopLib = import ./lib.nix lib;
 
   settingsFormat = pkgs.formats.json { };
-  configFile = settingsFormat.generate "llmhop.json" cfg.settings;
+
+  defaultUser = "llmhop";
+
+  # The path in ExecStart stays the same across generations, so a new config reloads the
+  # router (reloadTriggers) instead of restarting it.
+  configPath = "/etc/llmhop/llmhop.json";
+
+  canCheck = pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform;
+
+  configFile = pkgs.writeTextFile {
+    name = "llmhop.json";
+    text = builtins.toJSON cfg.settings;
+    # Secret references are checked for syntax only: credentials exist only at run time.
+    checkPhase = lib.optionalString canCheck ''
+      ${lib.getExe' cfg.package "llmhop"} --check --config "$target"
+    '';
+  };
+
+  listenerOptions =
+    { name, ... }:
+    {
+      options = {
+        host = mkOption {
+          type = types.str;
+          default = "";
+          example = "127.0.0.1";
+          description = "The IP literal a TCP listener binds to; empty means all interfaces.";
+        };
+        port = mkOption {
+          type = types.nullOr types.port;
+          default = null;
+          description = "The TCP port; `null` makes this a unix socket listener at `socket`.";
+        };
+        socket = socketOption "${cfg.socketDirectory}/${name}.sock";
+        socketUser = socketUserOption;
+        socketGroup = socketGroupOption;
+        socketMode = socketModeOption;
+      };
+    };
+
+  socketOption =
+    default:
+    mkOption {
+      type = types.strMatching "/.+";
+      inherit default;
+      defaultText = lib.literalExpression ''"''${config.services.llmhop.socketDirectory}/${baseNameOf default}"'';
+      description = "The unix socket path, used while `port` is `null`.";
+    };
+  socketUserOption = mkOption {
+    type = types.str;
+    default = "root";
+    description = "The owner of the unix socket.";
+  };
+  socketGroupOption = mkOption {
+    type = types.str;
+    default = "root";
+    example = "caddy";
+    description = "The group of the unix socket; let a reverse proxy connect by naming its group.";
+  };
+  socketModeOption = mkOption {
+    type = types.strMatching "0?[0-7]{3}";
+    default = "0660";
+    description = "The access mode of the unix socket.";
+  };
+
+  # Every listener, the default one included.
+  listeners = {
+    default = {
+      inherit (cfg)
+        host
+        port
+        socket
+        socketUser
+        socketGroup
+        socketMode
+        ;
+    };
+  }
+  // cfg.listen;
+  tcpListeners = lib.filterAttrs (_: l: l.port != null) listeners;
+  unixListeners = lib.filterAttrs (_: l: l.port == null) listeners;
+  socketUnits = lib.mapAttrsToList (name: _: "llmhop-${name}.socket") listeners;
+
+  # Routes of the backends, by routing key; the first owner (sorted) wins a collision.
+  registeredRoutes = lib.foldl' (
+    routes: owner:
+    let
+      entry = cfg.modelsRegistry.${owner};
+    in
+    if routes ? ${entry.name} then routes else routes // { ${entry.name} = entry.route; }
+  ) { } (lib.attrNames cfg.modelsRegistry);
+
+  # Routing keys written by hand in settings.models whose url differs from the backend's.
+  handWrittenClaims = lib.filterAttrs (
+    name: route: (cfg.settings.models.${name}.url or null) != route.url
+  ) registeredRoutes;
+
+  modelClaims = lib.mapAttrs (_: entry: entry.name) cfg.modelsRegistry // lib.mapAttrs' (
+    name: _: lib.nameValuePair "settings.models.${name}" name
+  ) handWrittenClaims;
+
+  shutdownTimeout = cfg.settings.shutdownTimeout;
 in
 {
   options.services.llmhop = {
-    enable = lib.mkEnableOption "llmhop, a reverse proxy for OpenAI-compatible LLM servers";
+    enable = lib.mkEnableOption "llmhop, a router for OpenAI-compatible LLM servers";
 
-    package = lib.mkOption {
-      type = lib.types.package;
-      default = pkgs.llmhop;
+    package = mkOption {
+      type = types.package;
+      default = pkgs.llmhop or (pkgs.callPackage ../pkgs/llmhop/package.nix { });
       defaultText = lib.literalExpression "pkgs.llmhop";
-      description = "The llmhop package to use; it provides {command}`bin/llmhop`.";
+      description = ''
+        The llmhop package: {command}`bin/llmhop` runs the router, {command}`bin/llmhop-notify`
+        the readiness check of every native worker.
+      '';
     };
 
-    host = lib.mkOption {
-      type = lib.types.str;
+    host = mkOption {
+      type = types.str;
       default = "";
       example = "127.0.0.1";
       description = ''
@@ -32,124 +141,310 @@ in
       '';
     };
 
-    port = lib.mkOption {
-      type = lib.types.port;
+    port = mkOption {
+      type = types.nullOr types.port;
       default = 8080;
-      description = "The TCP port of the default listener.";
+      description = "The TCP port of the default listener; `null` serves on the unix socket `socket`.";
     };
 
-    settings = lib.mkOption {
-      type = settingsFormat.type;
+    socket = socketOption "${cfg.socketDirectory}/default.sock";
+    socketUser = socketUserOption;
+    socketGroup = socketGroupOption;
+    socketMode = socketModeOption;
+
+    listen = mkOption {
+      type = types.attrsOf (types.submodule listenerOptions);
       default = { };
       example = lib.literalExpression ''
         {
-          authTokens = [ "''${file:client-token}" ];
-          models."qwen3-8b".url = "http://127.0.0.1:18001";
+          caddy.socketGroup = "caddy"; # /run/llmhop/caddy.sock
+          lan = { host = "192.168.1.2"; port = 8081; };
+        }
+      '';
+      description = "Extra listeners, each a `llmhop-<name>.socket` unit.";
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Whether to open the port of every TCP listener in the firewall.";
+    };
+
+    socketDirectory = mkOption {
+      type = types.strMatching llmhopLib.socketDirectoryPattern;
+      default = "/run/llmhop";
+      example = "/run/sockets/llmhop";
+      description = ''
+        The root of every llmhop socket: the router's unix listeners and one directory per
+        worker (`<socketDirectory>/<unit>/http.sock`). It must lie below {file}`/run`.
+      '';
+    };
+
+    user = mkOption {
+      type = types.str;
+      default = defaultUser;
+      description = "The user the router runs as; declared by the module only under its default name.";
+    };
+    uid = mkOption {
+      type = types.nullOr types.ints.unsigned;
+      default = null;
+      description = "The UID of the declared user.";
+    };
+    group = mkOption {
+      type = types.str;
+      default = cfg.user;
+      defaultText = lib.literalExpression "config.services.llmhop.user";
+      description = "The router's group; declared by the module only under its default name.";
+    };
+    gid = mkOption {
+      type = types.nullOr types.ints.unsigned;
+      default = cfg.uid;
+      defaultText = lib.literalExpression "config.services.llmhop.uid";
+      description = "The GID of the declared group.";
+    };
+    supplementaryGroups = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      description = "Extra groups of the router; every native backend adds the group owning its sockets.";
+    };
+
+    credentials = llmhopLib.mkCredentialsOption "the router";
+
+    settings = mkOption {
+      type = types.submodule {
+        freeformType = settingsFormat.type;
+        options = {
+          authTokens = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            example = [ "\${cred:llmhop.client-token}" ];
+            description = "Bearer tokens clients must send; empty turns auth off.";
+          };
+          metricsAuth = mkOption {
+            type = types.bool;
+            default = false;
+            description = "Whether {file}`/metrics` needs a token too.";
+          };
+          maxBodyBytes = mkOption {
+            type = types.ints.unsigned;
+            default = 104857600;
+            description = "Larger request bodies get 413; `0` means no cap.";
+          };
+          maxConcurrentRequests = mkOption {
+            type = types.ints.unsigned;
+            default = 8;
+            description = "Proxied requests in flight; more get 503 at once; `0` means no cap.";
+          };
+          connectTimeout = mkOption {
+            type = types.numbers.positive;
+            default = 30;
+            description = "Seconds to connect to an upstream before answering 504.";
+          };
+          shutdownTimeout = mkOption {
+            type = types.numbers.nonnegative;
+            default = 30;
+            description = ''
+              Seconds requests in flight may finish after SIGTERM; `TimeoutStopSec=` of
+              {file}`llmhop.service` leaves 10 s more.
+            '';
+          };
+          models = mkOption {
+            type = types.attrsOf (
+              types.submodule {
+                freeformType = settingsFormat.type;
+                options.url = mkOption {
+                  type = types.str;
+                  example = "unix:///run/llmhop/llama-cpp-qwen3-8b/http.sock";
+                  description = "The upstream: `http(s)://host[:port][/base]` or `unix:///path.sock`.";
+                };
+              }
+            );
+            default = { };
+            description = ''
+              Routes by model name (`url`, `headers`, `unlisted`). Every enabled backend
+              model registers its own; adding `headers` to one here is fine, another `url` is
+              a collision.
+            '';
+          };
+        };
+      };
+      default = { };
+      example = lib.literalExpression ''
+        {
+          authTokens = [ "''${cred:llmhop.client-token}" ];
+          models.openai-gpt-4o = {
+            url = "https://api.openai.com";
+            headers.Authorization = "Bearer ''${cred:llmhop.openai-key}";
+          };
         }
       '';
       description = ''
-        The llmhop configuration, rendered to {file}`llmhop.json`.
-        `listen` is ignored: systemd opens the listeners (see `host` and `port`).
+        The router's configuration, rendered to {file}`/etc/llmhop/llmhop.json` and checked
+        with `llmhop --check` at build time (see the README for every key). Secrets go in as
+        `''${cred:name}` references to `credentials`. `host`, `port` and `listen` are ignored:
+        the listeners come from systemd.
       '';
     };
+
+    portsRegistry = mkOption {
+      type = types.attrsOf types.port;
+      default = { };
+      internal = true;
+      description = "Host ports by owner (e.g. `llmhop.listen.default`); a port claimed twice fails evaluation.";
+    };
+    unitsRegistry = mkOption {
+      type = types.attrsOf types.str;
+      default = { };
+      internal = true;
+      description = "systemd unit names by owner; a unit claimed twice fails evaluation.";
+    };
+    modelsRegistry = mkOption {
+      type = types.attrsOf (
+        types.submodule {
+          options = {
+            name = mkOption {
+              type = types.str;
+              description = "The routing key.";
+            };
+            route = mkOption {
+              type = types.attrsOf settingsFormat.type;
+              description = "The entry of `settings.models` (`url`, maybe `unlisted`).";
+            };
+          };
+        }
+      );
+      default = { };
+      internal = true;
+      description = "Routes by owner (e.g. `llama-cpp.models.qwen3-8b`); a routing key claimed twice fails evaluation.";
+    };
   };
 
-  config = lib.mkIf cfg.enable {
-    assertions = [
-      {
-        assertion = llmhopLib.isListenHost cfg.host;
-        message = ''services.llmhop.host must be empty or an IP literal, not "${cfg.host}".'';
+  config = lib.mkMerge [
+    # Registries are checked whether or not the router runs: workers still share ports.
+    {
+      assertions =
+        llmhopLib.collisionAssertions "port" cfg.portsRegistry
+        ++ llmhopLib.collisionAssertions "unit" cfg.unitsRegistry
+        ++ llmhopLib.collisionAssertions "routing key" modelClaims;
+
+      services.llmhop.settings.models = lib.mapAttrs (_: lib.mapAttrs (_: lib.mkDefault)) registeredRoutes;
+    }
+
+    (lib.mkIf cfg.enable {
+      assertions =
+        lib.mapAttrsToList (name: l: {
+          assertion = l.port == null || llmhopLib.isListenHost l.host;
+          message = ''services.llmhop${lib.optionalString (name != "default") ".listen.${name}"}.host must be empty or an IP literal, not "${l.host}".'';
+        }) listeners
+        ++ lib.mapAttrsToList (name: l: {
+          assertion = l.port != null || lib.stringLength l.socket <= llmhopLib.maxSocketPathLength;
+          message = "services.llmhop: the socket of listener ${name}, ${l.socket}, is longer than ${toString llmhopLib.maxSocketPathLength} bytes.";
+        }) listeners
+        ++ map (name: {
+          assertion = builtins.match llmhopLib.listenerNamePattern name != null && name != "default";
+          message = ''services.llmhop.listen."${name}": listener names must match ${llmhopLib.listenerNamePattern} and not be "default" (that is services.llmhop.host/port/socket).'';
+        }) (lib.attrNames cfg.listen)
+        ++ map (name: {
+          assertion = false;
+          message = ''services.llmhop.credentials."${name}": a credential name is one path component matching ${llmhopLib.credentialNamePattern}.'';
+        }) (llmhopLib.invalidCredentialNames cfg.credentials);
+
+      warnings =
+        lib.optional (lib.any (key: cfg.settings ? ${key}) [
+          "host"
+          "port"
+          "listen"
+        ])
+          ''
+            services.llmhop.settings.{host,port,listen} are ignored: the listeners come from
+            systemd (services.llmhop.host, port, socket and listen).
+          '';
+
+      services.llmhop.portsRegistry = lib.mapAttrs' (
+        name: l: lib.nameValuePair "llmhop.listen.${name}" l.port
+      ) tcpListeners;
+      services.llmhop.unitsRegistry = {
+        llmhop = "llmhop.service";
       }
-    ];
+      // lib.mapAttrs' (name: _: lib.nameValuePair "llmhop.listen.${name}" "llmhop-${name}.socket") listeners;
 
-    warnings = lib.optional (cfg.settings ? listen) ''
-      services.llmhop.settings.listen is ignored: the listeners come from systemd
-      (services.llmhop.host and services.llmhop.port).
-    '';
-
-    users.users.llmhop = {
-      isSystemUser = true;
-      group = "llmhop";
-      description = "llmhop router";
-    };
-    users.groups.llmhop = { };
-
-    systemd.sockets.llmhop-default = {
-      description = "llmhop listener default";
-      wantedBy = [ "sockets.target" ];
-      listenStreams = [
-        (llmhopLib.listenStream { inherit (cfg) host port; })
-      ];
-      socketConfig.Service = "llmhop.service";
-    };
-
-    systemd.services.llmhop = {
-      description = "llmhop LLM router";
-      wantedBy = [ "multi-user.target" ];
-      wants = [ "network-online.target" ];
-      after = [ "network-online.target" ];
-      startLimitBurst = 3;
-      startLimitIntervalSec = 3600;
-
-      serviceConfig = {
-        Type = "notify";
-        ExecStart = "${lib.getExe cfg.package} --config ${configFile}";
-        ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
-        Restart = "on-failure";
-        RestartSec = 5;
-
-        User = "llmhop";
-        Group = "llmhop";
-        Sockets = [ "llmhop-default.socket" ];
-        # llmhop binds nothing itself: every listener is passed in by systemd.
-        SocketBindDeny = "any";
-        UMask = "0077";
-
-        # Capabilities and privileges
-        CapabilityBoundingSet = "";
-        AmbientCapabilities = "";
-        NoNewPrivileges = true;
-        RestrictSUIDSGID = true;
-
-        # Network
-        RestrictAddressFamilies = [
-          "AF_INET"
-          "AF_INET6"
-          "AF_UNIX"
-        ];
-
-        # Namespaces
-        PrivateDevices = true;
-        PrivateIPC = true;
-        PrivateMounts = true;
-        PrivateTmp = true;
-        PrivateUsers = true;
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
-
-        # Filesystem and kernel
-        ProtectControlGroups = true;
-        ProtectHome = true;
-        ProtectHostname = true;
-        ProtectKernelLogs = true;
-        ProtectKernelModules = true;
-        ProtectKernelTunables = true;
-        ProtectProc = "invisible";
-        ProcSubset = "pid";
-        ProtectSystem = "strict";
-
-        # Memory and system calls
-        LockPersonality = true;
-        MemoryDenyWriteExecute = true;
-        RemoveIPC = true;
-        SystemCallArchitectures = "native";
-        SystemCallErrorNumber = "EPERM";
-        SystemCallFilter = [
-          "@system-service"
-          "~@privileged"
-          "~@resources"
-        ];
+      users.users = lib.mkIf (cfg.user == defaultUser) {
+        ${defaultUser} = {
+          isSystemUser = true;
+          inherit (cfg) uid group;
+          description = "llmhop router";
+        };
       };
-    };
-  };
+      users.groups = lib.mkIf (cfg.group == defaultUser) { ${defaultUser}.gid = cfg.gid; };
+
+      networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall (
+        lib.mapAttrsToList (_: l: l.port) tcpListeners
+      );
+
+      # The root of all sockets: anyone may pass through, nobody may list it. No
+      # RuntimeDirectory= for it: stopping the router would delete every worker's socket.
+      systemd.tmpfiles.rules = [ "d ${cfg.socketDirectory} 0711 root root - -" ];
+
+      environment.etc."llmhop/llmhop.json".source = configFile;
+
+      systemd.sockets = lib.mapAttrs' (
+        name: l:
+        lib.nameValuePair "llmhop-${name}" {
+          description = "llmhop listener ${name}";
+          wantedBy = [ "sockets.target" ];
+          listenStreams = [
+            (if l.port != null then llmhopLib.listenStream { inherit (l) host port; } else l.socket)
+          ];
+          socketConfig = {
+            Service = "llmhop.service";
+          }
+          // lib.optionalAttrs (l.port == null) {
+            SocketUser = l.socketUser;
+            SocketGroup = l.socketGroup;
+            SocketMode = l.socketMode;
+            RemoveOnStop = true;
+          };
+        }
+      ) listeners;
+
+      systemd.services.llmhop = {
+        description = "llmhop LLM router";
+        wantedBy = [ "multi-user.target" ];
+        wants = [ "network-online.target" ];
+        after = [ "network-online.target" ];
+        startLimitBurst = 3;
+        startLimitIntervalSec = 3600;
+        # A new config is applied by SIGHUP: `nixos-rebuild switch` reloads, never restarts.
+        reloadTriggers = [ configFile ];
+
+        serviceConfig = llmhopLib.withCredentials cfg.credentials (
+          llmhopLib.hardening
+          // {
+            Type = "notify";
+            ExecStart = "${lib.getExe' cfg.package "llmhop"} --config ${configPath}";
+            ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+            Restart = "on-failure";
+            RestartSec = 5;
+            # Requests in flight get shutdownTimeout to finish; systemd waits a little longer.
+            TimeoutStopSec = builtins.ceil shutdownTimeout + 10;
+
+            User = cfg.user;
+            Group = cfg.group;
+            SupplementaryGroups = lib.unique cfg.supplementaryGroups;
+
+            # llmhop binds nothing itself: every listener is passed in by systemd.
+            Sockets = socketUnits;
+            SocketBindDeny = "any";
+            UMask = "0077";
+
+            # Beyond the shared baseline: no devices, no clock, no resource syscalls.
+            PrivateDevices = true;
+            DevicePolicy = "closed";
+            ProtectClock = true;
+            SystemCallFilter = llmhopLib.hardening.SystemCallFilter ++ [ "~@resources" ];
+          }
+        );
+      };
+    })
+  ];
 }

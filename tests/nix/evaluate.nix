@@ -87,7 +87,16 @@ in
   firewall = {
     inherit (config.networking.firewall) allowedTCPPorts allowedUDPPorts;
   };
-  etc = lib.mapAttrs (_: e: { inherit (e) text mode user group; }) config.environment.etc;
+  etc = lib.mapAttrs (_: e: {
+    inherit (e) text mode user group;
+    source = if e.source == null then null else toString e.source;
+    # writeTextFile's build-time check (stub-pkgs keeps it).
+    checkPhase = e.source.checkPhase or null;
+  }) config.environment.etc;
+  # llmhop's registries: owner -> port, unit, route.
+  registries = {
+    inherit (config.services.llmhop) portsRegistry unitsRegistry modelsRegistry;
+  };
   quadlet = lib.mapAttrs (_: c: c.text) config.virtualisation.quadlet.containers;
   assertions = map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
   inherit (config) warnings;

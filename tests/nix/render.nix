@@ -63,6 +63,12 @@ let
           StartLimitIntervalSec = def.startLimitIntervalSec;
         }
         // lib.optionalAttrs ((def.stopIfChanged or true) == false) { X-StopIfChanged = false; }
+        // lib.optionalAttrs ((def.restartTriggers or [ ]) != [ ]) {
+          X-Restart-Triggers = lib.concatMapStringsSep " " toString def.restartTriggers;
+        }
+        // lib.optionalAttrs ((def.reloadTriggers or [ ]) != [ ]) {
+          X-Reload-Triggers = lib.concatMapStringsSep " " toString def.reloadTriggers;
+        }
       )
       def.unitConfig
     ];

@@ -83,6 +83,7 @@ let
     "findutils"
     "gnugrep"
     "gnused"
+    "llama-cpp"
     "llmhop"
     "podman"
     "python3"
@@ -107,6 +108,15 @@ let
     };
 
     writeText = mkTextFile;
+    # The text is real; checkPhase is kept for inspection but never run.
+    writeTextFile =
+      {
+        name,
+        text,
+        checkPhase ? "",
+        ...
+      }:
+      mkTextFile name text // { inherit checkPhase; };
     writeTextDir = path: text: mkPackage (baseNameOf path) { inherit text; };
     writeShellScript = name: text: mkScript name text { };
     writeShellScriptBin =

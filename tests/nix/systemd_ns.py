@@ -187,6 +187,8 @@ class SystemdNamespace:
         harness.evaluate(...)["units"]["system"]; units linked into multi-user.target.wants or
         sockets.target.wants start at boot, as on NixOS.
     users, groups: evaluated users.users / users.groups to add to /etc/passwd and /etc/group.
+    etc: files to add below /etc, {relative path: target}, as symlinks (NixOS'
+        environment.etc.<name>.source); an overlay over the host's /etc holds them.
     """
 
     def __init__(
@@ -195,6 +197,7 @@ class SystemdNamespace:
         *,
         users: dict[str, Any] | None = None,
         groups: dict[str, Any] | None = None,
+        etc: dict[str, str] | None = None,
         journal: bool = True,
         boot_timeout: float = 60,
         stop_timeout: float = 30,
@@ -202,6 +205,7 @@ class SystemdNamespace:
         self.units = units or {"files": {}, "links": {}}
         self.users = users or {}
         self.groups = groups or {}
+        self.etc = etc or {}
         self.journal_enabled = journal
         self.boot_timeout = boot_timeout
         self.stop_timeout = stop_timeout
@@ -251,6 +255,12 @@ class SystemdNamespace:
         systemd = next(p for p in SYSTEMD_BINARIES if p.exists())
         passwd, group = passwd_entries(self.users, self.groups)
         binds = ""
+        if self.etc:
+            for name, target in self.etc.items():
+                link = work / "etc" / name
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(target)
+            binds += f"mount -t overlay overlay -o lowerdir={work}/etc:/etc /etc\n"
         if passwd or group:
             (work / "passwd").write_text(
                 Path("/etc/passwd").read_text().rstrip("\n")
@@ -262,7 +272,7 @@ class SystemdNamespace:
                 + "\n"
                 + "".join(line + "\n" for line in group)
             )
-            binds = "".join(f"mount --bind {work}/{f} /etc/{f}\n" for f in ("passwd", "group"))
+            binds += "".join(f"mount --bind {work}/{f} /etc/{f}\n" for f in ("passwd", "group"))
         (work / "journald.conf").write_text(JOURNALD_CONF)
         (work / "console").write_text("")
         (work / "empty").mkdir()
@@ -492,25 +502,40 @@ exec env -i {env_args} {systemd} --system --log-target=journal --show-status=no
                 proc.wait()
 
     def http(
-        self, url: str, *, headers: dict[str, str] | None = None, timeout: float = 30
+        self,
+        url: str,
+        *,
+        method: str = "GET",
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        unix_socket: str | None = None,
+        timeout: float = 30,
     ) -> tuple[int, str]:
-        """GET `url` from inside the network namespace: (status, body)."""
+        """Send one request from inside the network namespace: (status, body). With
+        `unix_socket`, connect to that socket; `url` then gives only the path."""
         script = (
-            "import json, sys, urllib.request, urllib.error\n"
-            "url, headers, timeout = json.loads(sys.argv[1])\n"
-            "req = urllib.request.Request(url, headers=headers)\n"
-            "try:\n"
-            "    with urllib.request.urlopen(req, timeout=timeout) as r:\n"
-            "        status, body = r.status, r.read()\n"
-            "except urllib.error.HTTPError as e:\n"
-            "    status, body = e.code, e.read()\n"
-            "print(status)\n"
-            "sys.stdout.write(body.decode(errors='replace'))\n"
+            "import http.client, json, socket, sys, urllib.parse\n"
+            "url, method, body, headers, sock, timeout = json.loads(sys.argv[1])\n"
+            "parts = urllib.parse.urlsplit(url)\n"
+            "if sock:\n"
+            "    conn = http.client.HTTPConnection('localhost', timeout=timeout)\n"
+            "    conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+            "    conn.sock.settimeout(timeout)\n"
+            "    conn.sock.connect(sock)\n"
+            "else:\n"
+            "    conn = http.client.HTTPConnection(parts.netloc, timeout=timeout)\n"
+            "path = (parts.path or '/') + ('?' + parts.query if parts.query else '')\n"
+            "data = body.encode('latin-1') if body is not None else None\n"
+            "conn.request(method, path, body=data, headers=headers)\n"
+            "response = conn.getresponse()\n"
+            "print(response.status)\n"
+            "sys.stdout.write(response.read().decode(errors='replace'))\n"
         )
-        arg = json.dumps([url, headers or {}, timeout])
+        payload = None if body is None else body.decode("latin-1")
+        arg = json.dumps([url, method, payload, headers or {}, unix_socket, timeout])
         out = self.run("python3", "-I", "-c", script, arg, timeout=timeout + 10, check=True)
-        status, _, body = out.stdout.partition("\n")
-        return int(status), body
+        status, _, text = out.stdout.partition("\n")
+        return int(status), text
 
     def log(self) -> str:
         if self.work is None:

@@ -50,14 +50,18 @@ def test_settings_become_the_config_file() -> None:
     program, flag, path = exec_start.split()
     assert program.endswith("-llmhop/bin/llmhop")
     assert flag == "--config"
+    # A stable path, so a new config means a reload, not a restart.
+    assert path == "/etc/llmhop/llmhop.json"
+    source = result["etc"]["llmhop/llmhop.json"]["source"]
     # The stub pkgs writes text files to the store for real (builtins.toFile).
-    assert json.loads(Path(path).read_text()) == settings
+    written = json.loads(Path(source).read_text())
+    assert {k: written[k] for k in settings} == settings
 
 
 def test_package_override_is_used() -> None:
     result = evaluate(router(), pkgs={"llmhop": "/opt/fake-llmhop"})
     exec_start = result["services"]["llmhop"]["serviceConfig"]["ExecStart"]
-    assert exec_start.startswith("/opt/fake-llmhop/bin/llmhop --config /nix/store/")
+    assert exec_start == "/opt/fake-llmhop/bin/llmhop --config /etc/llmhop/llmhop.json"
 
 
 @pytest.mark.parametrize(
@@ -163,7 +167,7 @@ def test_assertions_can_be_returned_instead() -> None:
 def test_warning() -> None:
     result = evaluate(router(settings={"listen": ":9000"}))
     assert len(result["warnings"]) == 1
-    assert "settings.listen is ignored" in result["warnings"][0]
+    assert "settings.{host,port,listen} are ignored" in result["warnings"][0]
 
 
 # --- the real quadlet-nix module ---------------------------------------------------------

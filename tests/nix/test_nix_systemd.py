@@ -88,7 +88,10 @@ def module_units(scratch: Path, router: Path, **extra: Any) -> dict[str, Any]:
 
 def boot(result: dict[str, Any]) -> SystemdNamespace:
     return SystemdNamespace(
-        result["units"]["system"], users=result["users"], groups=result["groups"]
+        result["units"]["system"],
+        users=result["users"],
+        groups=result["groups"],
+        etc={name: e["source"] for name, e in result["etc"].items() if e["source"]},
     )
 
 
@@ -103,7 +106,7 @@ def test_socket_activation_notify_and_reload(scratch: Path) -> None:
         health = json.loads(body)
         assert health["status"] == "ok"
         assert health["listen_pid_ok"] is True
-        assert health["config"] == {"models": {"m": {"url": "http://127.0.0.1:18001"}}}
+        assert health["config"]["models"] == {"m": {"url": "http://127.0.0.1:18001"}}
         assert health["uid"] != 0
         if bpf_framework():
             assert health["bind"] == "denied"
