@@ -297,7 +297,11 @@ chmod 1777 /var/tmp
 mount -t tmpfs -o mode=0755 tmpfs /sys/fs/cgroup
 mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
 mount --bind {work}/console /dev/console
-{binds}ip link set lo up
+{binds}# As on a booted system (systemd skips this in a container): mounts systemd makes in a
+# child namespace, such as a unit's credentials, propagate back. Peers stay in here: /
+# was made private first.
+mount --make-rshared /
+ip link set lo up
 hostname llmhop-test
 exec env -i {env_args} {systemd} --system --log-target=journal --show-status=no
 """

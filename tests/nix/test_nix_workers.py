@@ -1,0 +1,211 @@
+"""The module's router and llama.cpp units under a real systemd (like the reference's VM test).
+
+The router is the real pkgs/llmhop/llmhop.py; `llama-server` is fake_llama_server.py, which
+answers 503 while "loading" and needs the API key the module passes as `%d/api-keys`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nix_harness import evaluate, llmhop_package, make_package, mk_force
+from systemd_ns import SystemdNamespace
+
+HERE = Path(__file__).resolve().parent
+
+pytestmark = [pytest.mark.nix, pytest.mark.systemd, pytest.mark.usefixtures("real_systemd")]
+
+CLIENT_TOKEN = "client-secret"
+WORKER_KEY = "worker-secret"
+WORKER = "llama-cpp-fake-model.service"
+DYING = "llama-cpp-dying-model.service"
+SOCKET_DIR = "/run/llmhop/llama-cpp-fake-model"
+CHAT = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]})
+
+
+def wait_until(what: str, predicate: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout}s: {what}")
+        time.sleep(0.2)
+
+
+def scenario(scratch: Path) -> dict[str, Any]:
+    secrets = scratch / "secrets"
+    secrets.mkdir()
+    (secrets / "client-token").write_text(CLIENT_TOKEN + "\n")
+    (secrets / "worker-key").write_text(WORKER_KEY + "\n")
+    for secret in secrets.iterdir():
+        secret.chmod(0o600)
+    fake = HERE / "fake_llama_server.py"
+    pkgs = {
+        "llmhop": str(llmhop_package(scratch / "pkgs")),
+        "llama-cpp": str(
+            make_package(
+                scratch / "pkgs",
+                "llama-cpp",
+                {"llama-server": f'#!/bin/sh\nexec /usr/bin/python3 -I {fake} "$@"\n'},
+            )
+        ),
+        "coreutils": "/usr",
+    }
+    worker_credentials = {"api-keys": str(secrets / "worker-key")}
+    not_at_boot = {"wantedBy": mk_force([])}
+    config = {
+        "services": {
+            "llmhop": {
+                "enable": True,
+                "host": "127.0.0.1",
+                "port": 8080,
+                "listen": {"local": {}},
+                "credentials": {
+                    "llmhop.client-token": str(secrets / "client-token"),
+                    "llmhop.worker-key": str(secrets / "worker-key"),
+                },
+                "settings": {
+                    "authTokens": ["${cred:llmhop.client-token}"],
+                    # Added to the route the worker registers.
+                    "models": {
+                        "fake-model": {
+                            "headers": {"Authorization": "Bearer ${cred:llmhop.worker-key}"}
+                        }
+                    },
+                },
+                "llama-cpp": {
+                    "enable": True,
+                    "models": {
+                        "fake-model": {
+                            "credentials": worker_credentials,
+                            "settings": {
+                                "api-key-file": "${cred:api-keys}",
+                                "ready-file": str(scratch / "ready"),
+                            },
+                        },
+                        "dying-model": {
+                            "credentials": worker_credentials,
+                            "settings": {
+                                "api-key-file": "${cred:api-keys}",
+                                "die-while-loading": True,
+                            },
+                        },
+                    },
+                },
+            }
+        },
+        # Started by hand (the router by its first connection), as in the VM test.
+        "systemd": {
+            "services": {
+                "llmhop": not_at_boot,
+                "llama-cpp-fake-model": not_at_boot,
+                "llama-cpp-dying-model": not_at_boot,
+            }
+        },
+    }
+    return evaluate(config, pkgs=pkgs)
+
+
+@pytest.fixture
+def ns(scratch: Path) -> Iterator[SystemdNamespace]:
+    result = scenario(scratch)
+    etc = {name: e["source"] for name, e in result["etc"].items() if e["source"]}
+    with SystemdNamespace(
+        result["units"]["system"], users=result["users"], groups=result["groups"], etc=etc
+    ) as namespace:
+        yield namespace
+
+
+def chat(ns: SystemdNamespace, token: str | None, **kwargs: Any) -> tuple[int, str]:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return ns.http(
+        "http://127.0.0.1:8080/v1/chat/completions",
+        method="POST",
+        body=CHAT.encode(),
+        headers=headers,
+        **kwargs,
+    )
+
+
+def state(ns: SystemdNamespace, unit: str) -> str:
+    return ns.show(unit, "ActiveState")["ActiveState"]
+
+
+def test_router_and_llama_cpp_worker(ns: SystemdNamespace, scratch: Path) -> None:
+    # Type=notify: once the router is started, /health answers; both listeners serve.
+    status, body = ns.http("http://127.0.0.1:8080/health")
+    assert (status, json.loads(body)) == (200, {"status": "ok", "models": 2}), body
+    assert state(ns, "llmhop.service") == "active"
+    status, body = ns.http("http://localhost/health", unix_socket="/run/llmhop/local.sock")
+    assert status == 200, body
+    sockets = ns.show("llmhop.service", "Triggers", "TriggeredBy")["TriggeredBy"].split()
+    assert sorted(sockets) == ["llmhop-default.socket", "llmhop-local.socket"]
+
+    # Auth is checked before routing; the worker is not up yet.
+    assert chat(ns, None)[0] == 401
+    assert chat(ns, "wrong")[0] == 401
+    status, body = chat(ns, CLIENT_TOKEN)
+    assert status == 502, body
+
+    # Readiness: the unit stays activating while /health answers 503.
+    assert ns.systemctl("start", "--no-block", WORKER).returncode == 0
+    ns.wait_for_journal(WORKER, "health probe 2")
+    assert state(ns, WORKER) == "activating"
+    listing = ns.run("stat", "-c", "%a %G %n", SOCKET_DIR, f"{SOCKET_DIR}/http.sock").stdout
+    assert listing.splitlines() == [
+        f"710 llama-cpp {SOCKET_DIR}",
+        f"770 llama-cpp {SOCKET_DIR}/http.sock",
+    ], listing
+    (scratch / "ready").write_text("")
+    # A second start waits for the pending job: it returns once READY=1 arrived.
+    assert ns.systemctl("start", WORKER, timeout=30).returncode == 0
+    assert state(ns, WORKER) == "active"
+    worker = ns.show(WORKER, "DynamicUser", "User", "Group", "StatusText")
+    assert worker["Group"] == "llama-cpp"
+    assert worker["DynamicUser"] == "yes"
+    assert "healthy at unix:///run/llmhop/llama-cpp-fake-model/http.sock" in worker["StatusText"]
+
+    # The router reaches the worker through its socket, with the injected key, on both
+    # listeners; the client's token does not travel on.
+    status, body = chat(ns, CLIENT_TOKEN)
+    assert status == 200, body + ns.journal(WORKER)
+    reply = json.loads(body)
+    assert reply["model"] == "fake-model"
+    assert reply["via"] == "socket"
+    status, body = chat(ns, CLIENT_TOKEN, unix_socket="/run/llmhop/local.sock")
+    assert status == 200, body
+
+    # A SIGKILLed worker restarts although its last socket was never unlinked.
+    pid = ns.show(WORKER, "MainPID")["MainPID"]
+    assert ns.systemctl("kill", "--signal=SIGKILL", WORKER).returncode == 0
+    wait_until("the worker is dead", lambda: state(ns, WORKER) != "active")
+    assert ns.systemctl("restart", WORKER, timeout=30).returncode == 0
+    assert state(ns, WORKER) == "active"
+    assert ns.show(WORKER, "MainPID")["MainPID"] != pid
+    assert chat(ns, CLIENT_TOKEN)[0] == 200
+    assert "Address already in use" not in ns.journal(WORKER)
+
+    # A clean stop removes the socket directory.
+    assert ns.systemctl("stop", WORKER).returncode == 0
+    assert state(ns, WORKER) == "inactive"
+    assert ns.run("test", "-e", SOCKET_DIR).returncode != 0
+
+
+def test_a_worker_dying_while_loading_fails_at_once(ns: SystemdNamespace) -> None:
+    started = time.monotonic()
+    start = ns.systemctl("start", DYING, timeout=30)
+    elapsed = time.monotonic() - started
+    assert start.returncode != 0
+    # Failed at once: far from TimeoutStartSec (an hour).
+    assert elapsed < 20, elapsed
+    result = ns.show(DYING, "Result", "ExecMainStatus", "TimeoutStartUSec")
+    assert result["Result"] == "exit-code"
+    assert result["ExecMainStatus"] == "3"
+    assert result["TimeoutStartUSec"] == "1h"
+    assert "exited before it was ready" in ns.journal(DYING)
