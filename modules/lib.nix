@@ -194,7 +194,9 @@ rec {
         };
       };
     in
-    types.coercedTo types.externalPath (path: { source = path; }) source;
+    # Any string or path becomes { source; }, whose type then refuses store paths (a
+    # submodule would import a path as a module).
+    types.coercedTo (types.either types.str types.path) (path: { source = path; }) source;
 
   mkCredentialsOption =
     what:
@@ -350,6 +352,7 @@ rec {
   # identity user namespace; systemd ≥ 257), JIT, pinned memory and /proc/{meminfo,cpuinfo}.
   gpuRelaxations = {
     PrivateDevices = false;
+    ProtectClock = false;
     SupplementaryGroups = [
       "render"
       "video"

@@ -222,10 +222,12 @@ rec {
     let
       inherit (workload) model;
       credentialsDir = llmhopLib.credentialsDirectoryPlaceholder;
+      # Unknown references fail an assertion (backendConfig) rather than a throw.
+      merged = cfg.modelSettings // model.settings;
       settings = llmhopLib.resolveCredentialRefs {
-        names = lib.attrNames model.credentials;
+        names = llmhopLib.credentialRefs merged;
         directory = credentialsDir;
-      } (cfg.modelSettings // model.settings);
+      } merged;
       argv = command ++ llmhopLib.renderCliArgs dialect (settings // managedFlags);
       onSocket = model.socket != null;
       # The module's keys: a model's serviceConfig cannot replace them.
@@ -267,6 +269,8 @@ rec {
             TasksMax = 4096;
             LimitNOFILE = cfg.openFilesLimit;
             PrivateDevices = true;
+            # Not with `gpu`: its implied DeviceAllow= would hide the GPU.
+            ProtectClock = true;
 
             CacheDirectory = "${workload.backend}/${model.name}";
             StateDirectory = "${workload.backend}/${model.name}";
