@@ -233,7 +233,9 @@ rec {
       # The module's keys: a model's serviceConfig cannot replace them.
       fixed = {
         Type = "notify";
-        KillMode = "control-group";
+        # SIGINT to llmhop-notify only, which passes it on once: llama-server exits 1 at a
+        # second interrupt. The final SIGKILL still reaches the whole group.
+        KillMode = "mixed";
         ExecStart = llmhopLib.escapeExecArgs (
           [
             (lib.getExe' routerCfg.package "llmhop-notify")
@@ -260,7 +262,7 @@ rec {
         llmhopLib.withCredentials model.credentials (
           llmhopLib.hardening
           // {
-            # llmhop-notify passes SIGINT on: the server stops gracefully.
+            # Servers stop gracefully on SIGINT.
             KillSignal = "SIGINT";
             Restart = restart;
             RestartSec = 30;

@@ -19,6 +19,7 @@ import os
 import signal
 import socketserver
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -112,9 +113,19 @@ def main() -> None:
         server.ready_file = Path(options["ready-file"])
     mode = oct(os.stat(host).st_mode & 0o777)
     print(f"listening on {host} (mode {mode}) as {server.alias}", file=sys.stderr, flush=True)
-    # As llama-server: SIGINT (the unit's KillSignal) or SIGTERM stop it cleanly, status 0.
+    # As llama-server: the first SIGINT (the unit's KillSignal) or SIGTERM stops it cleanly
+    # (status 0, after a moment of cleanup); a second one while stopping exits 1 at once.
+    stopping = threading.Event()
+
+    def stop(*_: object) -> None:
+        if stopping.is_set():
+            print("Received second interrupt, terminating immediately.", file=sys.stderr)
+            os._exit(1)
+        stopping.set()
+        threading.Timer(0.5, os._exit, (0,)).start()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: os._exit(0))
+        signal.signal(signum, stop)
     server.serve_forever()
 
 

@@ -314,7 +314,7 @@ def test_worker_unit() -> None:
     assert unit["environment"] == {"LLAMA_CACHE": "/var/cache/llama-cpp/m"}
     expected = {
         "Type": "notify",
-        "KillMode": "control-group",
+        "KillMode": "mixed",
         "KillSignal": "SIGINT",
         "Restart": "on-failure",
         "RestartSec": 30,
@@ -483,7 +483,7 @@ def test_service_and_unit_config_escape_hatches() -> None:
     )
     assert config["LoadCredential"] == ["manual:/run/manual", "k:/run/k"]
     # The module keeps what makes readiness and stopping work.
-    assert (config["Type"], config["KillMode"]) == ("notify", "control-group")
+    assert (config["Type"], config["KillMode"]) == ("notify", "mixed")
     assert "llmhop-notify" in config["ExecStart"]
     assert unit["unitConfig"] == {"ConditionPathExists": "/dev/dri"}
 
