@@ -262,8 +262,10 @@ rec {
         llmhopLib.withCredentials model.credentials (
           llmhopLib.hardening
           // {
-            # Servers stop gracefully on SIGINT.
+            # Servers stop gracefully on SIGINT. One that dies of it instead makes llmhop-notify
+            # exit 128 + 2, which is a clean stop too.
             KillSignal = "SIGINT";
+            SuccessExitStatus = 130;
             Restart = restart;
             RestartSec = 30;
             # Loading (or downloading) weights may take long; readiness ends it.

@@ -316,6 +316,7 @@ def test_worker_unit() -> None:
         "Type": "notify",
         "KillMode": "mixed",
         "KillSignal": "SIGINT",
+        "SuccessExitStatus": 130,
         "Restart": "on-failure",
         "RestartSec": 30,
         "TimeoutStartSec": 3600,
