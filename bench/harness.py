@@ -373,19 +373,21 @@ def parse_wrk_output(output: str) -> WrkResult:
 def start_wrk(
     url: str,
     connections: int,
-    seconds: float,
+    seconds: int,
     cores: str,
     model: str = "fast",
     body_bytes: int = 0,
 ) -> subprocess.Popen[str]:
-    """One wrk thread (on the load core) POSTing chat requests over keep-alive connections."""
+    """One wrk thread (on the load core) POSTing chat requests over keep-alive connections.
+
+    `seconds` is whole: wrk reads fractions as zero, and then only prints its usage."""
     command = Pinning.command(
         cores,
         [
             "wrk",
             "-t1",
             f"-c{connections}",
-            f"-d{seconds:g}s",
+            f"-d{seconds}s",
             "--timeout",
             "5s",
             "-s",
@@ -399,7 +401,7 @@ def start_wrk(
     )
 
 
-def finish_wrk(process: subprocess.Popen[str], seconds: float) -> WrkResult:
+def finish_wrk(process: subprocess.Popen[str], seconds: int) -> WrkResult:
     try:
         stdout, stderr = process.communicate(timeout=seconds + WRK_GRACE)
     except subprocess.TimeoutExpired:
@@ -407,7 +409,7 @@ def finish_wrk(process: subprocess.Popen[str], seconds: float) -> WrkResult:
         process.communicate()
         raise
     if process.returncode != 0:
-        raise RuntimeError(f"wrk failed with status {process.returncode}: {stderr}")
+        raise RuntimeError(f"wrk failed with status {process.returncode}: {stdout}{stderr}")
     return parse_wrk_output(stdout)
 
 

@@ -35,7 +35,7 @@ LARGE_CONCURRENCY = 4
 MODELS_CONCURRENCY = 16
 MANY_MODELS = 10_000
 MODELS_ROUNDS = 2  # alternating 1-model and 10,000-model runs, to spread drift over both
-WARMUP_SECONDS = 1.0
+WARMUP_SECONDS = 1
 STEADY_MARGIN = 0.1  # share of each wrk run left out at either end
 
 SSE_STREAMS = 20
@@ -78,7 +78,7 @@ MIB = 1024 * 1024
 
 @dataclass(frozen=True)
 class Options:
-    seconds: float
+    seconds: int  # of each wrk run
     phases: frozenset[str]
     write: bool
     work_dir: Path
@@ -423,7 +423,7 @@ class Bench:
     def phase_llama(self) -> None:
         if "llama" not in self.endpoints["direct"].ports:
             return
-        rounds = max(5, int(self.options.seconds * 4))
+        rounds = max(5, self.options.seconds * 4)
         timings: dict[str, list[sse_client.GenerationTiming]] = {n: [] for n in self.endpoints}
         self.log(f"llama.cpp: {rounds} streamed chats of {LLAMA_TOKENS} tokens per target")
         for round_number in range(LLAMA_WARMUP_ROUNDS + rounds):
@@ -721,7 +721,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         prog="bench/run", description="Benchmark llmhop against direct and nginx."
     )
     parser.add_argument(
-        "--seconds", type=float, default=5.0, help="length of each wrk run (default 5)"
+        "--seconds", type=int, default=5, help="length of each wrk run, whole (default 5)"
     )
     parser.add_argument(
         "--phases",
