@@ -3,5 +3,7 @@
   imports = [
     ./router.nix
     ./backends/llama-cpp.nix
+    ./backends/vllm.nix
+    ./backends/sglang.nix
   ];
 }

@@ -2,10 +2,12 @@
 # `backendOptions` (the shared ones are defined once, here) and its config from `backendConfig`,
 # giving only what is its own: the server's argv and managed flags, its environment and
 # identity. `runtime` picks how models run: "native" (hardened system units, `nativeService`)
-# or "container" (Quadlet; a backend passes `container` once that runtime exists).
+# or "container" (Podman through quadlet-nix, `containerService`; see container.nix).
 { lib, llmhopLib }:
 let
   inherit (lib) mkOption types;
+
+  containerLib = import ./container.nix { inherit lib llmhopLib; };
 
   # A [Service]/[Unit] value as NixOS accepts it.
   unitValue = types.oneOf [
@@ -48,10 +50,12 @@ let
       backend,
       socketDirectory,
       gpuDefault,
+      socketCapable,
+      backendCfg,
     }:
     { name, config, ... }:
     {
-      options = {
+      options = containerLib.modelOptions { inherit backendCfg; } // {
         enable = lib.mkEnableOption "this model" // {
           default = true;
         };
@@ -61,19 +65,30 @@ let
           defaultText = lib.literalExpression "<name>";
           description = "The routing key of the model and the `<name>` in its unit `${backend}-<name>`.";
         };
-        port = mkOption {
-          type = types.nullOr types.port;
-          default = null;
-          example = 18001;
-          description = ''
-            The loopback port the server listens on; `null` serves on the unix socket
-            `socket` instead.
-          '';
-        };
+        port =
+          if socketCapable then
+            mkOption {
+              type = types.nullOr types.port;
+              default = null;
+              example = 18001;
+              description = ''
+                The loopback port the server listens on; `null` serves on the unix socket
+                `socket` instead.
+              '';
+            }
+          else
+            mkOption {
+              type = types.port;
+              example = 30001;
+              description = "The loopback port the server listens on (required: it serves no unix socket).";
+            };
         socket = mkOption {
           type = types.nullOr types.str;
           default =
-            if config.port == null then "${socketDirectory}/${backend}-${config.name}/http.sock" else null;
+            if socketCapable && config.port == null then
+              "${socketDirectory}/${backend}-${config.name}/http.sock"
+            else
+              null;
           defaultText = lib.literalExpression ''"''${socketDirectory}/${backend}-<name>/http.sock" or null'';
           readOnly = true;
           description = "The unix socket of the server while `port` is `null`.";
@@ -126,7 +141,7 @@ let
     };
 in
 rec {
-  inherit unitValue settingsType;
+  inherit unitValue settingsType containerLib;
 
   # Options of services.llmhop.<backend>: the shared ones plus `extraOptions` (runtime-specific
   # ones such as `package`, `user`) and `modelOptions` (a module added to every model).
@@ -135,13 +150,50 @@ rec {
       backend,
       displayName,
       socketDirectory,
+      # This backend's config (option defaults refer to it).
+      cfg,
+      # The image (without tag) and default tag of the container runtime.
+      image,
+      tag,
+      # Whether the NVIDIA container toolkit is enabled (the default `devices`).
+      nvidiaToolkit,
       defaultRuntime ? "native",
       gpuDefault ? false,
+      # False for servers without unix sockets: `port` is then required.
+      socketCapable ? true,
       extraOptions ? { },
       modelOptions ? { },
     }:
-    {
-      enable = lib.mkEnableOption "${displayName} workers";
+    containerLib.backendOptions {
+      inherit
+        backend
+        displayName
+        image
+        tag
+        nvidiaToolkit
+        ;
+      defaultUid = containerLib.defaultUids.${backend};
+    }
+    // {
+      enable = lib.mkEnableOption "${displayName} workers" // {
+        default = cfg.models != { };
+        defaultText = lib.literalExpression "models != { }";
+        description = ''
+          Whether to run the ${displayName} workers; on as soon as `models` has an entry (as
+          in the announcement's example), so `false` turns declared models off.
+        '';
+      };
+
+      startupOrdering = mkOption {
+        type = types.bool;
+        default = cfg.runtime == "container" || gpuDefault;
+        defaultText = lib.literalExpression ''runtime == "container"${lib.optionalString gpuDefault " || true"}'';
+        description = ''
+          Whether the models start one after another, sorted by `name` (`After=` the previous
+          one). Units become active only once healthy, so big models never load (or profile a
+          GPU) at the same time.
+        '';
+      };
 
       runtime = mkOption {
         type = types.enum [
@@ -173,7 +225,15 @@ rec {
       models = mkOption {
         type = types.attrsOf (
           types.submodule [
-            (modelModule { inherit backend socketDirectory gpuDefault; })
+            (modelModule {
+              inherit
+                backend
+                socketDirectory
+                gpuDefault
+                socketCapable
+                ;
+              backendCfg = cfg;
+            })
             modelOptions
           ]
         );
@@ -195,12 +255,21 @@ rec {
         url = llmhopLib.workerUrl { inherit (model) socket port; };
         cacheDirectory = "/var/cache/${backend}/${model.name}";
       }) (lib.filterAttrs (_: m: m.enable) cfg.models);
-    in
-    {
-      inherit all;
+      # One per unit, sorted by unit name (so by model name), each knowing its predecessor
+      # for startupOrdering.
       units = lib.attrValues (
         lib.foldl' (acc: w: if acc ? ${w.unit} then acc else acc // { ${w.unit} = w; }) { } all
       );
+    in
+    {
+      inherit all;
+      units = lib.imap0 (
+        i: w:
+        w
+        // {
+          previous = if cfg.startupOrdering && i > 0 then (lib.elemAt units (i - 1)).unit else null;
+        }
+      ) units;
     };
 
   # A native model's systemd.services entry, hardened as §3.6 of the reference. `command` is
@@ -253,7 +322,7 @@ rec {
       inherit description;
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ];
-      after = [ "network-online.target" ];
+      after = [ "network-online.target" ] ++ lib.optional (workload.previous != null) "${workload.previous}.service";
       startLimitBurst = 3;
       startLimitIntervalSec = 3600;
       environment = environment // lib.optionalAttrs model.gpu (llmhopLib.gpuEnvironment workload.cacheDirectory) // cfg.environment // model.environment;
@@ -307,81 +376,368 @@ rec {
         // fixed;
     };
 
+  # A container model's virtualisation.quadlet.containers entry (§3.5 of the reference).
+  # `positional` are the arguments before the flags; `managedFlags` (the listener inside the
+  # container, the served name) win over the settings; the model's `socket` is mounted at
+  # containerLib.socketMount.
+  containerService =
+    {
+      cfg,
+      routerCfg,
+      podman,
+      workload,
+      dialect,
+      managedFlags,
+      containerPort,
+      cacheDirectory,
+      cacheVariable ? "HF_HOME",
+      positional ? [ ],
+      entrypoint ? null,
+      environment ? { },
+    }:
+    let
+      inherit (workload) model;
+      inherit (containerLib) socketMount credentialsMount;
+      rootless = cfg.quadlet.user != null;
+      onSocket = model.socket != null;
+      merged = cfg.modelSettings // model.settings;
+      settings = llmhopLib.resolveCredentialRefs {
+        names = llmhopLib.credentialRefs merged;
+        directory = credentialsMount;
+      } merged;
+      health =
+        if onSocket then
+          containerLib.healthCheck {
+            unixSocket = "${socketMount}/http.sock";
+            url = "http://localhost/health";
+          }
+        else
+          containerLib.healthCheck { url = "http://localhost:${toString containerPort}/health"; };
+      devices = if model.devices != null then model.devices else cfg.devices;
+    in
+    containerLib.quadletContainer {
+      uid = if rootless then cfg.quadlet.user.uid else null;
+      layers = [
+        cfg.quadlet
+        model.quadlet
+      ];
+      inherit (model) credentials;
+      containerConfig =
+        containerLib.imageOf { inherit model; backendCfg = cfg; }
+        // {
+          Exec = lib.concatStringsSep " " (
+            map lib.escapeShellArg positional
+            ++ [ (llmhopLib.renderCliArgsShell dialect (settings // managedFlags)) ]
+          );
+          Environment = {
+            ${cacheVariable} = cacheDirectory;
+          }
+          // environment
+          // cfg.environment
+          // model.environment;
+          EnvironmentFile = lib.filter (f: f != null) [
+            cfg.environmentFile
+            model.environmentFile
+          ];
+
+          # Hardening
+          NoNewPrivileges = true;
+          DropCapability = "all";
+          Tmpfs = "/tmp";
+
+          # Ready once healthy; loading weights may take long.
+          Notify = "healthy";
+          HealthCmd = health;
+          HealthStartPeriod = "30m";
+          HealthInterval = "10s";
+          HealthTimeout = "5s";
+
+          AddDevice = devices;
+          Ulimit = "host";
+        }
+        // lib.optionalAttrs (entrypoint != null) { Entrypoint = entrypoint; }
+        // lib.optionalAttrs (model.shmSize != null) { ShmSize = model.shmSize; }
+        // (
+          if onSocket then
+            { Umask = "0007"; }
+          else
+            { PublishPort = "127.0.0.1:${toString model.port}:${toString containerPort}"; }
+        );
+      volumes = [
+        "${cfg.cache.directory}:${cacheDirectory}"
+      ]
+      ++ lib.optional onSocket "${dirOf model.socket}:${socketMount}${
+        lib.optionalString (
+          model.quadlet.mountOptions.socket != [ ]
+        ) ":${lib.concatStringsSep "," model.quadlet.mountOptions.socket}"
+      }"
+      ++ lib.optional (
+        model.credentials != { }
+      ) "%d:${credentialsMount}:${lib.concatStringsSep "," ([ "ro" ] ++ model.quadlet.mountOptions.credentials)}";
+      serviceConfig = {
+        Restart = "always";
+        RestartSec = 30;
+        TimeoutStartSec = 3600;
+        LimitNOFILE = cfg.openFilesLimit;
+      }
+      // lib.optionalAttrs onSocket (
+        if rootless then
+          {
+            # The user manager cannot create directories below /run: tmpfiles made this one.
+            # A socket left by a crash would make the server fail with EADDRINUSE.
+            ExecStartPre = [ "${lib.getExe' podman "podman"} unshare rm -f ${model.socket}" ];
+          }
+        else
+          {
+            RuntimeDirectory = "${lib.removePrefix "/run/" routerCfg.socketDirectory}/${workload.unit}";
+            RuntimeDirectoryMode = "0710";
+          }
+      );
+      unitConfig = {
+        StartLimitBurst = 3;
+        StartLimitIntervalSec = 3600;
+      }
+      // lib.optionalAttrs (workload.previous != null) { After = "${workload.previous}.service"; };
+    };
+
+  # --- Native Python servers (vLLM, SGLang) -------------------------------------------------
+
+  # `user` and `group` of a backend whose native units run under a named account.
+  namedUserOptions = backend: {
+    user = mkOption {
+      type = types.str;
+      default = backend;
+      description = ''
+        The user of every native model: a real account rather than `DynamicUser=`, whose
+        private mounts are noexec while the runtime loads kernels it compiled into its cache.
+        Declared by the module under its default name (UID and GID
+        ${toString containerLib.defaultUids.${backend}}, as the container user's).
+      '';
+    };
+    group = mkOption {
+      type = types.str;
+      default = backend;
+      description = "The group of every native model, owning its socket directory; the router joins it.";
+    };
+  };
+
+  namedUserConfig = backend: cfg: {
+    users.users = lib.mkIf (cfg.user == backend) {
+      ${backend} = {
+        isSystemUser = true;
+        uid = containerLib.defaultUids.${backend};
+        inherit (cfg) group;
+        description = "${backend} workers";
+      };
+    };
+    users.groups = lib.mkIf (cfg.group == backend) {
+      ${backend}.gid = containerLib.defaultUids.${backend};
+    };
+  };
+
+  # The environment of a native Python server: every cache in the unit's cache directory
+  # (it is also HOME), the host's GPU driver libraries (Triton would run /sbin/ldconfig).
+  pythonEnvironment = cacheDirectory: {
+    HOME = cacheDirectory;
+    XDG_CACHE_HOME = cacheDirectory;
+    HF_HOME = cacheDirectory;
+    HF_HUB_CACHE = "${cacheDirectory}/hub";
+    LD_LIBRARY_PATH = "/run/opengl-driver/lib";
+    TRITON_LIBCUDA_PATH = "/run/opengl-driver/lib";
+  };
+
+  # The `model` option of vLLM and SGLang models.
+  modelOption = {
+    options.model = mkOption {
+      type = types.str;
+      example = "meta-llama/Meta-Llama-3-8B-Instruct";
+      description = "The model to serve: a Hugging Face repository or a path.";
+    };
+  };
+
+  # Where a containerised server listens: the mounted socket, or every interface of the
+  # container (published on the host's loopback only).
+  containerListen = model: port: {
+    socket = if model.socket != null then "${containerLib.socketMount}/http.sock" else null;
+    inherit port;
+    host = "0.0.0.0";
+  };
+
+  # What the container runtime of a backend adds to the system: Quadlet itself, the rootless
+  # user (lingering, with sub-UID/GID ranges) and its assertions, the cache, the rootless
+  # socket directories and the ACL through which the router reaches container sockets.
+  containerSystem =
+    {
+      config,
+      backend,
+      cfg,
+      routerCfg,
+      workloads,
+    }:
+    let
+      user = cfg.quadlet.user;
+      rootless = user != null;
+      owner = if rootless then user else { name = "root"; group = "root"; };
+      sockets = lib.filter (wl: wl.model.socket != null) workloads;
+      clashes =
+        what: entries: id:
+        lib.attrNames (lib.filterAttrs (n: e: n != what && e.${id} or null == user.${id}) entries);
+    in
+    {
+      virtualisation.quadlet.enable = true;
+
+      assertions = lib.optionals (rootless && user.manage) [
+        {
+          assertion = clashes user.name config.users.users "uid" == [ ];
+          message = "services.llmhop.${backend}.quadlet.user.uid ${toString user.uid} is taken by users.users.{${lib.concatStringsSep "," (clashes user.name config.users.users "uid")}}; choose another.";
+        }
+        {
+          assertion = clashes user.group config.users.groups "gid" == [ ];
+          message = "services.llmhop.${backend}.quadlet.user.gid ${toString user.gid} is taken by users.groups.{${lib.concatStringsSep "," (clashes user.group config.users.groups "gid")}}; choose another.";
+        }
+      ];
+
+      users = lib.mkIf (rootless && user.manage) {
+        users.${user.name} = {
+          isSystemUser = true;
+          inherit (user) uid group home;
+          createHome = true;
+          # Its systemd instance runs the containers from boot on.
+          linger = true;
+          autoSubUidGidRange = lib.mkDefault true;
+          description = "${backend} containers";
+        };
+        groups.${user.group}.gid = user.gid;
+      };
+
+      systemd.tmpfiles.rules = [
+        "d ${cfg.cache.directory} 0700 ${owner.name} ${owner.group} - -"
+      ]
+      ++ lib.optionals rootless (
+        map (wl: "d ${dirOf wl.model.socket} 0710 ${owner.name} ${owner.group} - -") sockets
+      )
+      # The container's UID is not known in advance: an inherited ACL lets the router in.
+      ++ lib.optional (
+        sockets != [ ]
+      ) "a+ ${routerCfg.socketDirectory} - - - - default:user:${routerCfg.user}:-wx";
+    };
+
   # The config of a backend: registries, routes, the router's group, assertions and units.
-  # `native` maps a workload to nativeService's arguments (minus cfg, routerCfg, workload).
+  # `native` maps a workload to nativeService's arguments (minus cfg, routerCfg, workload),
+  # `container` to containerService's (minus cfg, routerCfg, podman, workload).
   backendConfig =
     {
+      config,
       backend,
       cfg,
       routerCfg,
       native,
-      # The group owning the worker sockets; the router joins it.
+      # The group owning the worker sockets; the router joins it (native runtime).
       socketGroup,
-      # Container runtime: maps a workload to its config (the GPU-workers issue).
-      container ? null,
+      container,
+      # An assertion that the native runtime cannot work (a missing package), or null.
+      nativeUnavailable ? null,
     }:
     let
       w = workloads backend cfg;
       optionPath = workload: "services.llmhop.${workload.owner}";
+      isNative = cfg.runtime == "native";
     in
-    {
-      assertions = [
-        {
-          assertion = cfg.runtime == "native" || container != null;
-          message = ''services.llmhop.${backend}.runtime = "${cfg.runtime}" is not implemented yet; use "native".'';
-        }
-      ]
-      ++ lib.concatMap (
-        workload:
-        let
-          inherit (workload) model;
-          known = lib.attrNames model.credentials;
-          unknown = lib.subtractLists known (
-            lib.unique (llmhopLib.credentialRefs (cfg.modelSettings // model.settings))
-          );
-        in
-        map (name: {
-          assertion = false;
-          message = ''${optionPath workload}.credentials."${name}": a credential name is one path component matching ${llmhopLib.credentialNamePattern}.'';
-        }) (llmhopLib.invalidCredentialNames model.credentials)
-        ++ map (name: {
-          assertion = false;
-          message = "${optionPath workload}.settings: \${cred:${name}} names no credential of this model (it has: ${lib.concatStringsSep ", " known}).";
-        }) unknown
-        ++ [
-          {
-            assertion = model.socket == null || lib.stringLength model.socket <= llmhopLib.maxSocketPathLength;
-            message = "${optionPath workload}: the socket ${model.socket} is longer than ${toString llmhopLib.maxSocketPathLength} bytes; shorten the name or services.llmhop.socketDirectory.";
+    lib.mkMerge [
+      {
+        assertions =
+          lib.optional (isNative && nativeUnavailable != null) {
+            assertion = false;
+            message = nativeUnavailable;
           }
-        ]
-      ) w.all;
+          ++ lib.concatMap (
+            workload:
+            let
+              inherit (workload) model;
+              known = lib.attrNames model.credentials;
+              unknown = lib.subtractLists known (
+                lib.unique (llmhopLib.credentialRefs (cfg.modelSettings // model.settings))
+              );
+            in
+            map (name: {
+              assertion = false;
+              message = ''${optionPath workload}.credentials."${name}": a credential name is one path component matching ${llmhopLib.credentialNamePattern}.'';
+            }) (llmhopLib.invalidCredentialNames model.credentials)
+            ++ map (name: {
+              assertion = false;
+              message = "${optionPath workload}.settings: \${cred:${name}} names no credential of this model (it has: ${lib.concatStringsSep ", " known}).";
+            }) unknown
+            ++ [
+              {
+                assertion = model.socket == null || lib.stringLength model.socket <= llmhopLib.maxSocketPathLength;
+                message = "${optionPath workload}: the socket ${model.socket} is longer than ${toString llmhopLib.maxSocketPathLength} bytes; shorten the name or services.llmhop.socketDirectory.";
+              }
+              {
+                assertion = model.tag == null || model.digest == null;
+                message = "${optionPath workload}: set either tag or digest, not both.";
+              }
+            ]
+          ) w.all;
 
-      services.llmhop = {
-        portsRegistry = lib.listToAttrs (
-          map (wl: lib.nameValuePair wl.owner wl.model.port) (lib.filter (wl: wl.model.port != null) w.all)
-        );
-        unitsRegistry = lib.listToAttrs (map (wl: lib.nameValuePair wl.owner "${wl.unit}.service") w.all);
-        modelsRegistry = lib.listToAttrs (
-          map (
-            wl:
-            lib.nameValuePair wl.owner {
-              inherit (wl.model) name;
-              route.url = wl.url;
-            }
-          ) w.all
-        );
-        supplementaryGroups = lib.mkIf (lib.any (wl: wl.model.socket != null) w.all) [ socketGroup ];
-      };
+        services.llmhop = {
+          portsRegistry = lib.listToAttrs (
+            map (wl: lib.nameValuePair wl.owner wl.model.port) (lib.filter (wl: wl.model.port != null) w.all)
+          );
+          unitsRegistry = lib.listToAttrs (map (wl: lib.nameValuePair wl.owner "${wl.unit}.service") w.all);
+          modelsRegistry = lib.listToAttrs (
+            map (
+              wl:
+              lib.nameValuePair wl.owner {
+                inherit (wl.model) name;
+                route.url = wl.url;
+              }
+            ) w.all
+          );
+          supplementaryGroups = lib.mkIf (isNative && lib.any (wl: wl.model.socket != null) w.all) [
+            socketGroup
+          ];
+        };
+      }
 
-      systemd.services = lib.mkIf (cfg.runtime == "native") (
-        lib.listToAttrs (
+      (lib.mkIf (isNative && nativeUnavailable == null) {
+        systemd.services = lib.listToAttrs (
           map (
             workload:
             lib.nameValuePair workload.unit (
               nativeService ({ inherit cfg routerCfg workload; } // native workload)
             )
           ) w.units
-        )
-      );
-    };
+        );
+      })
+
+      (lib.mkIf (!isNative && w.units != [ ]) (
+        lib.mkMerge [
+          (containerSystem {
+            inherit
+              config
+              backend
+              cfg
+              routerCfg
+              ;
+            workloads = w.units;
+          })
+          {
+            virtualisation.quadlet.containers = lib.listToAttrs (
+              map (
+                workload:
+                lib.nameValuePair workload.unit (
+                  containerService (
+                    {
+                      inherit cfg routerCfg workload;
+                      podman = config.virtualisation.podman.package;
+                    }
+                    // container workload
+                  )
+                )
+              ) w.units
+            );
+          }
+        ]
+      ))
+    ];
 }

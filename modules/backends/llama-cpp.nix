@@ -1,5 +1,5 @@
 # llama.cpp workers (services.llmhop.llama-cpp): `llama-server` per model, natively under
-# DynamicUser with the static group `llama-cpp` owning the sockets.
+# DynamicUser with the static group `llama-cpp` owning the sockets, or in the upstream image.
 {
   config,
   lib,
@@ -15,12 +15,24 @@ let
   backend = "llama-cpp";
   routerCfg = config.services.llmhop;
   cfg = routerCfg.${backend};
+  nvidiaToolkit = config.hardware.nvidia-container-toolkit.enable;
+
+  # llama-server binds a unix socket when --host ends in .sock.
+  listenFlags =
+    {
+      socket,
+      port,
+      host ? "127.0.0.1",
+    }:
+    if socket != null then { host = socket; } else { inherit host port; };
 in
 {
   options.services.llmhop.${backend} = common.backendOptions {
-    inherit backend;
+    inherit backend cfg nvidiaToolkit;
     displayName = "llama.cpp";
     inherit (routerCfg) socketDirectory;
+    image = "ghcr.io/ggml-org/llama.cpp";
+    tag = if nvidiaToolkit then "server-cuda" else "server";
     extraOptions = {
       package = lib.mkPackageOption pkgs "llama-cpp" { } // {
         description = "The llama.cpp package; it provides {command}`bin/llama-server`.";
@@ -45,7 +57,12 @@ in
   config = lib.mkIf cfg.enable (
     lib.mkMerge [
       (common.backendConfig {
-        inherit backend cfg routerCfg;
+        inherit
+          config
+          backend
+          cfg
+          routerCfg
+          ;
         socketGroup = cfg.group;
         native =
           { model, cacheDirectory, ... }:
@@ -53,25 +70,28 @@ in
             description = "llama.cpp worker ${model.name}";
             command = [ (lib.getExe' cfg.package "llama-server") ];
             dialect = "llama-cpp";
-            # llama-server binds a unix socket when --host ends in .sock.
             managedFlags = {
               alias = model.name;
             }
-            // (
-              if model.socket != null then
-                { host = model.socket; }
-              else
-                {
-                  host = "127.0.0.1";
-                  inherit (model) port;
-                }
-            );
+            // listenFlags { inherit (model) socket port; };
             environment.LLAMA_CACHE = cacheDirectory;
             identity =
               {
                 Group = cfg.group;
               }
               // (if cfg.user == null then { DynamicUser = true; } else { User = cfg.user; });
+          };
+        container =
+          { model, ... }:
+          {
+            dialect = "llama-cpp";
+            containerPort = 8080;
+            cacheDirectory = "/root/.cache/llama.cpp";
+            cacheVariable = "LLAMA_CACHE";
+            managedFlags = {
+              alias = model.name;
+            }
+            // listenFlags (common.containerListen model 8080);
           };
       })
       { users.groups = lib.mkIf (cfg.group == backend) { ${backend} = { }; }; }

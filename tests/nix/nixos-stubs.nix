@@ -428,6 +428,11 @@ in
       };
     };
 
+    hardware.nvidia-container-toolkit.enable = mkOption {
+      type = types.bool;
+      default = false;
+    };
+
     virtualisation.podman = {
       enable = mkOption {
         type = types.bool;

@@ -90,6 +90,7 @@ let
     "python3Minimal"
     "systemd"
     "util-linux"
+    "vllm"
   ];
 
   known = lib.genAttrs simplePackages (name: mkPackage name { }) // {

@@ -515,7 +515,7 @@ def test_disabled_models_and_backends_write_nothing() -> None:
     assert "llama-cpp-off" not in result["services"]
     assert "off" not in config_file(result)["models"]
     config = llmhop()
-    config["services"]["llmhop"]["llama-cpp"] = {"models": {"m": {}}}
+    config["services"]["llmhop"]["llama-cpp"] = {"enable": False, "models": {"m": {}}}
     result = evaluate(config)
     assert "llama-cpp-m" not in result["services"]
     assert "llama-cpp" not in result["groups"]
@@ -540,15 +540,6 @@ def test_model_names_are_validated() -> None:
 def test_long_socket_path_is_rejected() -> None:
     messages = assertions(llama({"m" * 90: {}}))
     assert any("is longer than 107 bytes" in m for m in messages), messages
-
-
-def test_container_runtime_is_not_implemented_yet() -> None:
-    assert assertions(llama({"m": {}}, runtime="container")) == [
-        'services.llmhop.llama-cpp.runtime = "container" is not implemented yet; use "native".'
-    ]
-
-
-# --- registries -----------------------------------------------------------------------------
 
 
 def test_port_claimed_twice() -> None:

@@ -1,0 +1,296 @@
+# The container runtime of the backend framework: Podman containers through quadlet-nix,
+# rootless by default (user units of a dedicated, lingering system user per backend). Options
+# (backend-wide and per model) and the pieces backendConfig assembles: one
+# virtualisation.quadlet.containers entry per model, the user, tmpfiles and assertions.
+{ lib, llmhopLib }:
+let
+  inherit (lib) mkOption types;
+
+  # Where the container sees its socket directory and its credentials.
+  socketMount = "/run/llmhop/socket";
+  credentialsMount = "/run/llmhop/credentials";
+
+  # A Quadlet section value: a systemd value or, for Environment=, an attribute set.
+  quadletValue = types.oneOf [
+    types.bool
+    types.int
+    types.str
+    types.path
+    (types.attrsOf types.str)
+    (types.listOf (
+      types.oneOf [
+        types.int
+        types.str
+        types.path
+      ]
+    ))
+  ];
+
+  sectionOption =
+    section: what:
+    mkOption {
+      type = types.attrsOf quadletValue;
+      default = { };
+      description = "`[${section}]` keys (PascalCase, as Quadlet spells them) of ${what}.";
+    };
+
+  # The raw Quadlet layers; a model's win over the backend's key by key.
+  quadletLayers = what: {
+    containerConfig = sectionOption "Container" what;
+    serviceConfig = sectionOption "Service" what;
+    unitConfig = sectionOption "Unit" what;
+    quadletConfig = sectionOption "Quadlet" what;
+    extraConfig = mkOption {
+      type = types.attrsOf (types.attrsOf quadletValue);
+      default = { };
+      description = "Further sections of ${what}'s unit, by section name.";
+    };
+  };
+
+  digestType = types.strMatching "sha256:[0-9a-f]{64}";
+
+  # The account rootless containers run under (`quadlet.user`).
+  userModule =
+    { backend, defaultUid }:
+    { config, ... }:
+    {
+      options = {
+        manage = mkOption {
+          type = types.bool;
+          default = true;
+          description = "Whether the module declares the user and group (system user, lingering, sub-UID/GID ranges).";
+        };
+        name = mkOption {
+          type = types.str;
+          default = backend;
+          description = "The user whose systemd instance runs the containers.";
+        };
+        uid = mkOption {
+          type = types.ints.positive;
+          default = defaultUid;
+          description = ''
+            Its UID: fixed, because the units are user units that name it (`ConditionUser=`).
+            Another user with the same UID fails evaluation.
+          '';
+        };
+        group = mkOption {
+          type = types.str;
+          default = config.name;
+          defaultText = lib.literalExpression "name";
+          description = "Its group.";
+        };
+        gid = mkOption {
+          type = types.ints.positive;
+          default = config.uid;
+          defaultText = lib.literalExpression "uid";
+          description = "The GID of its group.";
+        };
+        home = mkOption {
+          type = types.str;
+          default = "/var/lib/${config.name}";
+          defaultText = lib.literalExpression ''"/var/lib/''${name}"'';
+          description = "Its home, holding the rootless container storage.";
+        };
+      };
+    };
+
+  # 127.0.0.1, [::1] or the address itself: where a health check reaches a bind address.
+  reachable =
+    address:
+    if address == "0.0.0.0" || address == "" then
+      "127.0.0.1"
+    else if address == "::" then
+      "[::1]"
+    else if llmhopLib.isIPv6 address then
+      "[${address}]"
+    else
+      address;
+in
+rec {
+  inherit socketMount credentialsMount reachable;
+
+  # The fixed UIDs (and GIDs) of the backends' container users (documented in docs/module.md):
+  # outside NixOS' static ids, its automatic system (400–999) and normal (1000–29999) ranges,
+  # and below DynamicUser= (61184–65519).
+  defaultUids = {
+    llama-cpp = 60601;
+    vllm = 60602;
+    sglang = 60603;
+  };
+
+  inherit quadletLayers;
+
+  healthCheck = {
+    unixSocket ? null,
+    url,
+    insecure ? false,
+  }:
+  lib.concatStringsSep " " (
+    [
+      "curl"
+      "--fail"
+      "--silent"
+      "--show-error"
+    ]
+    ++ lib.optional insecure "--insecure"
+    ++ lib.optionals (unixSocket != null) [
+      "--unix-socket"
+      unixSocket
+    ]
+    ++ [ url ]
+  );
+
+  # Options of services.llmhop.<backend> for the container runtime.
+  backendOptions =
+    {
+      backend,
+      displayName,
+      image,
+      tag,
+      defaultUid,
+      nvidiaToolkit,
+    }:
+    {
+      image = mkOption {
+        type = types.str;
+        default = image;
+        description = "The image of every model (container runtime), without tag or digest.";
+      };
+      tag = mkOption {
+        type = types.str;
+        default = tag;
+        description = "The image tag of every model without its own `tag` or `digest`; pulled when newer.";
+      };
+      devices = mkOption {
+        type = types.listOf types.str;
+        default = lib.optional nvidiaToolkit "nvidia.com/gpu=all";
+        defaultText = lib.literalExpression ''lib.optional config.hardware.nvidia-container-toolkit.enable "nvidia.com/gpu=all"'';
+        example = [ "nvidia.com/gpu=0" ];
+        description = ''
+          Devices of every container (`AddDevice=`): CDI names (`nvidia.com/gpu=all`,
+          `amd.com/gpu=0`, `intel.com/gpu=…`) or {file}`/dev` paths. A model's `devices`
+          replaces them.
+        '';
+      };
+      cache.directory = mkOption {
+        type = types.str;
+        default = "/var/cache/${backend}";
+        description = "The host cache (models, kernels) every ${displayName} container mounts; owned by the container user.";
+      };
+      quadlet = quadletLayers "every model's container" // {
+        user = mkOption {
+          type = types.nullOr (types.submodule (userModule { inherit backend defaultUid; }));
+          default = { };
+          example = null;
+          description = ''
+            The user whose systemd instance runs the containers as user units (rootless
+            Podman, where the NVIDIA CDI hook can read the OCI bundle). `null` runs them as
+            rootful system units.
+          '';
+        };
+      };
+    };
+
+  # Options of every model for the container runtime.
+  modelOptions =
+    { backendCfg }:
+    {
+      image = mkOption {
+        type = types.str;
+        default = backendCfg.image;
+        defaultText = lib.literalExpression "<backend>.image";
+        description = "The image of this model, without tag or digest.";
+      };
+      tag = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = "The image tag (pulled when newer); `null` takes the backend's `tag` unless `digest` is set.";
+      };
+      digest = mkOption {
+        type = types.nullOr digestType;
+        default = null;
+        example = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        description = "The image digest, instead of a tag: never pulls newer (`Pull=missing`).";
+      };
+      devices = mkOption {
+        type = types.nullOr (types.listOf types.str);
+        default = null;
+        description = "Devices of this container (`AddDevice=`), replacing the backend's `devices`.";
+      };
+      shmSize = mkOption {
+        type = types.nullOr (types.strMatching "[0-9]+[bkmg]?");
+        default = null;
+        example = "32g";
+        description = "`ShmSize=` of the container (tensor-parallel workers need a large one).";
+      };
+      quadlet = quadletLayers "this model's container (over the backend's)" // {
+        mountOptions = {
+          credentials = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            example = [ "idmap=uids=0-1000-1;gids=0-1000-1" ];
+            description = "Options of the read-only credentials mount, after `ro`.";
+          };
+          socket = mkOption {
+            type = types.listOf types.str;
+            default = [ "U" ];
+            example = [
+              "U"
+              "z"
+            ];
+            description = "Options of the socket directory mount (`U` chowns it to the container's root).";
+          };
+        };
+      };
+    };
+
+  # The image reference and pull policy of a model.
+  imageOf =
+    { backendCfg, model }:
+    if model.digest != null then
+      {
+        Image = "${model.image}@${model.digest}";
+        Pull = "missing";
+      }
+    else
+      {
+        Image = "${model.image}:${if model.tag != null then model.tag else backendCfg.tag}";
+        Pull = "newer";
+      };
+
+  # A virtualisation.quadlet.containers entry. `containerConfig`, `serviceConfig` and
+  # `unitConfig` are the caller's (health, network, exec…); the layers of the backend and the
+  # model go over them key by key, except `Volume` (appended to) and credential directives.
+  quadletContainer =
+    {
+      layers,
+      uid,
+      containerConfig,
+      serviceConfig,
+      unitConfig,
+      volumes,
+      credentials,
+    }:
+    let
+      over = key: lib.foldl' (acc: l: acc // l.${key}) { } layers;
+      userContainer = over "containerConfig";
+    in
+    {
+      inherit uid;
+      containerConfig =
+        containerConfig
+        // removeAttrs userContainer [ "Volume" ]
+        // {
+          Volume = lib.toList (userContainer.Volume or [ ]) ++ volumes;
+        };
+      serviceConfig =
+        let
+          merged = llmhopLib.withCredentials credentials (serviceConfig // over "serviceConfig");
+        in
+        # quadlet-nix sets Restart=always without a priority; ours (or the user's) wins.
+        merged // { Restart = lib.mkOverride 90 merged.Restart; };
+      unitConfig = unitConfig // over "unitConfig";
+      quadletConfig = over "quadletConfig";
+      extraConfig = lib.foldl' lib.recursiveUpdate { } (map (l: l.extraConfig) layers);
+    };
+}

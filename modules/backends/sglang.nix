@@ -1,0 +1,272 @@
+# SGLang workers (services.llmhop.sglang): one server per model, by default in the upstream
+# image as rootless Podman containers of the `sglang` user, natively (`runtime = "native"`)
+# as hardened units of that user. SGLang serves no unix socket: every model needs a port.
+# `gateway` runs the SGL Model Gateway in front of the workers.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  inherit (lib) mkOption types;
+
+  llmhopLib = import ../lib.nix lib;
+  common = import ./common.nix { inherit lib llmhopLib; };
+  inherit (common) containerLib;
+
+  backend = "sglang";
+  routerCfg = config.services.llmhop;
+  cfg = routerCfg.${backend};
+  gateway = cfg.gateway;
+
+  servedFlags = model: {
+    model-path = model.model;
+    served-model-name = model.name;
+  };
+
+  workers = lib.filter (m: m.enable) (lib.attrValues cfg.models);
+  workerUrls = map (m: "http://127.0.0.1:${toString m.port}") workers;
+  workerUnits = map (m: "${backend}-${m.name}.service") workers;
+
+  gatewayTls = gateway.settings.tls-cert-path or null != null;
+  gatewayUrl = "${if gatewayTls then "https" else "http"}://${containerLib.reachable gateway.bindAddress}:${toString gateway.port}";
+
+  gatewayOptions = {
+    enable = lib.mkEnableOption "the SGL Model Gateway in front of the SGLang workers (a container)";
+    image = mkOption {
+      type = types.str;
+      default = "docker.io/lmsysorg/sgl-model-gateway";
+      description = "The gateway's image, without tag or digest.";
+    };
+    tag = mkOption {
+      type = types.str;
+      default = "latest";
+      description = "The image tag, pulled when newer; ignored when `digest` is set.";
+    };
+    digest = mkOption {
+      type = types.nullOr (types.strMatching "sha256:[0-9a-f]{64}");
+      default = null;
+      description = "The image digest: never pulls newer.";
+    };
+    bindAddress = mkOption {
+      type = types.str;
+      default = "127.0.0.1";
+      description = "The address the gateway listens on (host network); its health check uses it, a wildcard as loopback.";
+    };
+    port = mkOption {
+      type = types.port;
+      example = 30000;
+      description = "The gateway's port.";
+    };
+    enableMetrics = mkOption {
+      type = types.bool;
+      default = true;
+      description = "Whether the gateway serves Prometheus metrics on `bindAddress`:`metricsPort`.";
+    };
+    metricsPort = mkOption {
+      type = types.port;
+      default = 29000;
+      description = "The port of the gateway's metrics.";
+    };
+    route = mkOption {
+      type = types.nullOr (types.strMatching llmhopLib.modelNamePattern);
+      default = null;
+      example = "sglang";
+      description = "Register the gateway with llmhop under this routing key; `null` does not.";
+    };
+    environment = mkOption {
+      type = types.attrsOf types.str;
+      default = { };
+      description = "Environment variables of the gateway.";
+    };
+    environmentFile = mkOption {
+      type = types.nullOr types.externalPath;
+      default = null;
+      description = "An `EnvironmentFile=` of the gateway.";
+    };
+    credentials = llmhopLib.mkCredentialsOption "the gateway";
+    settings = mkOption {
+      type = common.settingsType;
+      default = { };
+      example = {
+        policy = "cache_aware";
+      };
+      description = ''
+        Flags of the gateway, over its defaults `enable-igw = true` and `worker-urls` (every
+        enabled model). `false` is dropped (write `disable-x = true`). The listener and
+        metrics flags are managed. `''${cred:name}` becomes the path of credential `name`.
+      '';
+    };
+    quadlet = containerLib.quadletLayers "the gateway's container";
+  };
+
+  gatewayContainer =
+    let
+      settings = llmhopLib.resolveCredentialRefs {
+        names = lib.attrNames gateway.credentials;
+        directory = containerLib.credentialsMount;
+      } gateway.settings;
+      managedFlags = {
+        host = gateway.bindAddress;
+        inherit (gateway) port;
+      }
+      // lib.optionalAttrs gateway.enableMetrics {
+        prometheus-host = gateway.bindAddress;
+        prometheus-port = gateway.metricsPort;
+      };
+    in
+    containerLib.quadletContainer {
+      uid = if cfg.quadlet.user != null then cfg.quadlet.user.uid else null;
+      layers = [ gateway.quadlet ];
+      inherit (gateway) credentials;
+      containerConfig =
+        containerLib.imageOf {
+          model = gateway;
+          backendCfg = gateway;
+        }
+        // {
+          Network = "host";
+          Exec = llmhopLib.renderCliArgsShell "sglang-gateway" (
+            {
+              enable-igw = true;
+              worker-urls = workerUrls;
+            }
+            // settings
+            // managedFlags
+          );
+          Environment = gateway.environment;
+          EnvironmentFile = lib.optional (gateway.environmentFile != null) gateway.environmentFile;
+          NoNewPrivileges = true;
+          DropCapability = "all";
+          Tmpfs = "/tmp";
+          Notify = "healthy";
+          HealthCmd = containerLib.healthCheck {
+            url = "${gatewayUrl}/health";
+            insecure = gatewayTls;
+          };
+          HealthStartPeriod = "5m";
+          HealthInterval = "10s";
+          HealthTimeout = "5s";
+        };
+      volumes = lib.optional (gateway.credentials != { }) "%d:${containerLib.credentialsMount}:ro";
+      serviceConfig = {
+        Restart = "always";
+        RestartSec = 10;
+        TimeoutStartSec = 600;
+      };
+      unitConfig = {
+        StartLimitBurst = 5;
+        StartLimitIntervalSec = 600;
+        After = workerUnits;
+        Requires = workerUnits;
+      };
+    };
+in
+{
+  options.services.llmhop.${backend} = common.backendOptions {
+    inherit backend cfg;
+    displayName = "SGLang";
+    inherit (routerCfg) socketDirectory;
+    nvidiaToolkit = config.hardware.nvidia-container-toolkit.enable;
+    image = "docker.io/lmsysorg/sglang";
+    tag = "latest";
+    defaultRuntime = "container";
+    gpuDefault = true;
+    socketCapable = false;
+    modelOptions = common.modelOption;
+    extraOptions = {
+      package = mkOption {
+        type = types.nullOr (types.either types.package types.path);
+        default =
+          if (pkgs.python3Packages or { }) ? sglang then pkgs.python3.withPackages (ps: [ ps.sglang ]) else null;
+        defaultText = lib.literalExpression "python3.withPackages (ps: [ ps.sglang ]) if nixpkgs has it, else null";
+        description = ''
+          SGLang for the native runtime: a Python environment providing the `sglang` module
+          (its {command}`bin/python` runs `-m sglang.launch_server`).
+        '';
+      };
+      gateway = gatewayOptions;
+    }
+    // common.namedUserOptions backend;
+  };
+
+  config = lib.mkIf cfg.enable (
+    lib.mkMerge [
+      (common.backendConfig {
+        inherit
+          config
+          backend
+          cfg
+          routerCfg
+          ;
+        socketGroup = cfg.group;
+        nativeUnavailable =
+          if cfg.package == null then
+            ''services.llmhop.sglang.package is null (nixpkgs has no SGLang here): set it to a Python environment providing the sglang module, or use runtime = "container".''
+          else
+            null;
+        native =
+          { model, cacheDirectory, ... }:
+          {
+            description = "SGLang worker ${model.name}";
+            command = [
+              "${toString cfg.package}/bin/python"
+              "-m"
+              "sglang.launch_server"
+            ];
+            dialect = "sglang";
+            managedFlags = servedFlags model // {
+              host = "127.0.0.1";
+              inherit (model) port;
+            };
+            environment = common.pythonEnvironment cacheDirectory;
+            identity = {
+              User = cfg.user;
+              Group = cfg.group;
+            };
+            # SGLang drains and exits 0 when its scheduler dies.
+            restart = "always";
+          };
+        container =
+          { model, ... }:
+          {
+            dialect = "sglang";
+            containerPort = 30000;
+            cacheDirectory = "/root/.cache/huggingface";
+            entrypoint = ''["sglang","serve"]'';
+            managedFlags = servedFlags model // {
+              host = "0.0.0.0";
+              port = 30000;
+            };
+          };
+      })
+      (lib.mkIf (cfg.runtime == "native") (common.namedUserConfig backend cfg))
+      (lib.mkIf gateway.enable {
+        assertions = [
+          {
+            assertion = cfg.runtime == "container";
+            message = ''services.llmhop.sglang.gateway runs as a container next to the workers: it needs services.llmhop.sglang.runtime = "container".'';
+          }
+        ];
+        virtualisation.quadlet = {
+          enable = true;
+          containers.sglang-gateway = gatewayContainer;
+        };
+        services.llmhop = {
+          portsRegistry = {
+            "sglang.gateway" = gateway.port;
+          }
+          // lib.optionalAttrs gateway.enableMetrics { "sglang.gateway.metrics" = gateway.metricsPort; };
+          unitsRegistry."sglang.gateway" = "sglang-gateway.service";
+          modelsRegistry = lib.mkIf (gateway.route != null) {
+            "sglang.gateway" = {
+              name = gateway.route;
+              route.url = gatewayUrl;
+            };
+          };
+        };
+      })
+    ]
+  );
+}

@@ -1,0 +1,99 @@
+# vLLM workers (services.llmhop.vllm): `vllm serve` per model, by default in the upstream image
+# as rootless Podman containers of the `vllm` user; natively (`runtime = "native"`) as
+# hardened units of that user, on a port or a unix socket (`--uds`).
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  llmhopLib = import ../lib.nix lib;
+  common = import ./common.nix { inherit lib llmhopLib; };
+
+  backend = "vllm";
+  routerCfg = config.services.llmhop;
+  cfg = routerCfg.${backend};
+
+  listenFlags =
+    {
+      socket,
+      port,
+      host ? "127.0.0.1",
+    }:
+    if socket != null then { uds = socket; } else { inherit host port; };
+in
+{
+  options.services.llmhop.${backend} = common.backendOptions {
+    inherit backend cfg;
+    displayName = "vLLM";
+    inherit (routerCfg) socketDirectory;
+    nvidiaToolkit = config.hardware.nvidia-container-toolkit.enable;
+    image = "docker.io/vllm/vllm-openai";
+    tag = "latest";
+    defaultRuntime = "container";
+    gpuDefault = true;
+    modelOptions = common.modelOption;
+    extraOptions = {
+      package = lib.mkPackageOption pkgs "vllm" { } // {
+        description = ''
+          vLLM for the native runtime: any package or Python environment with
+          {command}`bin/vllm`, e.g. `python3.withPackages (ps: [ ps.vllm ])`.
+        '';
+      };
+    }
+    // common.namedUserOptions backend;
+  };
+
+  config = lib.mkIf cfg.enable (
+    lib.mkMerge [
+      (common.backendConfig {
+        inherit
+          config
+          backend
+          cfg
+          routerCfg
+          ;
+        socketGroup = cfg.group;
+        native =
+          { model, cacheDirectory, ... }:
+          {
+            description = "vLLM worker ${model.name}";
+            command = [
+              (lib.getExe' cfg.package "vllm")
+              "serve"
+              model.model
+            ];
+            dialect = "vllm";
+            managedFlags = {
+              served-model-name = model.name;
+            }
+            // listenFlags { inherit (model) socket port; };
+            environment = common.pythonEnvironment cacheDirectory // {
+              VLLM_CACHE_ROOT = "${cacheDirectory}/vllm";
+              OUTLINES_CACHE_DIR = "${cacheDirectory}/outlines";
+            };
+            identity = {
+              User = cfg.user;
+              Group = cfg.group;
+            };
+            # vLLM drains and exits 0 when its engine dies.
+            restart = "always";
+          };
+        container =
+          { model, ... }:
+          {
+            dialect = "vllm";
+            containerPort = 8000;
+            cacheDirectory = "/root/.cache/huggingface";
+            positional = [ model.model ];
+            managedFlags = {
+              served-model-name = model.name;
+            }
+            // listenFlags (common.containerListen model 8000);
+          };
+      })
+      (lib.mkIf (cfg.runtime == "native") (common.namedUserConfig backend cfg))
+    ]
+  );
+}

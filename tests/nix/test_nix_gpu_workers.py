@@ -1,0 +1,573 @@
+"""vLLM, SGLang and the container runtime: Quadlet texts (real quadlet-nix), users, tmpfiles,
+ordering, registries, the SGL Model Gateway, native vLLM/SGLang units and rejected inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nix_harness import (
+    FailedAssertions,
+    NixEvalError,
+    analyze_verify,
+    evaluate,
+    llmhop_package,
+    make_package,
+    write_units,
+)
+
+pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
+
+SEED = """{
+  services.llmhop = {
+    enable = true;
+    llama-cpp.models."qwen3-8b" = {
+      port = 18001;
+      settings.hf-repo = "unsloth/Qwen3-8B-GGUF:UD-Q4_K_XL";
+    };
+    vllm.models."llama-3-8b" = {
+      port = 20001;
+      model = "meta-llama/Meta-Llama-3-8B-Instruct";
+    };
+  };
+}
+"""
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+def llmhop(**backends: Any) -> dict[str, Any]:
+    return {"services": {"llmhop": {"enable": True, **backends}}}
+
+
+def quadlet(text: str) -> dict[str, dict[str, list[str]]]:
+    """A Quadlet unit's text as {section: {key: [values]}}."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+        elif "=" in line:
+            key, value = line.split("=", 1)
+            current.setdefault(key, []).append(value)
+    return sections
+
+
+def container(result: dict[str, Any], name: str) -> dict[str, dict[str, list[str]]]:
+    return quadlet(result["quadlet"][name])
+
+
+def config_file(result: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(Path(result["etc"]["llmhop/llmhop.json"]["source"]).read_text())
+
+
+def assertions(config: dict[str, Any]) -> list[str]:
+    with pytest.raises(FailedAssertions) as info:
+        evaluate(config)
+    return info.value.messages
+
+
+# --- the announcement's example ---------------------------------------------------------------
+
+
+def test_the_seed_example_as_written(tmp_path: Path) -> None:
+    module = tmp_path / "seed.nix"
+    module.write_text(SEED)
+    result = evaluate(module=module)
+    # llama.cpp: a native system unit.
+    assert "llama-cpp-qwen3-8b" in result["services"]
+    assert "--hf-repo" in result["services"]["llama-cpp-qwen3-8b"]["serviceConfig"]["ExecStart"]
+    # vLLM: a rootless container, a user unit of the lingering `vllm` user.
+    assert "vllm-llama-3-8b" not in result["services"]
+    assert result["userServices"]["vllm-llama-3-8b"]["wantedBy"] == ["default.target"]
+    unit = container(result, "vllm-llama-3-8b")
+    assert unit["Unit"]["ConditionUser"] == ["60602"]
+    assert unit["Container"]["Image"] == ["docker.io/vllm/vllm-openai:latest"]
+    assert unit["Container"]["Pull"] == ["newer"]
+    assert unit["Container"]["PublishPort"] == ["127.0.0.1:20001:8000"]
+    assert unit["Container"]["Exec"] == [
+        "meta-llama/Meta-Llama-3-8B-Instruct '--host=0.0.0.0' '--port=8000'"
+        " '--served-model-name=llama-3-8b'"
+    ]
+    vllm = result["users"]["vllm"]
+    assert (vllm["uid"], vllm["group"], vllm["home"]) == (60602, "vllm", "/var/lib/vllm")
+    assert vllm["linger"] is True
+    assert vllm["autoSubUidGidRange"] is True
+    assert vllm["isSystemUser"] and vllm["createHome"]
+    assert result["groups"]["vllm"]["gid"] == 60602
+    assert "d /var/cache/vllm 0700 vllm vllm - -" in result["tmpfiles"]["rules"]
+    # Both routed.
+    assert config_file(result)["models"] == {
+        "qwen3-8b": {"url": "http://127.0.0.1:18001"},
+        "llama-3-8b": {"url": "http://127.0.0.1:20001"},
+    }
+
+
+# --- the container --------------------------------------------------------------------------
+
+
+def test_container_hardening_health_and_mounts() -> None:
+    result = evaluate(
+        llmhop(
+            vllm={
+                "environment": {"VLLM_LOGGING_LEVEL": "DEBUG"},
+                "environmentFile": "/run/secrets/vllm.env",
+                "modelSettings": {"max-model-len": 8192},
+                "models": {
+                    "m": {
+                        "port": 20001,
+                        "model": "org/m",
+                        "shmSize": "32g",
+                        "settings": {"enable-prefix-caching": False, "max-model-len": 4096},
+                        "environment": {"CUDA_VISIBLE_DEVICES": "1"},
+                    }
+                },
+            }
+        )
+    )
+    c = container(result, "vllm-m")["Container"]
+    assert c["NoNewPrivileges"] == ["true"]
+    assert c["DropCapability"] == ["all"]
+    assert c["Tmpfs"] == ["/tmp"]
+    assert c["Notify"] == ["healthy"]
+    assert c["HealthCmd"] == ["curl --fail --silent --show-error http://localhost:8000/health"]
+    assert c["HealthStartPeriod"] == ["30m"]
+    assert c["ShmSize"] == ["32g"]
+    assert c["Ulimit"] == ["host"]
+    assert c["Volume"] == ["/var/cache/vllm:/root/.cache/huggingface"]
+    assert "AddDevice" not in c
+    assert c["EnvironmentFile"] == ["/run/secrets/vllm.env"]
+    assert sorted(c["Environment"]) == [
+        '"CUDA_VISIBLE_DEVICES=1"',
+        '"HF_HOME=/root/.cache/huggingface"',
+        '"VLLM_LOGGING_LEVEL=DEBUG"',
+    ]
+    assert c["Exec"] == [
+        "org/m --no-enable-prefix-caching '--host=0.0.0.0' '--max-model-len=4096'"
+        " '--port=8000' '--served-model-name=m'"
+    ]
+    s = container(result, "vllm-m")["Service"]
+    assert (s["Restart"], s["RestartSec"], s["TimeoutStartSec"]) == (["always"], ["30"], ["3600"])
+    assert s["LimitNOFILE"] == ["1048576"]
+    u = container(result, "vllm-m")["Unit"]
+    assert (u["StartLimitBurst"], u["StartLimitIntervalSec"]) == (["3"], ["3600"])
+    assert result["quadlet"].keys() == {"vllm-m"}
+
+
+def test_gpus_through_cdi() -> None:
+    models = {
+        "a": {"port": 20001, "model": "org/a"},
+        "b": {"port": 20002, "model": "org/b", "devices": ["/dev/dri/renderD128"]},
+    }
+    result = evaluate(
+        {
+            **llmhop(
+                vllm={"models": models},
+                **{"llama-cpp": {"runtime": "container", "models": {"l": {"port": 18001}}}},
+            ),
+            "hardware": {"nvidia-container-toolkit": {"enable": True}},
+        }
+    )
+    assert container(result, "vllm-a")["Container"]["AddDevice"] == ["nvidia.com/gpu=all"]
+    assert container(result, "vllm-b")["Container"]["AddDevice"] == ["/dev/dri/renderD128"]
+    llama = container(result, "llama-cpp-l")["Container"]
+    assert llama["Image"] == ["ghcr.io/ggml-org/llama.cpp:server-cuda"]
+    result = evaluate(llmhop(vllm={"devices": ["amd.com/gpu=all"], "models": models}))
+    assert container(result, "vllm-a")["Container"]["AddDevice"] == ["amd.com/gpu=all"]
+
+
+def test_tag_digest_and_image() -> None:
+    result = evaluate(
+        llmhop(
+            sglang={
+                "tag": "v0.5.0-cu129",
+                "models": {
+                    "a": {"port": 30001, "model": "org/a"},
+                    "b": {"port": 30002, "model": "org/b", "tag": "dev"},
+                    "c": {"port": 30003, "model": "org/c", "digest": DIGEST},
+                    "d": {"port": 30004, "model": "org/d", "image": "registry.example/sglang"},
+                },
+            }
+        )
+    )
+    image = {n: container(result, f"sglang-{n}")["Container"] for n in "abcd"}
+    assert image["a"]["Image"] == ["docker.io/lmsysorg/sglang:v0.5.0-cu129"]
+    assert image["b"]["Image"] == ["docker.io/lmsysorg/sglang:dev"]
+    assert image["c"]["Image"] == [f"docker.io/lmsysorg/sglang@{DIGEST}"]
+    assert image["c"]["Pull"] == ["missing"]
+    assert image["a"]["Pull"] == ["newer"]
+    assert image["d"]["Image"] == ["registry.example/sglang:v0.5.0-cu129"]
+    assert image["a"]["Entrypoint"] == ['["sglang","serve"]']
+    assert image["a"]["Exec"] == [
+        "'--host=0.0.0.0' '--model-path=org/a' '--port=30000' '--served-model-name=a'"
+    ]
+    assert image["a"]["PublishPort"] == ["127.0.0.1:30001:30000"]
+
+
+def test_tag_and_digest_together_are_rejected() -> None:
+    messages = assertions(
+        llmhop(vllm={"models": {"m": {"port": 1, "model": "x", "tag": "t", "digest": DIGEST}}})
+    )
+    assert messages == ["services.llmhop.vllm.models.m: set either tag or digest, not both."]
+    with pytest.raises(NixEvalError, match=r"models\.m\.digest.*not of type"):
+        evaluate(llmhop(vllm={"models": {"m": {"port": 1, "model": "x", "digest": "latest"}}}))
+
+
+def test_sglang_needs_a_port() -> None:
+    with pytest.raises(
+        NixEvalError, match=r"sglang\.models\.m\.port.*accessed but has no value defined"
+    ):
+        evaluate(llmhop(sglang={"models": {"m": {"model": "org/m"}}}))
+
+
+def test_vllm_needs_a_model() -> None:
+    with pytest.raises(
+        NixEvalError, match=r"vllm\.models\.m\.model.*accessed but has no value defined"
+    ):
+        evaluate(llmhop(vllm={"models": {"m": {"port": 20001}}}))
+
+
+# --- sockets, users, scopes -----------------------------------------------------------------
+
+
+def test_rootless_socket() -> None:
+    result = evaluate(llmhop(vllm={"models": {"s": {"model": "org/s"}}}))
+    unit = container(result, "vllm-s")
+    c = unit["Container"]
+    assert "PublishPort" not in c
+    assert c["Umask"] == ["0007"]
+    assert c["Volume"] == [
+        "/var/cache/vllm:/root/.cache/huggingface",
+        "/run/llmhop/vllm-s:/run/llmhop/socket:U",
+    ]
+    assert c["HealthCmd"] == [
+        "curl --fail --silent --show-error --unix-socket /run/llmhop/socket/http.sock"
+        " http://localhost/health"
+    ]
+    assert "'--uds=/run/llmhop/socket/http.sock'" in c["Exec"][0]
+    assert "--port" not in c["Exec"][0]
+    pre = unit["Service"]["ExecStartPre"]
+    assert pre[-1].endswith("-podman/bin/podman unshare rm -f /run/llmhop/vllm-s/http.sock")
+    assert "RuntimeDirectory" not in unit["Service"]
+    rules = result["tmpfiles"]["rules"]
+    assert "d /run/llmhop/vllm-s 0710 vllm vllm - -" in rules
+    assert "a+ /run/llmhop - - - - default:user:llmhop:-wx" in rules
+    assert config_file(result)["models"]["s"] == {"url": "unix:///run/llmhop/vllm-s/http.sock"}
+    assert result["registries"]["portsRegistry"] == {"llmhop.listen.default": 8080}
+    # No group to join: the ACL lets the router in.
+    assert not result["services"]["llmhop"]["serviceConfig"].get("SupplementaryGroups")
+
+
+def test_rootful_system_units() -> None:
+    result = evaluate(
+        llmhop(
+            **{
+                "llama-cpp": {
+                    "runtime": "container",
+                    "quadlet": {"user": None},
+                    "models": {"b": {"quadlet": {"mountOptions": {"socket": ["U", "z"]}}}},
+                }
+            }
+        )
+    )
+    unit = container(result, "llama-cpp-b")
+    assert "ConditionUser" not in unit["Unit"]
+    assert result["services"]["llama-cpp-b"]["wantedBy"] == ["multi-user.target"]
+    assert "llama-cpp-b" not in result["userServices"]
+    assert unit["Service"]["RuntimeDirectory"] == ["llmhop/llama-cpp-b"]
+    assert unit["Service"]["RuntimeDirectoryMode"] == ["0710"]
+    assert unit["Container"]["Volume"] == [
+        "/var/cache/llama-cpp:/root/.cache/llama.cpp",
+        "/run/llmhop/llama-cpp-b:/run/llmhop/socket:U,z",
+    ]
+    assert unit["Container"]["Image"] == ["ghcr.io/ggml-org/llama.cpp:server"]
+    assert unit["Container"]["Environment"] == ['"LLAMA_CACHE=/root/.cache/llama.cpp"']
+    assert "'--alias=b'" in unit["Container"]["Exec"][0]
+    assert "'--host=/run/llmhop/socket/http.sock'" in unit["Container"]["Exec"][0]
+    assert "llama-cpp" not in result["users"]
+    assert "d /var/cache/llama-cpp 0700 root root - -" in result["tmpfiles"]["rules"]
+    assert not any(r.startswith("d /run/llmhop/llama-cpp-b") for r in result["tmpfiles"]["rules"])
+
+
+def test_custom_container_user() -> None:
+    user = {"name": "gpu", "uid": 990, "gid": 991, "home": "/srv/gpu"}
+    result = evaluate(
+        llmhop(sglang={"quadlet": {"user": user}, "models": {"m": {"port": 30001, "model": "x"}}})
+    )
+    assert container(result, "sglang-m")["Unit"]["ConditionUser"] == ["990"]
+    gpu = result["users"]["gpu"]
+    assert (gpu["uid"], gpu["group"], gpu["home"], gpu["linger"]) == (990, "gpu", "/srv/gpu", True)
+    assert result["groups"]["gpu"]["gid"] == 991
+    assert "sglang" not in result["users"]
+    unmanaged = {**user, "manage": False}
+    result = evaluate(
+        llmhop(
+            sglang={"quadlet": {"user": unmanaged}, "models": {"m": {"port": 30001, "model": "x"}}}
+        )
+    )
+    assert "gpu" not in result["users"]
+    assert "d /var/cache/sglang 0700 gpu gpu - -" in result["tmpfiles"]["rules"]
+
+
+def test_a_uid_clash_is_rejected() -> None:
+    config = llmhop(vllm={"models": {"m": {"port": 20001, "model": "x"}}})
+    config["users"] = {"users": {"alice": {"uid": 60602}}, "groups": {"staff": {"gid": 60602}}}
+    assert assertions(config) == [
+        "services.llmhop.vllm.quadlet.user.uid 60602 is taken by users.users.{alice};"
+        " choose another.",
+        "services.llmhop.vllm.quadlet.user.gid 60602 is taken by users.groups.{staff};"
+        " choose another.",
+    ]
+
+
+def test_startup_is_chained_by_name() -> None:
+    models = {
+        "z-first-declared": {"name": "c", "port": 20003, "model": "x"},
+        "a": {"name": "b", "port": 20002, "model": "x"},
+        "m": {"name": "a", "port": 20001, "model": "x"},
+    }
+    result = evaluate(llmhop(vllm={"models": models}))
+    after = {n: container(result, f"vllm-{n}")["Unit"].get("After") for n in "abc"}
+    assert after == {"a": None, "b": ["vllm-a.service"], "c": ["vllm-b.service"]}
+    result = evaluate(llmhop(vllm={"startupOrdering": False, "models": models}))
+    assert all("After" not in container(result, f"vllm-{n}")["Unit"] for n in "abc")
+
+
+def test_credentials_are_mounted_per_unit() -> None:
+    models = {
+        "k": {
+            "port": 20001,
+            "model": "x",
+            "credentials": {"api-keys": "/run/secrets/keys", "hf": {}},
+            "settings": {"api-key": "${cred:api-keys}"},
+            "quadlet": {"mountOptions": {"credentials": ["idmap"]}},
+        },
+        "plain": {"port": 20002, "model": "x"},
+    }
+    result = evaluate(llmhop(vllm={"models": models}))
+    unit = container(result, "vllm-k")
+    assert unit["Service"]["LoadCredential"] == ["api-keys:/run/secrets/keys"]
+    assert unit["Service"]["ImportCredential"] == ["hf"]
+    assert unit["Container"]["Volume"][-1] == "%d:/run/llmhop/credentials:ro,idmap"
+    assert "'--api-key=/run/llmhop/credentials/api-keys'" in unit["Container"]["Exec"][0]
+    plain = container(result, "vllm-plain")
+    assert "LoadCredential" not in plain["Service"]
+    assert plain["Container"]["Volume"] == ["/var/cache/vllm:/root/.cache/huggingface"]
+    bad = {"m": {"port": 20001, "model": "x", "settings": {"api-key": "${cred:nope}"}}}
+    assert assertions(llmhop(vllm={"models": bad})) == [
+        "services.llmhop.vllm.models.m.settings: ${cred:nope} names no credential"
+        " of this model (it has: )."
+    ]
+
+
+def test_quadlet_layers() -> None:
+    result = evaluate(
+        llmhop(
+            vllm={
+                "quadlet": {
+                    "containerConfig": {"UserNS": "keep-id", "Volume": ["/srv/models:/models:ro"]},
+                    "serviceConfig": {"MemoryMax": "64G", "RestartSec": 5},
+                },
+                "models": {
+                    "m": {
+                        "port": 20001,
+                        "model": "/models/m",
+                        "quadlet": {
+                            "containerConfig": {"UserNS": "auto"},
+                            "serviceConfig": {"Restart": "on-failure"},
+                            "unitConfig": {"DefaultDependencies": False},
+                            "quadletConfig": {"DefaultDependencies": False},
+                            "extraConfig": {"Install": {"WantedBy": "gpu.target"}},
+                        },
+                    }
+                },
+            }
+        )
+    )
+    unit = container(result, "vllm-m")
+    assert unit["Container"]["UserNS"] == ["auto"]
+    assert unit["Container"]["Volume"] == [
+        "/srv/models:/models:ro",
+        "/var/cache/vllm:/root/.cache/huggingface",
+    ]
+    assert (unit["Service"]["MemoryMax"], unit["Service"]["RestartSec"]) == (["64G"], ["5"])
+    assert unit["Service"]["Restart"] == ["on-failure"]
+    assert unit["Unit"]["DefaultDependencies"] == ["false"]
+    assert unit["Quadlet"]["DefaultDependencies"] == ["false"]
+    assert unit["Install"]["WantedBy"] == ["gpu.target"]
+
+
+def test_collisions_across_backends() -> None:
+    messages = assertions(
+        llmhop(
+            vllm={"models": {"m": {"port": 20001, "model": "x"}}},
+            sglang={"models": {"m": {"port": 20001, "model": "x"}}},
+        )
+    )
+    assert messages == [
+        "services.llmhop: port 20001 is claimed more than once, by sglang.models.m, vllm.models.m.",
+        "services.llmhop: routing key m is claimed more than once,"
+        " by sglang.models.m, vllm.models.m.",
+    ]
+
+
+# --- the SGL Model Gateway ------------------------------------------------------------------
+
+
+def gateway(**options: Any) -> dict[str, Any]:
+    return llmhop(
+        sglang={
+            "gateway": {"enable": True, "port": 19000, **options},
+            "models": {
+                "a": {"port": 30001, "model": "org/a"},
+                "b": {"port": 30002, "model": "org/b"},
+            },
+        }
+    )
+
+
+def test_gateway_in_front_of_the_workers() -> None:
+    result = evaluate(gateway())
+    unit = container(result, "sglang-gateway")
+    c = unit["Container"]
+    assert c["Network"] == ["host"]
+    assert c["Image"] == ["docker.io/lmsysorg/sgl-model-gateway:latest"]
+    assert c["Exec"] == [
+        "--enable-igw '--host=127.0.0.1' '--port=19000' '--prometheus-host=127.0.0.1'"
+        " '--prometheus-port=29000' --worker-urls http://127.0.0.1:30001 http://127.0.0.1:30002"
+    ]
+    assert c["HealthCmd"] == ["curl --fail --silent --show-error http://127.0.0.1:19000/health"]
+    assert c["Notify"] == ["healthy"]
+    assert unit["Unit"]["After"] == ["sglang-a.service", "sglang-b.service"]
+    assert unit["Unit"]["Requires"] == ["sglang-a.service", "sglang-b.service"]
+    assert unit["Unit"]["ConditionUser"] == ["60603"]
+    assert unit["Service"]["TimeoutStartSec"] == ["600"]
+    registries = result["registries"]
+    assert registries["portsRegistry"]["sglang.gateway"] == 19000
+    assert registries["portsRegistry"]["sglang.gateway.metrics"] == 29000
+    assert registries["unitsRegistry"]["sglang.gateway"] == "sglang-gateway.service"
+    assert "sglang.gateway" not in registries["modelsRegistry"]
+
+
+def test_gateway_route_tls_and_wildcard() -> None:
+    result = evaluate(
+        gateway(
+            route="sglang",
+            bindAddress="::",
+            enableMetrics=False,
+            credentials={"tls.key": "/run/secrets/tls.key"},
+            settings={"tls-cert-path": "/etc/ssl/gw.pem", "tls-key-path": "${cred:tls.key}"},
+        )
+    )
+    c = container(result, "sglang-gateway")["Container"]
+    assert c["HealthCmd"] == [
+        "curl --fail --silent --show-error --insecure https://[::1]:19000/health"
+    ]
+    assert "'--tls-key-path=/run/llmhop/credentials/tls.key'" in c["Exec"][0]
+    assert "prometheus" not in c["Exec"][0]
+    assert c["Volume"] == ["%d:/run/llmhop/credentials:ro"]
+    assert config_file(result)["models"]["sglang"] == {"url": "https://[::1]:19000"}
+    assert "sglang.gateway.metrics" not in result["registries"]["portsRegistry"]
+
+
+def test_gateway_port_clash_and_native_runtime_are_rejected() -> None:
+    messages = assertions(gateway(port=30001))
+    assert messages == [
+        "services.llmhop: port 30001 is claimed more than once, by sglang.gateway, sglang.models.a."
+    ]
+    config = gateway()
+    config["services"]["llmhop"]["sglang"]["runtime"] = "native"
+    config["services"]["llmhop"]["sglang"]["package"] = "/opt/sglang"
+    assert assertions(config) == [
+        "services.llmhop.sglang.gateway runs as a container next to the workers:"
+        ' it needs services.llmhop.sglang.runtime = "container".'
+    ]
+
+
+# --- native vLLM and SGLang -----------------------------------------------------------------
+
+
+def native_vllm() -> dict[str, Any]:
+    return llmhop(
+        vllm={
+            "runtime": "native",
+            "models": {
+                "sock": {"model": "org/sock"},
+                "tcp": {"port": 20001, "model": "org/tcp", "settings": {"tensor-parallel-size": 2}},
+            },
+        }
+    )
+
+
+def test_native_vllm() -> None:
+    result = evaluate(native_vllm())
+    assert result["quadlet"] == {}
+    sock = result["services"]["vllm-sock"]["serviceConfig"]
+    assert '-vllm/bin/vllm" "serve" "org/sock"' in sock["ExecStart"]
+    assert '"-url" "unix:///run/llmhop/vllm-sock/http.sock"' in sock["ExecStart"]
+    assert sock["ExecStart"].endswith(
+        '"--served-model-name" "sock" "--uds" "/run/llmhop/vllm-sock/http.sock"'
+    )
+    assert (sock["User"], sock["Group"]) == ("vllm", "vllm")
+    assert "DynamicUser" not in sock
+    assert sock["Restart"] == "always"
+    assert sock["KillMode"] == "mixed"
+    assert sock["SuccessExitStatus"] == 130
+    assert sock["RuntimeDirectory"] == "llmhop/vllm-sock"
+    assert sock["PrivateDevices"] is False
+    assert sock["SupplementaryGroups"] == ["render", "video"]
+    assert sock["MemoryDenyWriteExecute"] is False
+    tcp = result["services"]["vllm-tcp"]
+    assert tcp["serviceConfig"]["ExecStart"].endswith(
+        '"--host" "127.0.0.1" "--port" "20001" "--served-model-name" "tcp"'
+        ' "--tensor-parallel-size" "2"'
+    )
+    assert tcp["after"] == ["network-online.target", "vllm-sock.service"]
+    env = tcp["environment"]
+    assert env["HF_HOME"] == "/var/cache/vllm/tcp"
+    assert env["VLLM_CACHE_ROOT"] == "/var/cache/vllm/tcp/vllm"
+    assert env["LD_LIBRARY_PATH"] == "/run/opengl-driver/lib"
+    assert result["users"]["vllm"]["uid"] == 60602
+    assert result["users"]["vllm"]["linger"] is None
+    assert result["services"]["llmhop"]["serviceConfig"]["SupplementaryGroups"] == ["vllm"]
+
+
+def test_native_sglang_needs_a_package() -> None:
+    config = llmhop(
+        sglang={"runtime": "native", "models": {"m": {"port": 30001, "model": "org/m"}}}
+    )
+    messages = assertions(config)
+    assert len(messages) == 1 and messages[0].startswith("services.llmhop.sglang.package is null")
+    config["services"]["llmhop"]["sglang"]["package"] = "/opt/sglang-env"
+    unit = evaluate(config)["services"]["sglang-m"]["serviceConfig"]
+    assert unit["ExecStart"].endswith(
+        '"/opt/sglang-env/bin/python" "-m" "sglang.launch_server" "--host" "127.0.0.1"'
+        ' "--model-path" "org/m" "--port" "30001" "--served-model-name" "m"'
+    )
+    assert unit["SocketBindAllow"] == "tcp:30001"
+    assert unit["Restart"] == "always"
+
+
+@pytest.mark.systemd
+@pytest.mark.usefixtures("systemd_analyze")
+def test_native_units_verify(tmp_path: Path) -> None:
+    config = native_vllm()
+    config["services"]["llmhop"]["sglang"] = {
+        "runtime": "native",
+        "package": str(make_package(tmp_path / "pkgs", "sglang", {"python": "#!/bin/sh\n"})),
+        "models": {"m": {"port": 30001, "model": "org/m"}},
+    }
+    pkgs = {
+        "llmhop": str(llmhop_package(tmp_path / "pkgs")),
+        "vllm": str(make_package(tmp_path / "pkgs", "vllm", {"vllm": "#!/bin/sh\n"})),
+        "coreutils": "/usr",
+    }
+    # PrivateUsers=identity (the GPU relaxations) needs systemd >= 257; the host's is older.
+    for backend in ("vllm", "sglang"):
+        for model in config["services"]["llmhop"][backend]["models"].values():
+            model["gpu"] = False
+    units = write_units(evaluate(config, pkgs=pkgs)["units"]["system"], tmp_path / "units")
+    result = analyze_verify(units, ["vllm-sock.service", "vllm-tcp.service", "sglang-m.service"])
+    assert result.clean, result.stderr
