@@ -120,25 +120,27 @@ rec {
 
   inherit quadletLayers;
 
-  healthCheck = {
-    unixSocket ? null,
-    url,
-    insecure ? false,
-  }:
-  lib.concatStringsSep " " (
-    [
-      "curl"
-      "--fail"
-      "--silent"
-      "--show-error"
-    ]
-    ++ lib.optional insecure "--insecure"
-    ++ lib.optionals (unixSocket != null) [
-      "--unix-socket"
-      unixSocket
-    ]
-    ++ [ url ]
-  );
+  # A HealthCmd= probing `url` (through `unixSocket` if given).
+  healthCheck =
+    {
+      unixSocket ? null,
+      url,
+      insecure ? false,
+    }:
+    lib.concatStringsSep " " (
+      [
+        "curl"
+        "--fail"
+        "--silent"
+        "--show-error"
+      ]
+      ++ lib.optional insecure "--insecure"
+      ++ lib.optionals (unixSocket != null) [
+        "--unix-socket"
+        unixSocket
+      ]
+      ++ [ url ]
+    );
 
   # Options of services.llmhop.<backend> for the container runtime.
   backendOptions =

@@ -12,12 +12,13 @@ from nix_harness import REPO, evaluate
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
 
 MARKER = "<!-- example: evaluated by tests/nix/test_nix_docs.py -->"
+NATIVE = "<!-- native: evaluated by tests/nix/test_nix_docs.py -->"
 
 
-def example() -> str:
+def example(marker: str = MARKER) -> str:
     text = (REPO / "docs" / "module.md").read_text()
-    match = re.search(re.escape(MARKER) + r"\n```nix\n(.*?)\n```", text, re.DOTALL)
-    assert match, "docs/module.md lost its example"
+    match = re.search(re.escape(marker) + r"\n```nix\n(.*?)\n```", text, re.DOTALL)
+    assert match, f"docs/module.md lost its example {marker}"
     return match.group(1)
 
 
@@ -36,6 +37,11 @@ def test_the_documented_example(tmp_path: Path) -> None:
             "headers": {"Authorization": "Bearer ${cred:llmhop.openai-key}"},
         },
         "qwen3-8b": {"url": "http://127.0.0.1:18001"},
+        "llama-3-8b": {"url": "http://127.0.0.1:20001"},
+        "qwen3-32b": {"url": "unix:///run/llmhop/vllm-qwen3-32b/http.sock"},
+        "gemma-3-27b": {"url": "http://127.0.0.1:30001"},
+        "mistral-small": {"url": "http://127.0.0.1:30002"},
+        "sglang": {"url": "http://127.0.0.1:30000"},
     }
     router = result["services"]["llmhop"]["serviceConfig"]
     assert router["TimeoutStopSec"] == 130
@@ -47,3 +53,33 @@ def test_the_documented_example(tmp_path: Path) -> None:
     assert '"--ctx-size" "8192"' in gemma["ExecStart"]
     assert gemma["PrivateUsers"] == "identity"
     assert gemma["MemoryMax"] == "24G"
+    # vLLM and SGLang: rootless containers of their users; the gateway in front of SGLang.
+    qwen = result["quadlet"]["vllm-qwen3-32b"]
+    assert "ConditionUser=60602\n" in qwen
+    assert "AddDevice=nvidia.com/gpu=1\n" in qwen
+    assert "Pull=missing\n" in qwen
+    assert "Volume=%d:/run/llmhop/credentials:ro\n" in qwen
+    assert "ImportCredential=llmhop.hf-token\n" in qwen
+    assert "Image=docker.io/vllm/vllm-openai:v0.11.0\n" in result["quadlet"]["vllm-llama-3-8b"]
+    mistral = result["quadlet"]["sglang-mistral-small"]
+    assert "After=sglang-gemma-3-27b.service\n" in mistral
+    assert "AddDevice=nvidia.com/gpu=2\n" in mistral
+    gateway = result["quadlet"]["sglang-gateway"]
+    assert "--worker-urls http://127.0.0.1:30001 http://127.0.0.1:30002" in gateway
+    assert "'--policy=cache_aware'" in gateway
+    assert result["users"]["sglang"]["linger"] is True
+
+
+def test_the_documented_native_vllm(tmp_path: Path) -> None:
+    module = tmp_path / "native.nix"
+    module.write_text(example(NATIVE))
+    result = evaluate(module=module)
+    assert result["quadlet"] == {}
+    unit = result["services"]["vllm-llama-3-8b"]
+    assert unit["serviceConfig"]["User"] == "vllm"
+    assert '"--uds" "/run/llmhop/vllm-llama-3-8b/http.sock"' in unit["serviceConfig"]["ExecStart"]
+    assert unit["environment"]["CUDA_VISIBLE_DEVICES"] == "0"
+    config = json.loads(Path(result["etc"]["llmhop/llmhop.json"]["source"]).read_text())
+    assert config["models"] == {
+        "llama-3-8b": {"url": "unix:///run/llmhop/vllm-llama-3-8b/http.sock"}
+    }

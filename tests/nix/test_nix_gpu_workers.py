@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from nix_harness import (
+    REPO,
     FailedAssertions,
     NixEvalError,
     analyze_verify,
@@ -75,6 +76,9 @@ def assertions(config: dict[str, Any]) -> list[str]:
 def test_the_seed_example_as_written(tmp_path: Path) -> None:
     module = tmp_path / "seed.nix"
     module.write_text(SEED)
+    # docs/module.md shows it verbatim.
+    docs = (REPO / "docs" / "module.md").read_text()
+    assert "\n".join(line[2:] for line in SEED.splitlines()[1:-1]) in docs
     result = evaluate(module=module)
     # llama.cpp: a native system unit.
     assert "llama-cpp-qwen3-8b" in result["services"]
