@@ -27,17 +27,14 @@ import bisect
 import collections
 import contextlib
 import hmac
-import http.client
 import json
 import os
 import re
 import signal
 import socket
 import ssl
-import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -1198,8 +1195,12 @@ def request_id_for(request: Request) -> bytes:
     given = request.header(b"x-request-id")
     if given is not None and _REQUEST_ID.fullmatch(given):
         return given
-    # UUID-shaped: some servers (llama-cpp-python among them) refuse any other request id.
-    return str(uuid.uuid4()).encode()
+    # UUID-shaped (version 4): some servers, llama-cpp-python among them, refuse other ids.
+    digits = os.urandom(16).hex()
+    variant = "89ab"[int(digits[16], 16) & 3]
+    return (
+        f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{variant}{digits[17:20]}-{digits[20:]}"
+    ).encode()
 
 
 class Router:
@@ -2155,40 +2156,34 @@ def parse_notify_arguments(argv: list[str]) -> tuple[Upstream, str, list[str]]:
     return upstream, options["health-path"], command
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 def is_healthy(upstream: Upstream, health_path: str, timeout: float = HEALTH_PROBE_TIMEOUT) -> bool:
     """Whether GET health_path answers 200; redirects are not followed."""
-    connection: http.client.HTTPConnection
-    if upstream.scheme == "unix":
-        connection = _UnixHTTPConnection(upstream.host, timeout)
-    elif upstream.scheme == "https":
-        connection = http.client.HTTPSConnection(upstream.host, upstream.port, timeout=timeout)
-    else:
-        connection = http.client.HTTPConnection(upstream.host, upstream.port, timeout=timeout)
+    request = b"GET %s%s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (
+        upstream.base_path.encode(),
+        health_path.encode(),
+        upstream.host_header,
+    )
     try:
-        connection.request("GET", upstream.base_path + health_path)
-        response = connection.getresponse()
-        response.read(4096)
-        return response.status == 200
-    except (OSError, http.client.HTTPException):
+        if upstream.scheme == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(upstream.host)
+        else:
+            sock = socket.create_connection((upstream.host, upstream.port), timeout=timeout)
+            if upstream.scheme == "https":
+                context = ssl.create_default_context()
+                sock = context.wrap_socket(sock, server_hostname=upstream.host)
+        with sock:
+            sock.sendall(request)
+            answer = b""
+            while b"\r\n" not in answer and len(answer) < 4096:
+                if not (data := sock.recv(4096)):
+                    break
+                answer += data
+    except (OSError, ssl.SSLError):
         return False
-    finally:
-        connection.close()
+    status = _STATUS_LINE.fullmatch(answer.partition(b"\r\n")[0])
+    return status is not None and status[2] == b"200"
 
 
 def exit_status(returncode: int) -> int:
@@ -2204,6 +2199,8 @@ def notify_main(argv: list[str]) -> int:
             print(f"llmhop-notify: {exc}", file=sys.stderr)
         print(NOTIFY_USAGE, file=sys.stderr)
         return 0 if not str(exc) else 1
+    import subprocess  # only this command starts processes: the router need not load it
+
     notifier = Notifier(os.environ)
     try:
         child = subprocess.Popen(command)
