@@ -59,6 +59,7 @@ LLAMA_TIMEOUT = 30.0
 DOCUMENT = harness.REPO_ROOT / "docs" / "benchmarks.md"
 RESULTS_DIR = harness.BENCH_DIR / "results"
 SHARED_MACHINE_BUSY = 0.05  # others' load above this share of all cores is noted
+OTHERS_LOAD_SAMPLE = 0.5  # seconds of /proc/stat before each phase
 
 CHAT_PATH = "/v1/chat/completions"
 STARTUP_SECTION = "Startup and idle memory (3 models: fast, sse, tiny)"
@@ -141,6 +142,7 @@ class Bench:
     idle_rss: dict[str, float | None] = field(default_factory=dict)
     startup: dict[str, float | None] = field(default_factory=dict)
     raw: dict[str, object] = field(default_factory=dict)
+    others_load: list[float] = field(default_factory=list)  # busy share between phases
 
     # -- services ----------------------------------------------------------------------------
 
@@ -426,6 +428,8 @@ class Bench:
         rounds = max(5, self.options.seconds * 4)
         timings: dict[str, list[sse_client.GenerationTiming]] = {n: [] for n in self.endpoints}
         self.log(f"llama.cpp: {rounds} streamed chats of {LLAMA_TOKENS} tokens per target")
+        assert self.llmhop is not None
+        opened_before = harness.llmhop_upstream_connections(self.llmhop)
         for round_number in range(LLAMA_WARMUP_ROUNDS + rounds):
             for name, endpoint in self.endpoints.items():
                 (record,) = self._streams(
@@ -434,6 +438,8 @@ class Bench:
                 timing = sse_client.generation_timing(record)
                 if timing is not None and round_number >= LLAMA_WARMUP_ROUNDS:
                     timings[name].append(timing)
+        # Whether llmhop kept its connection to llama.cpp (uvicorn) between streams.
+        opened = harness.llmhop_upstream_connections(self.llmhop) - opened_before
         section = LLAMA_SECTION
         add = self.results.add
         first = {n: _median_ms([t.first_token_s for t in ts]) for n, ts in timings.items()}
@@ -447,6 +453,14 @@ class Bench:
             for n, ts in timings.items()
         }
         add(section, "content tokens per stream, median", "tokens", tokens, 0)
+        streams = (LLAMA_WARMUP_ROUNDS + rounds) or 1
+        add(
+            section,
+            "upstream connections opened per stream",
+            "conn",
+            {"llmhop": opened / streams},
+            2,
+        )
         add(
             section,
             "completed streams",
@@ -682,7 +696,8 @@ def machine_description(busy_before: float, busy_after: float) -> list[tuple[str
         ),
         (
             "other load on the machine",
-            f"{busy_before:.0%} of all cores busy just before the run, {busy_after:.0%} just after",
+            f"{busy_before:.0%} of all cores busy just before the run, {busy_after:.0%} just after "
+            "(see the notes for samples between phases)",
         ),
     ]
 
@@ -773,15 +788,19 @@ def main(argv: list[str] | None = None) -> int:
             bench.start()
             for phase in PHASES:
                 if phase in options.phases:
+                    # Between phases our own processes idle: what is busy now is others' work.
+                    bench.others_load.append(harness.machine_busy_fraction(OTHERS_LOAD_SAMPLE))
                     getattr(bench, f"phase_{phase}")()
         finally:
             bench.stop()
     busy_after = harness.machine_busy_fraction(1.0)
     results = bench.results
-    if max(busy_before, busy_after) > SHARED_MACHINE_BUSY:
+    others = [busy_before, *bench.others_load, busy_after]
+    if max(others) > SHARED_MACHINE_BUSY:
         results.notes.append(
-            "The machine was shared: other work kept "
-            f"{max(busy_before, busy_after):.0%} of the cores busy around the run."
+            "The machine was shared: between phases, other work kept up to "
+            f"{max(others):.0%} of the cores busy (samples: "
+            f"{', '.join(f'{share:.0%}' for share in others)})."
         )
     bench.evaluate_targets()
     print(text_table(results))
