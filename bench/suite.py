@@ -673,13 +673,14 @@ def _cpu_model() -> str:
 
 def _llmhop_revision() -> str:
     root = str(harness.REPO_ROOT)
-    commit = _command_output(["git", "-C", root, "rev-parse", "--short", "HEAD"])
     script = str(harness.ROUTER_SCRIPT)
+    # The router's own last commit: the repository's HEAD moves with unrelated work.
+    commit = _command_output(["git", "-C", root, "log", "-1", "--format=%h", "--", script])
     dirty = _command_output(["git", "-C", root, "status", "--porcelain", "--", script])
     return f"{commit}{' + uncommitted changes to the router' if dirty else ''}"
 
 
-def machine_description(busy_before: float, busy_after: float) -> list[tuple[str, str]]:
+def machine_description(others_load: list[float]) -> list[tuple[str, str]]:
     wrk_version = _command_output(["wrk", "-v"]).splitlines()[0]
     nginx_version = _command_output([harness.nginx_binary(), "-v"])
     return [
@@ -696,8 +697,8 @@ def machine_description(busy_before: float, busy_after: float) -> list[tuple[str
         ),
         (
             "other load on the machine",
-            f"{busy_before:.0%} of all cores busy just before the run, {busy_after:.0%} just after "
-            "(see the notes for samples between phases)",
+            f"up to {max(others_load):.0%} of all cores busy with other work, sampled before, "
+            f"between and after the phases ({', '.join(f'{share:.0%}' for share in others_load)})",
         ),
     ]
 
@@ -798,14 +799,13 @@ def main(argv: list[str] | None = None) -> int:
     others = [busy_before, *bench.others_load, busy_after]
     if max(others) > SHARED_MACHINE_BUSY:
         results.notes.append(
-            "The machine was shared: between phases, other work kept up to "
-            f"{max(others):.0%} of the cores busy (samples: "
-            f"{', '.join(f'{share:.0%}' for share in others)})."
+            f"The machine was shared: other work kept up to {max(others):.0%} of the cores busy "
+            "around the phases, so this run's figures are noisier than usual."
         )
     bench.evaluate_targets()
     print(text_table(results))
     if options.write:
-        machine = machine_description(busy_before, busy_after)
+        machine = machine_description(others)
         generated = markdown(results, machine, setup_description(options, pinning))
         write_document(DOCUMENT, generated)
         RESULTS_DIR.mkdir(exist_ok=True)
