@@ -98,7 +98,7 @@ class Pinning:
 
 
 def process_tree(pid: int) -> list[int]:
-    """The pid and its descendants (nginx: the master and its workers)."""
+    """The pid and its descendants, should a proxy run helpers."""
     pids = [pid]
     for current in pids:
         for children_file in Path(f"/proc/{current}/task").glob("*/children"):
@@ -230,10 +230,11 @@ def nginx_binary() -> str:
     return found
 
 
+# One process (no master): it does exactly a single worker's work, and PR_SET_PDEATHSIG then
+# covers it, so no worker is left behind should the harness itself be killed.
 NGINX_MAIN = """\
 daemon off;
-master_process on;
-worker_processes 1;
+master_process off;
 worker_rlimit_nofile 16384;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;

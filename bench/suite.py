@@ -706,14 +706,15 @@ def machine_description(others_load: list[float]) -> list[tuple[str, str]]:
 def setup_description(options: Options, pinning: Pinning) -> list[str]:
     return [
         f"Pinned with `taskset`: wrk (one thread), the SSE client, this harness and all upstreams "
-        f"on core {pinning.load_cores}; the proxy under test (nginx master and its one worker, "
-        f"or llmhop) alone on core {pinning.proxy_cores}. Direct runs leave core "
+        f"on core {pinning.load_cores}; the proxy under test (nginx or llmhop, one process "
+        f"each) alone on core {pinning.proxy_cores}. Direct runs leave core "
         f"{pinning.proxy_cores} idle.",
         "Fast upstream: nginx `return 200` with a fixed 300-byte chat completion. SSE upstream: "
         "`bench/sse_upstream.py` (asyncio protocol, one timer per stream), 200 chunks 5 ms apart "
         "by default, each stamped with its send time. llama.cpp: `llama_cpp.server` with the "
         "e2e suite's tiny GGUF, one thread.",
-        "nginx as the reference proxy: one worker, `proxy_buffering off`, `proxy_http_version "
+        "nginx as the reference proxy: one process (`master_process off`, i.e. one worker "
+        "without its idle master), `proxy_buffering off`, `proxy_http_version "
         "1.1`, upstream `keepalive 64`, bodies buffered in memory (`client_body_buffer_size "
         "2m`). Both proxies write one access-log line per request to a file.",
         f"llmhop: `maxConcurrentRequests: 0`, body routing on `model`. Each wrk run lasts "
