@@ -27,6 +27,7 @@ import bisect
 import collections
 import contextlib
 import hmac
+import itertools
 import json
 import os
 import re
@@ -1195,12 +1196,22 @@ def request_id_for(request: Request) -> bytes:
     given = request.header(b"x-request-id")
     if given is not None and _REQUEST_ID.fullmatch(given):
         return given
-    # UUID-shaped (version 4): some servers, llama-cpp-python among them, refuse other ids.
+    return b"%s%012x" % (_REQUEST_ID_PREFIX, next(_request_counter))
+
+
+def _request_id_prefix() -> bytes:
+    """A random UUID (version 4) without its last 12 digits, which count requests instead.
+
+    UUID-shaped because some servers, llama-cpp-python among them, refuse other request ids;
+    a counter because drawing randomness for every request costs a system call.
+    """
     digits = os.urandom(16).hex()
     variant = "89ab"[int(digits[16], 16) & 3]
-    return (
-        f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{variant}{digits[17:20]}-{digits[20:]}"
-    ).encode()
+    return f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{variant}{digits[17:20]}-".encode()
+
+
+_REQUEST_ID_PREFIX = _request_id_prefix()
+_request_counter = itertools.count(1)
 
 
 class Router:
@@ -1219,6 +1230,7 @@ class Router:
         self.all_idle.set()
         self.draining = False
         self.access_log = True
+        self._log_lines: list[str] = []
         self.head_timeout = HEAD_TIMEOUT
         self.idle_timeout = IDLE_TIMEOUT
 
@@ -1243,6 +1255,11 @@ class Router:
         if not self.busy_connections:
             self.all_idle.set()
 
+    def flush_log(self) -> None:
+        if self._log_lines:
+            sys.stderr.write("".join(self._log_lines))
+            self._log_lines.clear()
+
     def log_exchange(self, exchange: Exchange) -> None:
         model = exchange.model if exchange.model in self.table.models else "-"
         self.metrics.observe(exchange, model)
@@ -1252,7 +1269,10 @@ class Router:
         upstream = (
             "-" if exchange.upstream_seconds is None else f"{exchange.upstream_seconds * 1000:.1f}"
         )
-        sys.stderr.write(
+        if not self._log_lines:
+            # One write per pass of the event loop, however many requests ended in it.
+            asyncio.get_running_loop().call_soon(self.flush_log)
+        self._log_lines.append(
             f'access: "{exchange.method} {exchange.path}" model={_loggable(exchange.model)} '
             f"route={exchange.route} status={exchange.status} in={exchange.bytes_in} "
             f"out={exchange.bytes_out} total_ms={total:.1f} upstream_ms={upstream} "
@@ -1268,7 +1288,7 @@ def _loggable(text: str, limit: int = 200) -> str:
 
 
 class ClientConnection(Connection):
-    __slots__ = ("_exchange_task", "busy", "gone", "peer_ip", "router")
+    __slots__ = ("_exchange_task", "busy", "gone", "loop", "peer_ip", "router")
 
     def __init__(self, router: Router, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         super().__init__(reader, writer)
@@ -1278,6 +1298,7 @@ class ClientConnection(Connection):
         self.busy = False  # between the first byte of a request and the end of its response
         self.gone = False
         self._exchange_task: asyncio.Task[Any] | None = None
+        self.loop = asyncio.get_running_loop()
 
     async def serve(self) -> None:
         router = self.router
@@ -1305,19 +1326,25 @@ class ClientConnection(Connection):
         """Wait idly for the first bytes of the next request; False when none will come."""
         if self.buffer:
             return True
+        # A plain timer, cheaper than a timeout context: reading then ends as at end of stream.
+        idle_timer = self.loop.call_later(self.router.idle_timeout, self.writer.transport.abort)
         try:
-            async with asyncio.timeout(self.router.idle_timeout):
-                data = await self.reader.read(READ_SIZE)
-        except (TimeoutError, ConnectionError):
+            data = await self.reader.read(READ_SIZE)
+        except ConnectionError:
             return False
+        finally:
+            idle_timer.cancel()
         self.buffer += data
         return bool(data)
 
     async def _exchange(self) -> bool:
         """Serve one request; whether the connection may carry another."""
         try:
-            async with asyncio.timeout(self.router.head_timeout):
-                head = await self.read_head()
+            if b"\r\n\r\n" in self.buffer:
+                head = await self.read_head()  # all there: no deadline to keep
+            else:
+                async with asyncio.timeout(self.router.head_timeout):
+                    head = await self.read_head()
         except TimeoutError:
             return False  # the head did not come in time: nothing sensible can be answered
         except ProtocolError as exc:
@@ -1450,6 +1477,14 @@ class ClientConnection(Connection):
         request.keep_alive = keep_alive
 
     async def _read_body(self, request: Request, exchange: Exchange, cap: int) -> BufferedBody:
+        length = request.length
+        if 0 < length <= len(self.buffer) and not (cap and length > cap):
+            # Small bodies usually arrive with their head: take them without any awaiting.
+            raw = bytes(self.buffer[:length])
+            del self.buffer[:length]
+            exchange.bytes_in += length
+            request.length = 0
+            return BufferedBody(raw, raw, chunked=False)
         wire: list[bytes] = []
         payload: list[bytes] | None = [] if request.length == CHUNKED else None
         try:
@@ -1552,7 +1587,7 @@ class ClientConnection(Connection):
         head = self._upstream_head(request, exchange, config, model, target, length)
         replayable = body is not None or length == 0
         upstream = model.upstream
-        watch: asyncio.Task[None] | None = None
+        watch: ClientWatch | None = None
         sent_at = time.monotonic()
         try:
             for attempt in range(2):
@@ -1574,7 +1609,9 @@ class ClientConnection(Connection):
                 break
             exchange.upstream_seconds = time.monotonic() - sent_at
             if response.status == 101:
-                await _stop(watch)
+                if watch is not None:
+                    await watch.stop()
+                    watch = None
                 return await self._tunnel(exchange, connection, response)
             try:
                 return await self._relay_response(request, exchange, upstream, connection, response)
@@ -1582,7 +1619,8 @@ class ClientConnection(Connection):
                 connection.close()
                 raise
         finally:
-            await _stop(watch)
+            if watch is not None:
+                await watch.stop()
 
     async def _acquire(
         self, upstream: Upstream, config: Config, exchange: Exchange
@@ -1640,11 +1678,11 @@ class ClientConnection(Connection):
             if response.status >= 200 or response.status == 101:
                 return response  # interim 1xx answers are ours to drop: we sent no Expect
 
-    def _watch_client(self) -> asyncio.Task[None] | None:
+    def _watch_client(self) -> ClientWatch | None:
         """Notice a client that leaves while the upstream works, and stop the exchange then."""
         if self.buffer or self._exchange_task is None:
             return None  # data already waits: the client is evidently still there
-        return asyncio.get_running_loop().create_task(self._await_client_eof(self._exchange_task))
+        return ClientWatch(self, self._exchange_task)
 
     async def _await_client_eof(self, exchange_task: asyncio.Task[Any]) -> None:
         try:
@@ -1674,24 +1712,47 @@ class ClientConnection(Connection):
             and not dechunk
             and not self.router.draining
         )
-        self.write(self._client_head(response, exchange, keep_alive, dechunk))
-        try:
-            async for data in self._response_chunks(connection, response, dechunk):
-                exchange.bytes_out += len(data)
-                self.write(data)
-                await self.flush()
-        except ProtocolError as exc:
-            # Never pass a cut-off body off as complete: closing the client connection tells.
-            log(f"upstream of model {exchange.model} broke its response: {exc}")
-            exchange.upstream_failure = "protocol"
-            connection.close()
-            return False
+        head = self._client_head(response, exchange, keep_alive, dechunk)
+        if 0 <= response.length <= len(connection.buffer):
+            # The whole body came with the head: one write, no awaiting the upstream.
+            body = bytes(connection.buffer[: response.length])
+            del connection.buffer[: response.length]
+            exchange.bytes_out += len(body)
+            self.write(head + body)
+        else:
+            try:
+                await self._relay_body(exchange, connection, response, dechunk, head)
+            except ProtocolError as exc:
+                # Never pass a cut-off body off as complete: closing the client connection tells.
+                log(f"upstream of model {exchange.model} broke its response: {exc}")
+                exchange.upstream_failure = "protocol"
+                connection.close()
+                return False
         if response.keep_alive and not connection.buffer:
             self.router.pool.release(upstream, connection)
         else:
             connection.close()
         await self.flush()
         return keep_alive
+
+    async def _relay_body(
+        self,
+        exchange: Exchange,
+        connection: Connection,
+        response: Response,
+        dechunk: bool,
+        head: bytes,
+    ) -> None:
+        if not connection.buffer:
+            self.write(head)  # nothing of the body yet (a stream, say): the head goes out now
+            head = b""
+        async for data in self._response_chunks(connection, response, dechunk):
+            exchange.bytes_out += len(data)
+            self.write(head + data if head else data)
+            head = b""
+            await self.flush()
+        if head:
+            self.write(head)  # a body without content (de-chunked to nothing)
 
     @staticmethod
     def _client_head(
@@ -1874,10 +1935,33 @@ def _too_large(cap: int) -> str:
     return f"request body too large (the limit is {cap} bytes)"
 
 
-async def _stop(task: asyncio.Task[Any] | None) -> None:
-    if task is not None and not task.done():
-        task.cancel()
-        await asyncio.wait((task,))
+class ClientWatch:
+    """Reads from a client while its exchange waits on the upstream, to notice it leaving.
+
+    The reading task starts only after a short delay: most answers come sooner, and then the
+    watch costs one timer instead of a task created, cancelled and awaited.
+    """
+
+    __slots__ = ("_start_timer", "_task")
+    DELAY = 0.05
+
+    def __init__(self, connection: ClientConnection, exchange_task: asyncio.Task[Any]):
+        self._task: asyncio.Task[None] | None = None
+        self._start_timer: asyncio.TimerHandle | None = connection.loop.call_later(
+            self.DELAY, self._start, connection, exchange_task
+        )
+
+    def _start(self, connection: ClientConnection, exchange_task: asyncio.Task[Any]) -> None:
+        self._start_timer = None
+        self._task = connection.loop.create_task(connection._await_client_eof(exchange_task))
+
+    async def stop(self) -> None:
+        """End the watch; the client's reader is free again once this returns."""
+        if self._start_timer is not None:
+            self._start_timer.cancel()
+        elif self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.wait((self._task,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2101,6 +2185,7 @@ class Server:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.0):
                 await router.no_connections.wait()
+        router.flush_log()
 
 
 # ---------------------------------------------------------------------------------------------

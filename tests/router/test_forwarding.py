@@ -419,3 +419,18 @@ def test_bodiless_statuses(router_factory: Factory, upstream_factory: Factory, s
         assert read_reply(reader).status == status
         sock.sendall(request_bytes("GET", "/health"))
         assert read_reply(reader).status == 200
+
+
+def test_http_1_0_client_gets_an_empty_chunked_response(
+    router_factory: Factory, upstream_factory: Factory
+) -> None:
+    def handler(request: Received, conn: socket.socket) -> bool:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        return True
+
+    router = router_factory({"models": {"m": {"url": upstream_factory(handler).url}}})
+    with router.connect() as sock:
+        sock.sendall(b"GET /route/m/x HTTP/1.0\r\n\r\n")
+        raw = SocketReader(sock).rest()
+    assert raw.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert raw.endswith(b"\r\n\r\n")
