@@ -7,6 +7,7 @@ answers 503 while "loading" and needs the API key the module passes as `%d/api-k
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,7 +44,8 @@ def scenario(scratch: Path) -> dict[str, Any]:
     (secrets / "worker-key").write_text(WORKER_KEY + "\n")
     for secret in secrets.iterdir():
         secret.chmod(0o600)
-    fake = HERE / "fake_llama_server.py"
+    # Copied out of the checkout, which may sit below /tmp where PrivateTmp= hides it.
+    fake = shutil.copy(HERE / "fake_llama_server.py", scratch)
     pkgs = {
         "llmhop": str(llmhop_package(scratch / "pkgs")),
         "llama-cpp": str(
