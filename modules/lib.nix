@@ -39,6 +39,26 @@ let
   flagValue = value: if lib.isStringLike value then toString value else builtins.toJSON value;
 
   negatedFlag = key: if lib.hasPrefix "no-" key then lib.removePrefix "no-" key else "no-${key}";
+
+  # The flag words of settings in a dialect; `valued key value` spells one flag with a value.
+  renderFlags =
+    valued: dialectName: settings:
+    let
+      d = dialect dialectName;
+      flag =
+        key: value:
+        if value == null || value == [ ] then
+          [ ]
+        else if value == true then
+          [ "--${key}" ]
+        else if value == false then
+          lib.optional d.negate "--${negatedFlag key}"
+        else if lib.isList value then
+          if d.spreadLists then [ "--${key}" ] ++ map flagValue value else lib.concatMap (valued key) value
+        else
+          valued key value;
+    in
+    lib.concatLists (lib.mapAttrsToList flag settings);
 in
 rec {
   # --- Listener addresses -----------------------------------------------------------------
@@ -119,54 +139,18 @@ rec {
   # settings → argv in the given dialect ("llama-cpp", "vllm", "sglang", "sglang-gateway"):
   # `true` → `--key`, `null` and `[ ]` dropped, `false` → `--no-key` (or dropped), lists per
   # dialect, everything else `--key value`. Keys in attribute order (sorted).
-  renderCliArgs =
-    dialectName: settings:
-    let
-      d = dialect dialectName;
-      flag =
-        key: value:
-        if value == null || value == [ ] then
-          [ ]
-        else if value == true then
-          [ "--${key}" ]
-        else if value == false then
-          lib.optional d.negate "--${negatedFlag key}"
-        else if lib.isList value then
-          if d.spreadLists then
-            [ "--${key}" ] ++ map flagValue value
-          else
-            lib.concatMap (v: [
-              "--${key}"
-              (flagValue v)
-            ]) value
-        else
-          [
-            "--${key}"
-            (flagValue value)
-          ];
-    in
-    lib.concatLists (lib.mapAttrsToList flag settings);
+  renderCliArgs = renderFlags (key: value: [
+    "--${key}"
+    (flagValue value)
+  ]);
 
   # The same as one shell-quoted string in the `--key=value` form (for Quadlet's Exec=).
   # A spread list stays `--key a b`, a repeated one `--key=a --key=b`.
   renderCliArgsShell =
     dialectName: settings:
-    let
-      d = dialect dialectName;
-      flag =
-        key: value:
-        if value == null || value == [ ] then
-          [ ]
-        else if value == true then
-          [ "--${key}" ]
-        else if value == false then
-          lib.optional d.negate "--${negatedFlag key}"
-        else if lib.isList value then
-          if d.spreadLists then [ "--${key}" ] ++ map flagValue value else map (v: "--${key}=${flagValue v}") value
-        else
-          [ "--${key}=${flagValue value}" ];
-    in
-    lib.concatMapStringsSep " " lib.escapeShellArg (lib.concatLists (lib.mapAttrsToList flag settings));
+    lib.concatMapStringsSep " " lib.escapeShellArg (
+      renderFlags (key: value: [ "--${key}=${flagValue value}" ]) dialectName settings
+    );
 
   # --- Credentials ------------------------------------------------------------------------
 
