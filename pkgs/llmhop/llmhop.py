@@ -275,6 +275,9 @@ class Model:
     upstream: Upstream
     headers: tuple[tuple[bytes, bytes], ...]  # injected into every request, replacing the client's
     header_names: frozenset[bytes]  # lower-case names of ``headers``
+    # Client headers never forwarded to this model: hop-by-hop ones, those the proxy sets,
+    # those the model sets, and Authorization when the router checks tokens itself.
+    forwarding_drops: frozenset[bytes]
     host_header: bytes  # the Host sent upstream: a configured Host wins over the upstream's own
     unlisted: bool
 
@@ -294,6 +297,15 @@ class Config:
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Header value octets: VCHAR, obs-text, SP and HTAB (RFC 9110 §5.5); used to delete valid bytes.
 _FIELD_VALUE_OCTETS = bytes([9, *range(0x20, 0x7F), *range(0x80, 0x100)])
+HOP_BY_HOP = frozenset(
+    b"connection keep-alive proxy-connection te transfer-encoding upgrade "
+    b"proxy-authenticate proxy-authorization".split()
+)
+# Request headers a proxy sets itself, whatever the client sent.
+REPLACED_REQUEST_HEADERS = frozenset(
+    b"host content-length expect x-request-id x-forwarded-for x-forwarded-host "
+    b"x-forwarded-proto".split()
+)
 # Framing and connection management stay the proxy's: a model may not set them.
 _MANAGED_HEADERS = frozenset(
     b"connection content-length expect keep-alive proxy-connection te trailer "
@@ -354,6 +366,7 @@ class _ConfigReader:
     def __init__(self, resolve: Callable[[str, str], str]):
         self.resolve = resolve
         self.problems: list[tuple[str, str]] = []
+        self.checks_tokens = False
 
     def problem(self, path: str, message: str) -> None:
         self.problems.append((path, message))
@@ -456,12 +469,17 @@ class _ConfigReader:
             self.problem(f"{path}.url", str(exc))
             return None
         headers = self.model_headers(fields.get("headers", {}), f"{path}.headers")
+        header_names = frozenset(n.lower() for n, _ in headers)
         configured_host = dict(headers).get(b"host")
         return Model(
             name=name,
             upstream=upstream,
             headers=tuple((n, v) for n, v in headers if n != b"host"),
-            header_names=frozenset(n.lower() for n, _ in headers),
+            header_names=header_names,
+            forwarding_drops=HOP_BY_HOP
+            | REPLACED_REQUEST_HEADERS
+            | header_names
+            | ({b"authorization"} if self.checks_tokens else set()),
             host_header=configured_host or upstream.host_header,
             unlisted=fields.get("unlisted", False),
         )
@@ -505,6 +523,8 @@ def parse_config(text: str | bytes, resolve: Callable[[str, str], str]) -> Confi
         raise ConfigError([("", "must be a JSON object")])
     reader = _ConfigReader(resolve)
     fields = reader.fields(document, _CONFIG_KEYS, "")
+    # What models forward depends on whether the router checks tokens itself.
+    reader.checks_tokens = bool(fields.get("authTokens"))
     config = Config(
         listener=reader.listener(fields),
         max_body_bytes=reader.count(fields, "maxBodyBytes", DEFAULT_MAX_BODY_BYTES),
@@ -584,18 +604,38 @@ class ProtocolError(Exception):
 _REQUEST_LINE = re.compile(rb"([^ ]+) ([^ ]+) (HTTP/[0-9]\.[0-9])")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n]*))?")
 _TARGET_OCTETS = bytes([*range(0x21, 0x7F), *range(0x80, 0x100)])
-HOP_BY_HOP = frozenset(
-    b"connection keep-alive proxy-connection te transfer-encoding upgrade "
-    b"proxy-authenticate proxy-authorization".split()
-)
-
-Headers = list[tuple[bytes, bytes]]  # (name as received, value)
+_RESPONSE_DROPS = HOP_BY_HOP | {b"content-length"}
 
 
-def parse_fields(lines: list[bytes]) -> Headers:
+class Fields(list[tuple[bytes, bytes]]):
+    """Header fields in order as received, (name, value), indexed once by lower-cased name."""
+
+    __slots__ = ("by_name", "lowered")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lowered: list[bytes] = []  # the names lower-cased, in the same order
+        self.by_name: dict[bytes, list[bytes]] = {}
+
+    def add(self, name: bytes, value: bytes) -> None:
+        lower = name.lower()
+        self.append((name, value))
+        self.lowered.append(lower)
+        self.by_name.setdefault(lower, []).append(value)
+
+    def without(self, dropped: frozenset[bytes] | set[bytes]) -> list[bytes]:
+        """``Name: value`` lines of the fields not named in ``dropped``."""
+        return [
+            name + b": " + value
+            for (name, value), lower in zip(self, self.lowered, strict=True)
+            if lower not in dropped
+        ]
+
+
+def parse_fields(lines: list[bytes]) -> Fields:
     if len(lines) > MAX_HEADER_FIELDS:
         raise ProtocolError(431, f"more than {MAX_HEADER_FIELDS} header fields")
-    headers = []
+    headers = Fields()
     for line in lines:
         name, colon, value = line.partition(b":")
         if not colon or not _TOKEN.fullmatch(name):
@@ -605,15 +645,15 @@ def parse_fields(lines: list[bytes]) -> Headers:
         value = value.strip(b" \t")
         if not is_valid_field_value(value):
             raise ProtocolError(400, "invalid character in header value")
-        headers.append((name, value))
+        headers.add(name, value)
     return headers
 
 
-def header_values(headers: Headers, lower_name: bytes) -> list[bytes]:
-    return [value for name, value in headers if name.lower() == lower_name]
+def header_values(headers: Fields, lower_name: bytes) -> list[bytes]:
+    return headers.by_name.get(lower_name, [])
 
 
-def header_tokens(headers: Headers, lower_name: bytes) -> list[bytes]:
+def header_tokens(headers: Fields, lower_name: bytes) -> list[bytes]:
     """The comma-separated elements of every field of that name, lower-cased."""
     return [
         element.strip(b" \t").lower()
@@ -627,7 +667,7 @@ CHUNKED = -1  # a body length meaning "chunked transfer coding"
 UNTIL_CLOSE = -2  # a response body delimited by the connection closing
 
 
-def body_length(headers: Headers) -> int:
+def body_length(headers: Fields) -> int:
     """The framing of a message body (RFC 9112 §6.3): a length, CHUNKED, or None for none."""
     codings = header_tokens(headers, b"transfer-encoding")
     lengths = header_values(headers, b"content-length")
@@ -655,7 +695,7 @@ class Request:
     method: bytes
     target: bytes
     http_minor: int  # 0 or 1
-    headers: Headers
+    headers: Fields
     length: int  # bytes of body, or CHUNKED
     keep_alive: bool
     expect_continue: bool
@@ -663,10 +703,8 @@ class Request:
     # ``length`` becomes 0 once the body is read; a body read in part spoils keep_alive.
 
     def header(self, lower_name: bytes) -> bytes | None:
-        for name, value in self.headers:
-            if name.lower() == lower_name:
-                return value
-        return None
+        values = self.headers.by_name.get(lower_name)
+        return values[0] if values else None
 
 
 def parse_request_head(head: bytes) -> Request:
@@ -709,7 +747,7 @@ def parse_request_head(head: bytes) -> Request:
 class Response:
     status: int
     reason: bytes
-    headers: Headers
+    headers: Fields
     length: int  # bytes of body, CHUNKED or UNTIL_CLOSE
     keep_alive: bool
 
@@ -1180,15 +1218,6 @@ class Metrics:
 
 
 PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
-_REPLACED_REQUEST_HEADERS = (
-    b"host",
-    b"content-length",
-    b"expect",
-    b"x-request-id",
-    b"x-forwarded-for",
-    b"x-forwarded-host",
-    b"x-forwarded-proto",
-)
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
 
 
@@ -1500,22 +1529,13 @@ class ClientConnection(Connection):
     # -- forwarding -----------------------------------------------------------------------------
 
     def _upstream_head(
-        self,
-        request: Request,
-        exchange: Exchange,
-        config: Config,
-        model: Model,
-        target: bytes,
-        length: int,
+        self, request: Request, exchange: Exchange, model: Model, target: bytes, length: int
     ) -> bytes:
         upstream = model.upstream
         path, question, query = target.partition(b"?")
-        dropped = set(HOP_BY_HOP)
-        dropped.update(header_tokens(request.headers, b"connection"))
-        dropped.update(model.header_names)
-        dropped.update(_REPLACED_REQUEST_HEADERS)
-        if config.auth_tokens:
-            dropped.add(b"authorization")  # the client's token is ours, never the upstream's
+        dropped = model.forwarding_drops
+        if named_by_connection := header_tokens(request.headers, b"connection"):
+            dropped = dropped.union(named_by_connection)
         lines = [
             b"%s %s%s%s HTTP/1.1"
             % (
@@ -1526,7 +1546,7 @@ class ClientConnection(Connection):
             ),
             b"Host: " + model.host_header,
         ]
-        lines += [n + b": " + v for n, v in request.headers if n.lower() not in dropped]
+        lines += request.headers.without(dropped)
         lines += [n + b": " + v for n, v in model.headers]
         if self.peer_ip is not None:
             lines.append(b"X-Forwarded-For: " + self.peer_ip.encode())
@@ -1584,7 +1604,7 @@ class ClientConnection(Connection):
         body: BufferedBody | None,
     ) -> bool:
         length = request.length if body is None else body.length
-        head = self._upstream_head(request, exchange, config, model, target, length)
+        head = self._upstream_head(request, exchange, model, target, length)
         replayable = body is not None or length == 0
         upstream = model.upstream
         watch: ClientWatch | None = None
@@ -1758,11 +1778,9 @@ class ClientConnection(Connection):
     def _client_head(
         response: Response, exchange: Exchange, keep_alive: bool, dechunk: bool
     ) -> bytes:
-        dropped = set(HOP_BY_HOP)
-        dropped.update(header_tokens(response.headers, b"connection"))
-        dropped.add(b"content-length")
+        dropped = _RESPONSE_DROPS.union(header_tokens(response.headers, b"connection"))
         lines = [b"HTTP/1.1 %d %s" % (response.status, response.reason)]
-        lines += [n + b": " + v for n, v in response.headers if n.lower() not in dropped]
+        lines += response.headers.without(dropped)
         if not header_values(response.headers, b"x-request-id"):
             lines.append(b"X-Request-Id: " + exchange.request_id)
         if response.length == CHUNKED and not dechunk:
