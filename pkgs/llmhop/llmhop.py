@@ -2266,6 +2266,7 @@ def is_healthy(upstream: Upstream, health_path: str, timeout: float = HEALTH_PRO
         health_path.encode(),
         upstream.host_header,
     )
+    status = None
     try:
         if upstream.scheme == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -2278,15 +2279,22 @@ def is_healthy(upstream: Upstream, health_path: str, timeout: float = HEALTH_PRO
                 sock = context.wrap_socket(sock, server_hostname=upstream.host)
         with sock:
             sock.sendall(request)
-            answer = b""
-            while b"\r\n" not in answer and len(answer) < 4096:
+            received = b""
+            while b"\r\n\r\n" not in received and len(received) < MAX_HEAD_BYTES:
                 if not (data := sock.recv(4096)):
                     break
-                answer += data
-    except (OSError, ssl.SSLError):
-        return False
-    status = _STATUS_LINE.fullmatch(answer.partition(b"\r\n")[0])
-    return status is not None and status[2] == b"200"
+                received += data
+            head, _, body = received.partition(b"\r\n\r\n")
+            response = parse_response_head(head, b"GET")
+            status = response.status
+            # Read (at most 4 KiB of) the body before closing: a server still writing it
+            # would otherwise meet a broken pipe.
+            wanted = min(response.length, 4096) if response.length >= 0 else 4096
+            while len(body) < wanted and (data := sock.recv(4096)):
+                body += data
+    except (OSError, ssl.SSLError, ProtocolError):
+        pass
+    return status == 200
 
 
 def exit_status(returncode: int) -> int:
