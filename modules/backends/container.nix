@@ -118,7 +118,27 @@ rec {
     sglang = 60603;
   };
 
-  inherit quadletLayers;
+  inherit quadletLayers digestType;
+
+  # `image` and `tag` of a whole backend, or of the gateway: the defaults for what they run.
+  imageOptions =
+    {
+      image,
+      tag,
+      what,
+    }:
+    {
+      image = mkOption {
+        type = types.str;
+        default = image;
+        description = "The image of ${what}, without tag or digest.";
+      };
+      tag = mkOption {
+        type = types.str;
+        default = tag;
+        description = "The image tag of ${what}, pulled when newer.";
+      };
+    };
 
   # A HealthCmd= probing `url` (through `unixSocket` if given).
   healthCheck =
@@ -152,17 +172,11 @@ rec {
       defaultUid,
       nvidiaToolkit,
     }:
-    {
-      image = mkOption {
-        type = types.str;
-        default = image;
-        description = "The image of every model (container runtime), without tag or digest.";
-      };
-      tag = mkOption {
-        type = types.str;
-        default = tag;
-        description = "The image tag of every model without its own `tag` or `digest`; pulled when newer.";
-      };
+    imageOptions {
+      inherit image tag;
+      what = "every model without its own (container runtime)";
+    }
+    // {
       devices = mkOption {
         type = types.listOf types.str;
         default = lib.optional nvidiaToolkit "nvidia.com/gpu=all";

@@ -32,74 +32,70 @@ let
   gatewayTls = gateway.settings.tls-cert-path or null != null;
   gatewayUrl = "${if gatewayTls then "https" else "http"}://${containerLib.reachable gateway.bindAddress}:${toString gateway.port}";
 
-  gatewayOptions = {
-    enable = lib.mkEnableOption "the SGL Model Gateway in front of the SGLang workers (a container)";
-    image = mkOption {
-      type = types.str;
-      default = "docker.io/lmsysorg/sgl-model-gateway";
-      description = "The gateway's image, without tag or digest.";
-    };
-    tag = mkOption {
-      type = types.str;
-      default = "latest";
-      description = "The image tag, pulled when newer; ignored when `digest` is set.";
-    };
-    digest = mkOption {
-      type = types.nullOr (types.strMatching "sha256:[0-9a-f]{64}");
-      default = null;
-      description = "The image digest: never pulls newer.";
-    };
-    bindAddress = mkOption {
-      type = types.str;
-      default = "127.0.0.1";
-      description = "The address the gateway listens on (host network); its health check uses it, a wildcard as loopback.";
-    };
-    port = mkOption {
-      type = types.port;
-      example = 30000;
-      description = "The gateway's port.";
-    };
-    enableMetrics = mkOption {
-      type = types.bool;
-      default = true;
-      description = "Whether the gateway serves Prometheus metrics on `bindAddress`:`metricsPort`.";
-    };
-    metricsPort = mkOption {
-      type = types.port;
-      default = 29000;
-      description = "The port of the gateway's metrics.";
-    };
-    route = mkOption {
-      type = types.nullOr (types.strMatching llmhopLib.modelNamePattern);
-      default = null;
-      example = "sglang";
-      description = "Register the gateway with llmhop under this routing key; `null` does not.";
-    };
-    environment = mkOption {
-      type = types.attrsOf types.str;
-      default = { };
-      description = "Environment variables of the gateway.";
-    };
-    environmentFile = mkOption {
-      type = types.nullOr types.externalPath;
-      default = null;
-      description = "An `EnvironmentFile=` of the gateway.";
-    };
-    credentials = llmhopLib.mkCredentialsOption "the gateway";
-    settings = mkOption {
-      type = common.settingsType;
-      default = { };
-      example = {
-        policy = "cache_aware";
+  gatewayOptions =
+    containerLib.imageOptions {
+      image = "docker.io/lmsysorg/sgl-model-gateway";
+      tag = "latest";
+      what = "the gateway";
+    }
+    // {
+      enable = lib.mkEnableOption "the SGL Model Gateway in front of the SGLang workers (a container)";
+      digest = mkOption {
+        type = types.nullOr containerLib.digestType;
+        default = null;
+        description = "The image digest, instead of `tag`: never pulls newer.";
       };
-      description = ''
-        Flags of the gateway, over its defaults `enable-igw = true` and `worker-urls` (every
-        enabled model). `false` is dropped (write `disable-x = true`). The listener and
-        metrics flags are managed. `''${cred:name}` becomes the path of credential `name`.
-      '';
+      bindAddress = mkOption {
+        type = types.str;
+        default = "127.0.0.1";
+        description = "The address the gateway listens on (host network); its health check uses it, a wildcard as loopback.";
+      };
+      port = mkOption {
+        type = types.port;
+        example = 30000;
+        description = "The gateway's port.";
+      };
+      enableMetrics = mkOption {
+        type = types.bool;
+        default = true;
+        description = "Whether the gateway serves Prometheus metrics on `bindAddress`:`metricsPort`.";
+      };
+      metricsPort = mkOption {
+        type = types.port;
+        default = 29000;
+        description = "The port of the gateway's metrics.";
+      };
+      route = mkOption {
+        type = types.nullOr (types.strMatching llmhopLib.modelNamePattern);
+        default = null;
+        example = "sglang";
+        description = "Register the gateway with llmhop under this routing key; `null` does not.";
+      };
+      environment = mkOption {
+        type = types.attrsOf types.str;
+        default = { };
+        description = "Environment variables of the gateway.";
+      };
+      environmentFile = mkOption {
+        type = types.nullOr types.externalPath;
+        default = null;
+        description = "An `EnvironmentFile=` of the gateway.";
+      };
+      credentials = llmhopLib.mkCredentialsOption "the gateway";
+      settings = mkOption {
+        type = common.settingsType;
+        default = { };
+        example = {
+          policy = "cache_aware";
+        };
+        description = ''
+          Flags of the gateway, over its defaults `enable-igw = true` and `worker-urls` (every
+          enabled model). `false` is dropped (write `disable-x = true`). The listener and
+          metrics flags are managed. `''${cred:name}` becomes the path of credential `name`.
+        '';
+      };
+      quadlet = containerLib.quadletLayers "the gateway's container";
     };
-    quadlet = containerLib.quadletLayers "the gateway's container";
-  };
 
   gatewayContainer =
     let
