@@ -140,6 +140,93 @@ let
         "services.llmhop: port 8080 is claimed more than once, by llama-cpp.models.a, llmhop.listen.default."
       ];
     };
+    # The seed's vLLM model: a rootless container under its lingering user, routed.
+    testSeedVllmContainer = {
+      expr =
+        let
+          result = router {
+            services.llmhop.vllm.models."llama-3-8b" = {
+              port = 20001;
+              model = "meta-llama/Meta-Llama-3-8B-Instruct";
+            };
+          };
+        in
+        {
+          inherit (result.users.vllm) uid linger;
+          user = lib.hasInfix "ConditionUser=60602" result.quadlet.vllm-llama-3-8b;
+          published = lib.hasInfix "PublishPort=127.0.0.1:20001:8000" result.quadlet.vllm-llama-3-8b;
+          route = result.registries.modelsRegistry."vllm.models.llama-3-8b".route.url;
+        };
+      expected = {
+        uid = 60602;
+        linger = true;
+        user = true;
+        published = true;
+        route = "http://127.0.0.1:20001";
+      };
+    };
+    # A native vLLM beside vLLM containers; NCCL follows tensor-parallel-size.
+    testPerModelRuntime = {
+      expr =
+        let
+          result = router {
+            services.llmhop.vllm.models = {
+              box = {
+                port = 20001;
+                model = "org/box";
+              };
+              native = {
+                runtime = "native";
+                port = 20002;
+                model = "org/native";
+                settings.tensor-parallel-size = 2;
+              };
+            };
+          };
+          native = result.services.vllm-native;
+        in
+        {
+          containers = lib.attrNames result.quadlet;
+          nativeUser = native.serviceConfig.User;
+          nccl = native.environment.NCCL_SOCKET_IFNAME;
+          bind = native.serviceConfig.SocketBindAllow;
+        };
+      expected = {
+        containers = [ "vllm-box" ];
+        nativeUser = "vllm";
+        nccl = "lo";
+        bind = "tcp";
+      };
+    };
+    # Quadlet copies Exec= into ExecStart=: `%` and `$` must reach the server as written.
+    testContainerValuesEscaped = {
+      expr =
+        lib.hasInfix "'--chat-template=100%% $$x'"
+          (router {
+            services.llmhop.vllm.models.m = {
+              port = 20001;
+              model = "org/m";
+              settings.chat-template = "100% $x";
+            };
+          }).quadlet.vllm-m;
+      expected = true;
+    };
+    testGatewayCredentialNameAsserts = {
+      expr = lib.length (router {
+        services.llmhop.sglang = {
+          models.m = {
+            port = 30001;
+            model = "org/m";
+          };
+          gateway = {
+            enable = true;
+            port = 19000;
+            credentials."a/b" = "/run/secrets/x";
+          };
+        };
+      }).assertions;
+      expected = 1;
+    };
     testCliDialects = {
       expr = {
         vllm = llmhopLib.renderCliArgs "vllm" {

@@ -276,8 +276,12 @@ rec {
   # Stands for systemd's `%d` (the credentials directory) until the arguments are escaped.
   credentialsDirectoryPlaceholder = "@llmhop-credentials-directory@";
 
-  # One ExecStart= argument, quoted and with `%` and `$` escaped (as NixOS' utils do).
-  escapeExecArg = arg: lib.replaceStrings [ "%" "$" ] [ "%%" "$$" ] (builtins.toJSON (toString arg));
+  # A value systemd takes literally: no specifier (`%`), no variable (`$`). Quadlet copies
+  # `Exec=` and `Environment=` into the ExecStart= of its unit as they are.
+  escapeSystemdValue = lib.replaceStrings [ "%" "$" ] [ "%%" "$$" ];
+
+  # One ExecStart= argument, quoted and escaped (as NixOS' utils do).
+  escapeExecArg = arg: escapeSystemdValue (builtins.toJSON (toString arg));
 
   # ExecStart= from an argv; the credentials placeholder becomes `%d` after escaping.
   escapeExecArgs =
@@ -345,6 +349,19 @@ rec {
     MemoryDenyWriteExecute = false;
     LimitMEMLOCK = "infinity";
     ProcSubset = "all";
+  };
+
+  # NCCL between the processes of one model (tensor or pipeline parallel): it enumerates
+  # interfaces over netlink and binds ephemeral TCP ports for its rendezvous.
+  ncclRelaxations = {
+    RestrictAddressFamilies = hardening.RestrictAddressFamilies ++ [ "AF_NETLINK" ];
+    SocketBindAllow = "tcp";
+  };
+
+  # One host: loopback only, no InfiniBand probing.
+  ncclEnvironment = {
+    NCCL_SOCKET_IFNAME = "lo";
+    NCCL_IB_DISABLE = "1";
   };
 
   # Kernel and shader caches of GPU runtimes, kept in the worker's cache directory.

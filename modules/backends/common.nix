@@ -51,6 +51,7 @@ let
       socketDirectory,
       gpuDefault,
       socketCapable,
+      parallelFlags,
       backendCfg,
     }:
     { name, config, ... }:
@@ -128,6 +129,31 @@ let
           default = { };
           description = "`[Unit]` settings of the model's unit (dependencies belong in `systemd.services`).";
         };
+        runtime = mkOption {
+          type = types.enum [
+            "native"
+            "container"
+          ];
+          default = backendCfg.runtime;
+          defaultText = lib.literalExpression "<backend>.runtime";
+          description = "How this model runs (a native vLLM beside vLLM containers, say).";
+        };
+        nccl = mkOption {
+          type = types.bool;
+          default = lib.any (
+            flag:
+            let
+              value = (backendCfg.modelSettings // config.settings).${flag} or 1;
+            in
+            lib.isInt value && value > 1
+          ) parallelFlags;
+          defaultText = lib.literalExpression "whether the settings ask for more than one GPU";
+          description = ''
+            Whether a native model talks NCCL between its GPU processes: netlink, binds on any
+            TCP port (the ephemeral rendezvous), `NCCL_SOCKET_IFNAME=lo` and no InfiniBand.
+            On when a parallelism flag (${lib.concatStringsSep ", " parallelFlags}) exceeds 1.
+          '';
+        };
         gpu = mkOption {
           type = types.bool;
           default = gpuDefault;
@@ -161,6 +187,8 @@ rec {
       gpuDefault ? false,
       # False for servers without unix sockets: `port` is then required.
       socketCapable ? true,
+      # Flags whose value above 1 spreads a model over GPUs that talk NCCL.
+      parallelFlags ? [ ],
       extraOptions ? { },
       modelOptions ? { },
     }:
@@ -190,8 +218,9 @@ rec {
         defaultText = lib.literalExpression ''runtime == "container"${lib.optionalString gpuDefault " || true"}'';
         description = ''
           Whether the models start one after another, sorted by `name` (`After=` the previous
-          one). Units become active only once healthy, so big models never load (or profile a
-          GPU) at the same time.
+          one of the same runtime: containers and native units have separate managers). Units
+          become active only once healthy, so big models never load (or profile a GPU) at the
+          same time.
         '';
       };
 
@@ -201,7 +230,10 @@ rec {
           "container"
         ];
         default = defaultRuntime;
-        description = "How the models run: hardened system units (`native`) or Podman containers (`container`).";
+        description = ''
+          How the models run by default: hardened system units (`native`) or Podman containers
+          (`container`); each model's `runtime` may differ.
+        '';
       };
 
       environment = environmentOption "every model";
@@ -231,6 +263,7 @@ rec {
                 socketDirectory
                 gpuDefault
                 socketCapable
+                parallelFlags
                 ;
               backendCfg = cfg;
             })
@@ -245,6 +278,8 @@ rec {
 
   # The enabled models of a backend with what the framework derives for each; when two share
   # a unit name only the first (by attribute name) gets a unit, the registries report both.
+  # `native` and `container` hold the units of each runtime, sorted by unit name (so by model
+  # name), each knowing its predecessor in the same runtime for startupOrdering.
   workloads =
     backend: cfg:
     let
@@ -255,21 +290,26 @@ rec {
         url = llmhopLib.workerUrl { inherit (model) socket port; };
         cacheDirectory = "/var/cache/${backend}/${model.name}";
       }) (lib.filterAttrs (_: m: m.enable) cfg.models);
-      # One per unit, sorted by unit name (so by model name), each knowing its predecessor
-      # for startupOrdering.
       units = lib.attrValues (
         lib.foldl' (acc: w: if acc ? ${w.unit} then acc else acc // { ${w.unit} = w; }) { } all
       );
+      chain =
+        runtime:
+        let
+          chained = lib.filter (w: w.model.runtime == runtime) units;
+        in
+        lib.imap0 (
+          i: w:
+          w
+          // {
+            previous = if cfg.startupOrdering && i > 0 then (lib.elemAt chained (i - 1)).unit else null;
+          }
+        ) chained;
     in
     {
       inherit all;
-      units = lib.imap0 (
-        i: w:
-        w
-        // {
-          previous = if cfg.startupOrdering && i > 0 then (lib.elemAt units (i - 1)).unit else null;
-        }
-      ) units;
+      native = chain "native";
+      container = chain "container";
     };
 
   # A native model's systemd.services entry, hardened as §3.6 of the reference. `command` is
@@ -285,6 +325,8 @@ rec {
       managedFlags,
       identity,
       environment ? { },
+      # Programs on PATH (compilers of a JIT).
+      path ? [ ],
       restart ? "on-failure",
       description,
     }:
@@ -319,13 +361,18 @@ rec {
       };
     in
     {
-      inherit description;
+      inherit description path;
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ] ++ lib.optional (workload.previous != null) "${workload.previous}.service";
       startLimitBurst = 3;
       startLimitIntervalSec = 3600;
-      environment = environment // lib.optionalAttrs model.gpu (llmhopLib.gpuEnvironment workload.cacheDirectory) // cfg.environment // model.environment;
+      environment =
+        environment
+        // lib.optionalAttrs model.gpu (llmhopLib.gpuEnvironment workload.cacheDirectory)
+        // lib.optionalAttrs model.nccl llmhopLib.ncclEnvironment
+        // cfg.environment
+        // model.environment;
       inherit (model) unitConfig;
       serviceConfig =
         llmhopLib.withCredentials model.credentials (
@@ -371,6 +418,7 @@ rec {
               }
           )
           // lib.optionalAttrs model.gpu llmhopLib.gpuRelaxations
+          // lib.optionalAttrs model.nccl llmhopLib.ncclRelaxations
           // model.serviceConfig
         )
         // fixed;
@@ -425,16 +473,20 @@ rec {
       containerConfig =
         containerLib.imageOf { inherit model; backendCfg = cfg; }
         // {
-          Exec = lib.concatStringsSep " " (
-            map lib.escapeShellArg positional
-            ++ [ (llmhopLib.renderCliArgsShell dialect (settings // managedFlags)) ]
+          Exec = llmhopLib.escapeSystemdValue (
+            lib.concatStringsSep " " (
+              map lib.escapeShellArg positional
+              ++ [ (llmhopLib.renderCliArgsShell dialect (settings // managedFlags)) ]
+            )
           );
-          Environment = {
-            ${cacheVariable} = cacheDirectory;
-          }
-          // environment
-          // cfg.environment
-          // model.environment;
+          Environment = lib.mapAttrs (_: llmhopLib.escapeSystemdValue) (
+            {
+              ${cacheVariable} = cacheDirectory;
+            }
+            // environment
+            // cfg.environment
+            // model.environment
+          );
           EnvironmentFile = lib.filter (f: f != null) [
             cfg.environmentFile
             model.environmentFile
@@ -521,19 +573,37 @@ rec {
     };
   };
 
-  namedUserConfig = backend: cfg: {
-    users.users = lib.mkIf (cfg.user == backend) {
-      ${backend} = {
-        isSystemUser = true;
-        uid = containerLib.defaultUids.${backend};
-        inherit (cfg) group;
-        description = "${backend} workers";
+  # Whether an enabled model of the backend runs under `runtime`.
+  usesRuntime = runtime: cfg: lib.any (m: m.enable && m.runtime == runtime) (lib.attrValues cfg.models);
+
+  # What Triton, the torch C++ extensions and the flashinfer JIT call: a compiler, ninja, sh.
+  jitTools = pkgs: [
+    pkgs.stdenv.cc
+    pkgs.ninja
+    pkgs.bash
+  ];
+
+  namedUserConfig =
+    backend: cfg:
+    let
+      # The container user of the same name (models of both runtimes) lends its IDs.
+      container = cfg.quadlet.user;
+      shared = what: container != null && container.manage && container.${what} == backend;
+      defaultId = containerLib.defaultUids.${backend};
+    in
+    {
+      users.users = lib.mkIf (cfg.user == backend) {
+        ${backend} = {
+          isSystemUser = true;
+          uid = if shared "name" then container.uid else defaultId;
+          inherit (cfg) group;
+          description = "${backend} workers";
+        };
+      };
+      users.groups = lib.mkIf (cfg.group == backend) {
+        ${backend}.gid = if shared "group" then container.gid else defaultId;
       };
     };
-    users.groups = lib.mkIf (cfg.group == backend) {
-      ${backend}.gid = containerLib.defaultUids.${backend};
-    };
-  };
 
   # The environment of a native Python server: every cache in the unit's cache directory
   # (it is also HOME), the host's GPU driver libraries (Triton would run /sbin/ldconfig).
@@ -605,7 +675,8 @@ rec {
           # Its systemd instance runs the containers from boot on.
           linger = true;
           autoSubUidGidRange = lib.mkDefault true;
-          description = "${backend} containers";
+          # As namedUserConfig's: native models of the backend share the account.
+          description = "${backend} workers";
         };
         groups.${user.group}.gid = user.gid;
       };
@@ -637,16 +708,18 @@ rec {
       container,
       # An assertion that the native runtime cannot work (a missing package), or null.
       nativeUnavailable ? null,
+      # Whether the container runtime is needed without container models (the gateway).
+      containersWanted ? false,
     }:
     let
       w = workloads backend cfg;
       optionPath = workload: "services.llmhop.${workload.owner}";
-      isNative = cfg.runtime == "native";
+      nativeSockets = lib.any (wl: wl.model.runtime == "native" && wl.model.socket != null) w.all;
     in
     lib.mkMerge [
       {
         assertions =
-          lib.optional (isNative && nativeUnavailable != null) {
+          lib.optional (w.native != [ ] && nativeUnavailable != null) {
             assertion = false;
             message = nativeUnavailable;
           }
@@ -693,24 +766,22 @@ rec {
               }
             ) w.all
           );
-          supplementaryGroups = lib.mkIf (isNative && lib.any (wl: wl.model.socket != null) w.all) [
-            socketGroup
-          ];
+          supplementaryGroups = lib.mkIf nativeSockets [ socketGroup ];
         };
       }
 
-      (lib.mkIf (isNative && nativeUnavailable == null) {
+      (lib.mkIf (nativeUnavailable == null) {
         systemd.services = lib.listToAttrs (
           map (
             workload:
             lib.nameValuePair workload.unit (
               nativeService ({ inherit cfg routerCfg workload; } // native workload)
             )
-          ) w.units
+          ) w.native
         );
       })
 
-      (lib.mkIf (!isNative && w.units != [ ]) (
+      (lib.mkIf (w.container != [ ] || containersWanted) (
         lib.mkMerge [
           (containerSystem {
             inherit
@@ -719,7 +790,7 @@ rec {
               cfg
               routerCfg
               ;
-            workloads = w.units;
+            workloads = w.container;
           })
           {
             virtualisation.quadlet.containers = lib.listToAttrs (
@@ -734,7 +805,7 @@ rec {
                     // container workload
                   )
                 )
-              ) w.units
+              ) w.container
             );
           }
         ]

@@ -1,7 +1,7 @@
 # SGLang workers (services.llmhop.sglang): one server per model, by default in the upstream
-# image as rootless Podman containers of the `sglang` user, natively (`runtime = "native"`)
-# as hardened units of that user. SGLang serves no unix socket: every model needs a port.
-# `gateway` runs the SGL Model Gateway in front of the workers.
+# image as rootless Podman containers of the `sglang` user, natively (`runtime = "native"`, per
+# backend or per model) as hardened units of that user. SGLang serves no unix socket: every
+# model needs a port. `gateway` runs the SGL Model Gateway in front of the workers.
 {
   config,
   lib,
@@ -27,7 +27,13 @@ let
 
   workers = lib.filter (m: m.enable) (lib.attrValues cfg.models);
   workerUrls = map (m: "http://127.0.0.1:${toString m.port}") workers;
-  workerUnits = map (m: "${backend}-${m.name}.service") workers;
+  # The gateway waits for the workers its manager knows: containers under the same user, and
+  # native units only when the gateway itself is a system unit. Any other worker is waited
+  # for by the gateway (its worker startup timeout).
+  rootless = cfg.quadlet.user != null;
+  workerUnits = map (m: "${backend}-${m.name}.service") (
+    lib.filter (m: m.runtime == "container" || !rootless) workers
+  );
 
   gatewayTls = gateway.settings.tls-cert-path or null != null;
   gatewayUrl = "${if gatewayTls then "https" else "http"}://${containerLib.reachable gateway.bindAddress}:${toString gateway.port}";
@@ -113,7 +119,7 @@ let
       };
     in
     containerLib.quadletContainer {
-      uid = if cfg.quadlet.user != null then cfg.quadlet.user.uid else null;
+      uid = if rootless then cfg.quadlet.user.uid else null;
       layers = [ gateway.quadlet ];
       inherit (gateway) credentials;
       containerConfig =
@@ -123,15 +129,17 @@ let
         }
         // {
           Network = "host";
-          Exec = llmhopLib.renderCliArgsShell "sglang-gateway" (
-            {
-              enable-igw = true;
-              worker-urls = workerUrls;
-            }
-            // settings
-            // managedFlags
+          Exec = llmhopLib.escapeSystemdValue (
+            llmhopLib.renderCliArgsShell "sglang-gateway" (
+              {
+                enable-igw = true;
+                worker-urls = workerUrls;
+              }
+              // settings
+              // managedFlags
+            )
           );
-          Environment = gateway.environment;
+          Environment = lib.mapAttrs (_: llmhopLib.escapeSystemdValue) gateway.environment;
           EnvironmentFile = lib.optional (gateway.environmentFile != null) gateway.environmentFile;
           NoNewPrivileges = true;
           DropCapability = "all";
@@ -170,6 +178,14 @@ in
     defaultRuntime = "container";
     gpuDefault = true;
     socketCapable = false;
+    parallelFlags = [
+      "tp-size"
+      "tensor-parallel-size"
+      "pp-size"
+      "pipeline-parallel-size"
+      "dp-size"
+      "data-parallel-size"
+    ];
     modelOptions = common.modelOption;
     extraOptions = {
       package = mkOption {
@@ -197,6 +213,7 @@ in
           routerCfg
           ;
         socketGroup = cfg.group;
+        containersWanted = gateway.enable;
         nativeUnavailable =
           if cfg.package == null then
             ''services.llmhop.sglang.package is null (nixpkgs has no SGLang here): set it to a Python environment providing the sglang module, or use runtime = "container".''
@@ -217,6 +234,7 @@ in
               inherit (model) port;
             };
             environment = common.pythonEnvironment cacheDirectory;
+            path = common.jitTools pkgs;
             identity = {
               User = cfg.user;
               Group = cfg.group;
@@ -237,14 +255,12 @@ in
             };
           };
       })
-      (lib.mkIf (cfg.runtime == "native") (common.namedUserConfig backend cfg))
+      (lib.mkIf (common.usesRuntime "native" cfg) (common.namedUserConfig backend cfg))
       (lib.mkIf gateway.enable {
-        assertions = [
-          {
-            assertion = cfg.runtime == "container";
-            message = ''services.llmhop.sglang.gateway runs as a container next to the workers: it needs services.llmhop.sglang.runtime = "container".'';
-          }
-        ];
+        assertions = map (name: {
+          assertion = false;
+          message = ''services.llmhop.sglang.gateway.credentials."${name}": a credential name is one path component matching ${llmhopLib.credentialNamePattern}.'';
+        }) (llmhopLib.invalidCredentialNames gateway.credentials);
         virtualisation.quadlet = {
           enable = true;
           containers.sglang-gateway = gatewayContainer;

@@ -1,6 +1,6 @@
 # vLLM workers (services.llmhop.vllm): `vllm serve` per model, by default in the upstream image
-# as rootless Podman containers of the `vllm` user; natively (`runtime = "native"`) as
-# hardened units of that user, on a port or a unix socket (`--uds`).
+# as rootless Podman containers of the `vllm` user; natively (`runtime = "native"`, per backend
+# or per model) as hardened units of that user, on a port or a unix socket (`--uds`).
 {
   config,
   lib,
@@ -33,6 +33,11 @@ in
     tag = "latest";
     defaultRuntime = "container";
     gpuDefault = true;
+    parallelFlags = [
+      "tensor-parallel-size"
+      "pipeline-parallel-size"
+      "data-parallel-size"
+    ];
     modelOptions = common.modelOption;
     extraOptions = {
       package = lib.mkPackageOption pkgs "vllm" { } // {
@@ -73,6 +78,7 @@ in
               VLLM_CACHE_ROOT = "${cacheDirectory}/vllm";
               OUTLINES_CACHE_DIR = "${cacheDirectory}/outlines";
             };
+            path = common.jitTools pkgs;
             identity = {
               User = cfg.user;
               Group = cfg.group;
@@ -93,7 +99,7 @@ in
             // listenFlags (common.containerListen model 8000);
           };
       })
-      (lib.mkIf (cfg.runtime == "native") (common.namedUserConfig backend cfg))
+      (lib.mkIf (common.usesRuntime "native" cfg) (common.namedUserConfig backend cfg))
     ]
   );
 }

@@ -57,6 +57,7 @@ let
         overrideStrategy
         ;
       serviceConfig = def.serviceConfig or null;
+      path = map toString (def.path or [ ]);
       environment = def.environment or null;
       listenStreams = def.listenStreams or null;
       socketConfig = def.socketConfig or null;

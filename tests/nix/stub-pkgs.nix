@@ -85,6 +85,7 @@ let
     "gnused"
     "llama-cpp"
     "llmhop"
+    "ninja"
     "podman"
     "python3"
     "python3Minimal"
@@ -100,6 +101,7 @@ let
       hostPlatform = lib.systems.elaborate "x86_64-linux";
       buildPlatform = lib.systems.elaborate "x86_64-linux";
       isLinux = true;
+      cc = mkPackage "gcc-wrapper" { };
     };
 
     formats = {

@@ -476,18 +476,36 @@ def test_gateway_route_tls_and_wildcard() -> None:
     assert "sglang.gateway.metrics" not in result["registries"]["portsRegistry"]
 
 
-def test_gateway_port_clash_and_native_runtime_are_rejected() -> None:
+def test_gateway_port_clash_and_bad_credential_names_are_rejected() -> None:
     messages = assertions(gateway(port=30001))
     assert messages == [
         "services.llmhop: port 30001 is claimed more than once, by sglang.gateway, sglang.models.a."
     ]
-    config = gateway()
-    config["services"]["llmhop"]["sglang"]["runtime"] = "native"
-    config["services"]["llmhop"]["sglang"]["package"] = "/opt/sglang"
-    assert assertions(config) == [
-        "services.llmhop.sglang.gateway runs as a container next to the workers:"
-        ' it needs services.llmhop.sglang.runtime = "container".'
+    messages = assertions(gateway(credentials={"tls/key": "/run/secrets/tls.key"}))
+    assert messages == [
+        'services.llmhop.sglang.gateway.credentials."tls/key": a credential name is one path'
+        " component matching [[:alnum:]_][[:alnum:]_.-]{0,254}."
     ]
+
+
+@pytest.mark.parametrize("rootless", [True, False])
+def test_gateway_in_front_of_native_workers(rootless: bool) -> None:
+    config = gateway()
+    sglang = config["services"]["llmhop"]["sglang"]
+    sglang["package"] = "/opt/sglang-env"
+    sglang["models"]["a"]["runtime"] = "native"
+    if not rootless:
+        sglang["quadlet"] = {"user": None}
+    result = evaluate(config)
+    assert "sglang-a" in result["services"]
+    unit = container(result, "sglang-gateway")
+    workers = "--worker-urls http://127.0.0.1:30001 http://127.0.0.1:30002"
+    assert workers in unit["Container"]["Exec"][0]
+    # A user manager cannot order itself after a system unit; a rootful gateway can.
+    expected = ["sglang-b.service"] if rootless else ["sglang-a.service", "sglang-b.service"]
+    assert unit["Unit"]["After"] == expected
+    assert unit["Unit"]["Requires"] == expected
+    assert ("ConditionUser" in unit["Unit"]) is rootless
 
 
 # --- native vLLM and SGLang -----------------------------------------------------------------
@@ -533,6 +551,15 @@ def test_native_vllm() -> None:
     assert env["HF_HOME"] == "/var/cache/vllm/tcp"
     assert env["VLLM_CACHE_ROOT"] == "/var/cache/vllm/tcp/vllm"
     assert env["LD_LIBRARY_PATH"] == "/run/opengl-driver/lib"
+    # tensor-parallel-size 2: NCCL between the two GPU processes.
+    assert (env["NCCL_SOCKET_IFNAME"], env["NCCL_IB_DISABLE"]) == ("lo", "1")
+    assert tcp["serviceConfig"]["RestrictAddressFamilies"][-1] == "AF_NETLINK"
+    assert tcp["serviceConfig"]["SocketBindAllow"] == "tcp"
+    assert "NCCL_SOCKET_IFNAME" not in result["services"]["vllm-sock"]["environment"]
+    assert sock["RestrictAddressFamilies"] == ["AF_INET", "AF_INET6", "AF_UNIX"]
+    assert "SocketBindAllow" not in sock
+    # Triton and the flashinfer JIT compile kernels at run time.
+    assert [path.rsplit("-", 1)[-1] for path in tcp["path"]] == ["wrapper", "ninja", "bash"]
     assert result["users"]["vllm"]["uid"] == 60602
     assert result["users"]["vllm"]["linger"] is None
     assert result["services"]["llmhop"]["serviceConfig"]["SupplementaryGroups"] == ["vllm"]
@@ -552,6 +579,118 @@ def test_native_sglang_needs_a_package() -> None:
     )
     assert unit["SocketBindAllow"] == "tcp:30001"
     assert unit["Restart"] == "always"
+
+
+@pytest.mark.parametrize(
+    ("settings", "nccl", "expected"),
+    [
+        ({"pipeline-parallel-size": 2}, None, True),
+        ({"tensor-parallel-size": 1}, None, False),
+        # Only numbers count: a string is the server's business.
+        ({"tensor-parallel-size": "2"}, None, False),
+        ({"tensor-parallel-size": 4}, False, False),
+        ({}, True, True),
+    ],
+)
+def test_nccl_follows_the_parallelism_flags(
+    settings: dict[str, Any], nccl: bool | None, expected: bool
+) -> None:
+    model: dict[str, Any] = {"port": 20001, "model": "org/m", "settings": settings}
+    if nccl is not None:
+        model["nccl"] = nccl
+    service = evaluate(llmhop(vllm={"runtime": "native", "models": {"m": model}}))["services"]
+    assert ("NCCL_IB_DISABLE" in service["vllm-m"]["environment"]) is expected
+    allowed = service["vllm-m"]["serviceConfig"]["SocketBindAllow"]
+    assert allowed == ("tcp" if expected else "tcp:20001")
+
+
+def test_per_model_runtime() -> None:
+    """The complete example's arrangement: a native vLLM beside vLLM containers."""
+    result = evaluate(
+        llmhop(
+            vllm={
+                "models": {
+                    "b-container": {"port": 20002, "model": "org/b"},
+                    "a-container": {"port": 20001, "model": "org/a"},
+                    "native": {"runtime": "native", "model": "org/n"},
+                }
+            }
+        )
+    )
+    assert sorted(result["quadlet"]) == ["vllm-a-container", "vllm-b-container"]
+    assert "vllm-native" in result["services"]
+    assert "vllm-a-container" not in result["services"]
+    # Chained within each runtime: a user manager cannot wait for a system unit.
+    assert container(result, "vllm-b-container")["Unit"]["After"] == ["vllm-a-container.service"]
+    assert "After" not in container(result, "vllm-a-container")["Unit"]
+    assert result["services"]["vllm-native"]["after"] == ["network-online.target"]
+    # One account for both: the container user (lingering) runs the native unit too.
+    user = result["users"]["vllm"]
+    assert (user["uid"], user["linger"], user["description"]) == (60602, True, "vllm workers")
+    native = result["services"]["vllm-native"]["serviceConfig"]
+    assert (native["User"], native["RuntimeDirectory"]) == ("vllm", "llmhop/vllm-native")
+    assert result["services"]["llmhop"]["serviceConfig"]["SupplementaryGroups"] == ["vllm"]
+    assert config_file(result)["models"] == {
+        "a-container": {"url": "http://127.0.0.1:20001"},
+        "b-container": {"url": "http://127.0.0.1:20002"},
+        "native": {"url": "unix:///run/llmhop/vllm-native/http.sock"},
+    }
+
+
+def test_mixed_runtimes_share_a_custom_container_user() -> None:
+    models = {
+        "c": {"port": 20001, "model": "org/c"},
+        "n": {"port": 20002, "model": "org/n", "runtime": "native"},
+    }
+    result = evaluate(llmhop(vllm={"quadlet": {"user": {"uid": 7001}}, "models": models}))
+    assert (result["users"]["vllm"]["uid"], result["groups"]["vllm"]["gid"]) == (7001, 7001)
+    assert container(result, "vllm-c")["Unit"]["ConditionUser"] == ["7001"]
+
+
+def test_a_native_model_needs_the_package_only_when_present() -> None:
+    config = llmhop(sglang={"models": {"c": {"port": 30001, "model": "org/c"}}})
+    assert "sglang-c" in evaluate(config)["quadlet"]
+    config["services"]["llmhop"]["sglang"]["models"]["n"] = {
+        "port": 30002,
+        "model": "org/n",
+        "runtime": "native",
+    }
+    messages = assertions(config)
+    assert len(messages) == 1 and messages[0].startswith("services.llmhop.sglang.package is null")
+
+
+def test_values_reach_the_container_literally() -> None:
+    """Quadlet copies Exec= and Environment= into ExecStart=, where systemd would expand
+    `%` specifiers and `$` variables."""
+    result = evaluate(
+        llmhop(
+            vllm={
+                "environment": {"PROMPT_PREFIX": "50% off $HOME"},
+                "models": {
+                    "m": {
+                        "port": 20001,
+                        "model": "org/m",
+                        "settings": {"chat-template": "{{ '%d' }} ${x}"},
+                    }
+                },
+            },
+            sglang={
+                "gateway": {
+                    "enable": True,
+                    "port": 19000,
+                    "environment": {"RUST_LOG": "info%"},
+                    "settings": {"api-key": "a$b"},
+                },
+                "models": {"s": {"port": 30001, "model": "org/s"}},
+            },
+        )
+    )
+    c = container(result, "vllm-m")["Container"]
+    assert "'--chat-template={{ '\\''%%d'\\'' }} $${x}'" in c["Exec"][0]
+    assert any("PROMPT_PREFIX=50%% off $$HOME" in line for line in c["Environment"])
+    gw = container(result, "sglang-gateway")["Container"]
+    assert "'--api-key=a$$b'" in gw["Exec"][0]
+    assert any("RUST_LOG=info%%" in line for line in gw["Environment"])
 
 
 @pytest.mark.systemd
