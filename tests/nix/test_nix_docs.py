@@ -39,6 +39,7 @@ def test_the_documented_example(tmp_path: Path) -> None:
         "qwen3-8b": {"url": "http://127.0.0.1:18001"},
         "llama-3-8b": {"url": "http://127.0.0.1:20001"},
         "qwen3-32b": {"url": "unix:///run/llmhop/vllm-qwen3-32b/http.sock"},
+        "llama-3-70b": {"url": "unix:///run/llmhop/vllm-llama-3-70b/http.sock"},
         "gemma-3-27b": {"url": "http://127.0.0.1:30001"},
         "mistral-small": {"url": "http://127.0.0.1:30002"},
         "sglang": {"url": "http://127.0.0.1:30000"},
@@ -46,7 +47,7 @@ def test_the_documented_example(tmp_path: Path) -> None:
     router = result["services"]["llmhop"]["serviceConfig"]
     assert router["TimeoutStopSec"] == 130
     assert router["ImportCredential"] == ["llmhop.client-token"]
-    assert router["SupplementaryGroups"] == ["llama-cpp"]
+    assert sorted(router["SupplementaryGroups"]) == ["llama-cpp", "vllm"]
     assert result["sockets"]["llmhop-caddy"]["listenStreams"] == ["/run/llmhop/caddy.sock"]
     gemma = result["services"]["llama-cpp-gemma"]["serviceConfig"]
     assert '"--api-key-file" "%d/api-keys"' in gemma["ExecStart"]
@@ -61,6 +62,15 @@ def test_the_documented_example(tmp_path: Path) -> None:
     assert "Volume=%d:/run/llmhop/credentials:ro\n" in qwen
     assert "ImportCredential=llmhop.hf-token\n" in qwen
     assert "Image=docker.io/vllm/vllm-openai:v0.11.0\n" in result["quadlet"]["vllm-llama-3-8b"]
+    # The native vLLM: a system unit of the same (lingering) user, NCCL for its two GPUs.
+    assert "vllm-llama-3-70b" not in result["quadlet"]
+    native = result["services"]["vllm-llama-3-70b"]
+    exec_start = native["serviceConfig"]["ExecStart"]
+    assert native["serviceConfig"]["User"] == "vllm"
+    assert '"--tensor-parallel-size" "2"' in exec_start
+    assert '"--uds" "/run/llmhop/vllm-llama-3-70b/http.sock"' in exec_start
+    assert native["environment"]["NCCL_SOCKET_IFNAME"] == "lo"
+    assert result["users"]["vllm"]["linger"] is True
     mistral = result["quadlet"]["sglang-mistral-small"]
     assert "After=sglang-gemma-3-27b.service\n" in mistral
     assert "AddDevice=nvidia.com/gpu=2\n" in mistral
