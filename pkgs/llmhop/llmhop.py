@@ -36,7 +36,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -60,6 +60,10 @@ MAX_IDLE_UPSTREAM_CONNECTIONS = 64
 # An unread request body up to this size is read and dropped after an early error response, so
 # the connection can be reused and the client is not cut off mid-send.
 MAX_DISCARD_BYTES = 256 * 1024
+DISCARD_TIMEOUT = 1.0
+# A client that half-closes right after its request still gets an answer that comes this soon;
+# later, its end of stream counts as leaving, which stops the exchange.
+CLIENT_EOF_GRACE = 0.05
 
 
 def log(message: str) -> None:
@@ -841,6 +845,60 @@ class ChunkedDecoder:
                 raise ProtocolError(431, "too many trailer fields")
 
 
+def take_head(buffer: bytearray, max_bytes: int = MAX_HEAD_BYTES) -> bytes | None:
+    """Remove the next message head from ``buffer`` and return it without its blank line.
+
+    None while the head is still incomplete; ProtocolError when it grows past ``max_bytes``.
+    """
+    while buffer.startswith(b"\r\n"):  # RFC 9112 §2.2: blank lines may precede a message
+        del buffer[:2]
+    end = buffer.find(b"\r\n\r\n")
+    if end > max_bytes or (end < 0 and len(buffer) > max_bytes):
+        raise ProtocolError(431, f"header block larger than {max_bytes} bytes")
+    if end < 0:
+        return None
+    head = bytes(buffer[:end])
+    del buffer[: end + 4]
+    return head
+
+
+class Framing:
+    """Where one message body ends (RFC 9112 §6.3), over its bytes as they arrive.
+
+    ``feed`` returns how many of the bytes belong to the body, framing included, and sets
+    ``done`` at its end; the content is appended to ``payload`` when one is given. A body
+    delimited by the connection closing is never done: its reader ends it at the close.
+    """
+
+    __slots__ = ("_chunks", "_remaining", "done", "length")
+
+    def __init__(self, length: int) -> None:
+        self.length = length  # bytes, CHUNKED or UNTIL_CLOSE
+        self._remaining = max(length, 0)
+        self._chunks = ChunkedDecoder() if length == CHUNKED else None
+        self.done = length == 0
+
+    @property
+    def content_size(self) -> int:
+        """Chunked content so far, for a cap on bodies without a declared length."""
+        return self._chunks.size if self._chunks is not None else 0
+
+    def feed(self, data: bytes, payload: list[bytes] | None = None) -> int:
+        if self._chunks is not None:
+            end = self._chunks.feed(data, payload)
+            self.done = self._chunks.done
+            return end
+        if self.length == UNTIL_CLOSE:
+            take = len(data)
+        else:
+            take = min(self._remaining, len(data))
+            self._remaining -= take
+            self.done = not self._remaining
+        if payload is not None and take:
+            payload.append(data[:take])
+        return take
+
+
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
@@ -907,123 +965,85 @@ class BodyTooLarge(Exception):
     pass
 
 
-class IncompleteBody(Exception):
-    """The peer closed the connection before the end of a message body."""
+class UpstreamConnection(asyncio.Protocol):
+    """A connection to one upstream; between exchanges it waits, silent, in the pool.
 
+    While it carries an exchange, every event goes to that exchange's ``Forward``.
+    """
 
-class Connection:
-    """A byte stream with our own read buffer: parsing stays in bytes, reads stay large."""
+    __slots__ = ("buffer", "closed", "forward", "transport")
 
-    __slots__ = ("buffer", "reader", "writer")
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()  # received, not yet relayed: a head in the making, say
+        self.closed = False
+        self.forward: Forward | None = None
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.reader = reader
-        self.writer = writer
-        self.buffer = bytearray()
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER)
 
-    async def read(self, limit: int = READ_SIZE) -> bytes:
-        """Buffered bytes first, else the next bytes from the peer; b"" at end of stream."""
-        if self.buffer:
-            data = bytes(self.buffer[:limit])
-            del self.buffer[:limit]
-            return data
-        return await self.reader.read(limit)
-
-    async def read_head(self, max_bytes: int = MAX_HEAD_BYTES) -> bytes | None:
-        """The next message head without its blank line, or None at a clean end of stream."""
-        searched = 0
-        while True:
-            while self.buffer.startswith(b"\r\n"):  # RFC 9112 §2.2: blank lines may precede
-                del self.buffer[:2]
-            end = self.buffer.find(b"\r\n\r\n", max(0, searched - 3))
-            if end > max_bytes or (end < 0 and len(self.buffer) > max_bytes):
-                raise ProtocolError(431, f"header block larger than {max_bytes} bytes")
-            if end >= 0:
-                head = bytes(self.buffer[:end])
-                del self.buffer[: end + 4]
-                return head
-            searched = len(self.buffer)
-            data = await self.reader.read(READ_SIZE)
-            if not data:
-                if self.buffer:
-                    raise ProtocolError(400, "connection closed inside a message head")
-                return None
-            self.buffer += data
-
-    async def body(
-        self, length: int, *, cap: int = 0, payload: list[bytes] | None = None
-    ) -> AsyncIterator[bytes]:
-        """One message body as it arrives, framing included, in pieces as large as come.
-
-        ``length`` is a byte count, CHUNKED or UNTIL_CLOSE. The content is appended to
-        ``payload`` when one is given; chunked content beyond ``cap`` (0: no cap) raises
-        BodyTooLarge (a declared length is the caller's to refuse before reading), a body cut
-        short IncompleteBody. Bytes after the body stay buffered for the next message.
-        """
-        if length == UNTIL_CLOSE:
-            while data := await self.read():
-                yield data
+    def data_received(self, data: bytes) -> None:
+        forward = self.forward
+        if forward is None:
+            self.close()  # an idle upstream that speaks cannot be trusted with a request
             return
-        if length >= 0:
-            remaining = length
-            while remaining:
-                data = await self.read(min(remaining, READ_SIZE))
-                if not data:
-                    raise IncompleteBody
-                remaining -= len(data)
-                if payload is not None:
-                    payload.append(data)
-                yield data
-            return
-        decoder = ChunkedDecoder()
-        while not decoder.done:
-            data = await self.read()
-            if not data:
-                raise IncompleteBody
-            end = decoder.feed(data, payload)
-            if end < len(data):
-                self.buffer[:0] = data[end:]
-                data = data[:end]
-            if cap and decoder.size > cap:
-                raise BodyTooLarge
-            yield data
+        try:
+            forward.upstream_data(data)
+        except Exception as exc:  # a bug must cost one connection, never the server
+            forward.client._internal_error(exc)
 
-    def write(self, data: bytes) -> None:
-        self.writer.write(data)
+    def eof_received(self) -> bool:
+        # Only a tunnel keeps the other direction open; otherwise the transport closes.
+        return self.forward is not None and self.forward.upstream_eof()
 
-    async def flush(self) -> None:
-        """Wait only when the peer is slow: most writes return without yielding."""
-        transport = self.writer.transport
-        if transport.is_closing():
-            raise ConnectionResetError("connection lost")
-        if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
-            await self.writer.drain()
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        forward = self.forward
+        if forward is not None:
+            try:
+                forward.upstream_closed(exc)
+            except Exception as error:
+                forward.client._internal_error(error)
+
+    def pause_writing(self) -> None:
+        if self.forward is not None:
+            self.forward.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.forward is not None:
+            self.forward.client.resume_reading()
 
     def close(self) -> None:
-        self.writer.transport.abort()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
 
 
 class UpstreamPool:
     """Idle keep-alive connections per upstream, reused most-recent first."""
 
     def __init__(self) -> None:
-        self.idle: dict[tuple[str, str, int], list[Connection]] = {}
+        self.idle: dict[tuple[str, str, int], list[UpstreamConnection]] = {}
         self.opened = 0  # connections opened since start, for metrics and benchmarks
         self._ssl: ssl.SSLContext | None = None
 
-    async def acquire(self, upstream: Upstream, timeout: float) -> tuple[Connection, bool]:
-        """A connection to the upstream and whether it was reused."""
+    def take(self, upstream: Upstream) -> UpstreamConnection | None:
+        """An idle connection to the upstream that is still open, if there is one."""
         idle = self.idle.get(upstream.pool_key)
         while idle:
             connection = idle.pop()
-            if not connection.reader.at_eof() and not connection.writer.transport.is_closing():
-                return connection, True
-            connection.close()
-        return await self._open(upstream, timeout), False
+            if not connection.closed:
+                return connection
+        return None
 
-    def release(self, upstream: Upstream, connection: Connection) -> None:
+    def release(self, upstream: Upstream, connection: UpstreamConnection) -> None:
+        connection.forward = None
         idle = self.idle.setdefault(upstream.pool_key, [])
-        if len(idle) < MAX_IDLE_UPSTREAM_CONNECTIONS and not connection.buffer:
+        if len(idle) < MAX_IDLE_UPSTREAM_CONNECTIONS and not connection.closed:
+            assert connection.transport is not None
+            connection.transport.resume_reading()  # to notice the upstream closing it
             idle.append(connection)
         else:
             connection.close()
@@ -1034,13 +1054,17 @@ class UpstreamPool:
                 connection.close()
         self.idle.clear()
 
-    async def _open(self, upstream: Upstream, timeout: float) -> Connection:
+    async def open(self, upstream: Upstream, timeout: float) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
                 if upstream.scheme == "unix":
-                    reader, writer = await asyncio.open_unix_connection(upstream.host)
+                    _, connection = await loop.create_unix_connection(
+                        UpstreamConnection, upstream.host
+                    )
                 else:
-                    reader, writer = await asyncio.open_connection(
+                    _, connection = await loop.create_connection(
+                        UpstreamConnection,
                         upstream.host,
                         upstream.port,
                         ssl=self._ssl_context() if upstream.scheme == "https" else None,
@@ -1051,7 +1075,7 @@ class UpstreamPool:
             reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
             raise UpstreamError(502, f"cannot connect to the upstream: {reason}") from None
         self.opened += 1
-        return Connection(reader, writer)
+        return connection
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:
@@ -1263,17 +1287,9 @@ class Router:
         self.head_timeout = HEAD_TIMEOUT
         self.idle_timeout = IDLE_TIMEOUT
 
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """The start_server callback: one client connection."""
-        connection = ClientConnection(self, reader, writer)
-        self.connections.add(connection)
-        self.no_connections.clear()
-        try:
-            await connection.serve()
-        finally:
-            self.connections.discard(connection)
-            if not self.connections:
-                self.no_connections.set()
+    def new_connection(self) -> ClientConnection:
+        """The protocol factory of the listeners: one per client connection."""
+        return ClientConnection(self)
 
     def exchange_started(self) -> None:
         self.busy_connections += 1
@@ -1316,110 +1332,314 @@ def _loggable(text: str, limit: int = 200) -> str:
     return json.dumps(text[:limit] + ("..." if len(text) > limit else ""))
 
 
-class ClientConnection(Connection):
-    __slots__ = ("_exchange_task", "busy", "gone", "loop", "peer_ip", "router")
+class BodyReading:
+    """A request body being read: where its pieces go, and what happens at its end."""
 
-    def __init__(self, router: Router, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        super().__init__(reader, writer)
+    __slots__ = ("cap", "exchange", "framing", "keep_alive", "on_data", "on_done", "payload")
+
+    def __init__(
+        self,
+        request: Request,
+        exchange: Exchange | None,
+        cap: int,
+        on_data: Callable[[bytes], None] | None,
+        on_done: Callable[[], None],
+        payload: list[bytes] | None = None,
+    ) -> None:
+        self.framing = Framing(request.length)
+        self.exchange = exchange  # where received bytes are counted, if anywhere
+        self.cap = cap  # for chunked content; a declared length is refused before reading
+        self.on_data = on_data
+        self.on_done = on_done
+        self.payload = payload
+        # A body read in part spoils the connection: keep-alive is restored at its end.
+        self.keep_alive, request.keep_alive = request.keep_alive, False
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection, request after request, driven by the event loop's callbacks.
+
+    Requests are parsed from ``buffer`` as bytes arrive. A request whose answer is the
+    router's own is answered at once; a proxied one is handed to a ``Forward``, which relays
+    the upstream's answer as it comes. At most one exchange is in progress: bytes that
+    arrive meanwhile (a pipelined request) wait in ``buffer``.
+    """
+
+    def __init__(self, router: Router) -> None:
         self.router = router
-        peer = writer.get_extra_info("peername")
-        self.peer_ip = peer[0] if isinstance(peer, tuple) and peer else None
-        self.busy = False  # between the first byte of a request and the end of its response
-        self.gone = False
-        self._exchange_task: asyncio.Task[Any] | None = None
         self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # until connected
+        self.buffer = bytearray()
+        self.peer_ip: str | None = None
+        self.busy = False  # between the first byte of a request and the end of its response
+        self.closed = False
+        self.eof = False  # the client will send nothing more: it half-closed, or left
+        self.gone = False
+        # The exchange in progress: its request, the table it started with, its forward.
+        self.request: Request | None = None
+        self.exchange: Exchange | None = None
+        self.table: RoutingTable = router.table
+        self.forward: Forward | None = None
+        self.tunnel: Forward | None = None  # after 101 Switching Protocols
+        self.body: BodyReading | None = None
+        self._answer_after_body: Callable[[bool], None] | None = None
+        self._dispatching = False
+        self._leaving: asyncio.TimerHandle | None = None
+        # One timer per connection serves every deadline: moving a deadline later costs no
+        # timer, the timer re-arms itself when it fires early.
+        self._deadline = 0.0
+        self._on_deadline: Callable[[], None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
 
-    async def serve(self) -> None:
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER)
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if isinstance(peer, tuple) and peer else None
         router = self.router
-        try:
-            while not router.draining and await self._request_arrives():
-                self.busy = True
-                router.exchange_started()
-                try:
-                    keep_alive = await self._exchange()
-                finally:
-                    self.busy = False
-                    router.exchange_finished()
-                if not keep_alive:
-                    break
-        except Exception as exc:  # a bug must cost one connection, never the server
-            log(f"internal error on a client connection: {exc!r}")
-        finally:
+        router.connections.add(self)
+        router.no_connections.clear()
+        if router.draining:
             self.close_gracefully()
+        else:
+            self._set_deadline(router.idle_timeout, self.close)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            if self.body is not None:
+                self._read_body(data)
+            elif self.tunnel is not None:
+                self.tunnel.send_upstream(data)
+            else:
+                self.buffer += data
+                if self.request is None:
+                    self._next_request()
+                elif len(self.buffer) > READ_SIZE:
+                    self.transport.pause_reading()  # pipelined requests wait their turn
+        except Exception as exc:  # a bug must cost one connection, never the server
+            self._internal_error(exc)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        try:
+            if self.tunnel is not None:
+                self.tunnel.client_eof()
+            elif self.body is not None:
+                self._fail(ClientGone())
+            elif self.request is None:
+                self._next_request()  # an incomplete head is an error, none at all the end
+            elif self.forward is not None and not self.buffer and self._leaving is None:
+                # The request is whole, so the client leaving is all this can mean, or a
+                # half-close: answers that come within the grace still reach the latter.
+                grace = self.forward.sent_at + CLIENT_EOF_GRACE - time.monotonic()
+                self._leaving = self.loop.call_later(max(grace, 0.0), self._client_left)
+        except Exception as exc:
+            self._internal_error(exc)
+        return True  # keep the write side open for the answer
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.eof = True
+        router = self.router
+        router.connections.discard(self)
+        if not router.connections:
+            router.no_connections.set()
+        if self._timer is not None:
+            self._timer.cancel()
+        try:
+            if self.exchange is not None:
+                self._client_left()
+            else:
+                self._set_busy(False)
+        except Exception as exc_:
+            self._internal_error(exc_)
+
+    def pause_writing(self) -> None:
+        source = self.forward or self.tunnel
+        if source is not None and source.upstream is not None:
+            assert source.upstream.transport is not None
+            source.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        source = self.forward or self.tunnel
+        if source is not None and source.upstream is not None:
+            assert source.upstream.transport is not None
+            source.upstream.transport.resume_reading()
+
+    # -- the connection -------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    def resume_reading(self) -> None:
+        if not self.closed:
+            self.transport.resume_reading()
 
     def close_gracefully(self) -> None:
-        with contextlib.suppress(Exception):
-            self.writer.close()
+        """Close once what was written has gone out."""
+        if self.transport is not None:
+            self.transport.close()
 
-    async def _request_arrives(self) -> bool:
-        """Wait idly for the first bytes of the next request; False when none will come."""
-        if self.buffer:
-            return True
-        # A plain timer, cheaper than a timeout context: reading then ends as at end of stream.
-        idle_timer = self.loop.call_later(self.router.idle_timeout, self.writer.transport.abort)
-        try:
-            data = await self.reader.read(READ_SIZE)
-        except ConnectionError:
-            return False
-        finally:
-            idle_timer.cancel()
-        self.buffer += data
-        return bool(data)
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
 
-    async def _exchange(self) -> bool:
-        """Serve one request; whether the connection may carry another."""
-        try:
-            if b"\r\n\r\n" in self.buffer:
-                head = await self.read_head()  # all there: no deadline to keep
+    def _set_busy(self, busy: bool) -> None:
+        if busy != self.busy:
+            self.busy = busy
+            if busy:
+                self.router.exchange_started()
             else:
-                async with asyncio.timeout(self.router.head_timeout):
-                    head = await self.read_head()
-        except TimeoutError:
-            return False  # the head did not come in time: nothing sensible can be answered
-        except ProtocolError as exc:
-            self._bad_message(exc)
-            return False
-        except ConnectionError:
-            return False
-        if head is None:
-            return False
+                self.router.exchange_finished()
+
+    def _set_deadline(self, delay: float, action: Callable[[], None]) -> None:
+        when = self.loop.time() + delay
+        self._deadline = when
+        self._on_deadline = action
+        if self._timer is None or self._timer_when > when:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_at(when, self._deadline_passed)
+            self._timer_when = when
+
+    def _deadline_passed(self) -> None:
+        self._timer = None
+        action = self._on_deadline
+        if action is None:
+            return
+        if self._deadline > self._timer_when:  # moved later meanwhile
+            self._timer = self.loop.call_at(self._deadline, self._deadline_passed)
+            self._timer_when = self._deadline
+            return
+        self._on_deadline = None
+        try:
+            action()
+        except Exception as exc:
+            self._internal_error(exc)
+
+    def _internal_error(self, exc: Exception) -> None:
+        log(f"internal error on a client connection: {exc!r}")
+        if self.forward is not None:
+            self.forward.abort()
+        if self.tunnel is not None:
+            self.tunnel.abort()
+        self.close()
+
+    # -- one exchange ---------------------------------------------------------------------------
+
+    def _next_request(self) -> None:
+        """Start serving the requests that have arrived whole, one at a time."""
+        if self._dispatching:
+            return  # an exchange ended inside this loop, which goes on by itself
+        self._dispatching = True
+        try:
+            while self.request is None and not self.closed:
+                if not self.buffer:
+                    if self.eof:
+                        self.close_gracefully()
+                    return
+                if self.router.draining:
+                    self.close_gracefully()
+                    return
+                self._set_busy(True)
+                try:
+                    head = take_head(self.buffer)
+                    if head is None and self.eof:
+                        raise ProtocolError(400, "connection closed inside a message head")
+                except ProtocolError as exc:
+                    self._bad_message(exc, Exchange(time.monotonic()))
+                    return
+                if head is None:
+                    if self._on_deadline != self.close_gracefully:
+                        # The head must arrive whole within this, from its first byte.
+                        self._set_deadline(self.router.head_timeout, self.close_gracefully)
+                    return
+                self._on_deadline = None
+                self._start_exchange(head)
+        finally:
+            self._dispatching = False
+
+    def _start_exchange(self, head: bytes) -> None:
         exchange = Exchange(time.monotonic())
         try:
             request = parse_request_head(head)
         except ProtocolError as exc:
             self._bad_message(exc, exchange)
-            return False
+            return
         exchange.method = request.method.decode("latin-1")
         exchange.request_id = request_id_for(request)
-        self._exchange_task = asyncio.current_task()
+        self.request = request
+        self.exchange = exchange
+        self.table = self.router.table  # this request keeps the table it started with
         try:
-            keep_alive = await self._respond(request, exchange)
-        except HTTPError as exc:
-            keep_alive = await self._answer_error(request, exchange, exc)
-        except ProtocolError as exc:
-            self._bad_message(exc, exchange)
-            keep_alive = False
-        except (ConnectionError, ClientGone):
+            self._respond(request, exchange)
+        except Exception as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        """End the exchange in progress on an error, as far as it got."""
+        if self._answer_after_body is not None:
+            # Only the unread body before an answer of our own broke: answer, then close.
+            send, self._answer_after_body = self._answer_after_body, None
+            assert self.request is not None
+            self.request.length = 0
+            send(False)
+            return
+        if self.forward is not None:
+            self.forward.abort()
+        if isinstance(exc, BodyTooLarge):
+            cap = self.table.config.max_body_bytes
+            exc = HTTPError(413, _too_large(cap), "request_too_large")
+        if isinstance(exc, HTTPError):
+            self._answer_error(exc)
+        elif isinstance(exc, ProtocolError):
+            assert self.exchange is not None
+            self._bad_message(exc, self.exchange)
+        elif isinstance(exc, ClientGone | ConnectionError):
             self.gone = True
-            keep_alive = False
-        except asyncio.CancelledError:
-            if not self.gone:
-                raise
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            keep_alive = False
-        finally:
-            self._exchange_task = None
+            self._finish(False)
+        else:
+            raise exc
+
+    def _client_left(self) -> None:
+        self._leaving = None
+        self.gone = True
+        if self.forward is not None:
+            self.forward.abort()
+        if self.tunnel is not None:
+            self.tunnel.abort()
+        if self.exchange is not None:
+            self._finish(False)
+
+    def _finish(self, keep_alive: bool) -> None:
+        """The exchange is over: log it, then serve the next request or close."""
+        exchange = self.exchange
+        assert exchange is not None
         if self.gone and exchange.status == 0:
             exchange.status = 499  # nginx's "client closed request"
+        self.request = self.exchange = self.forward = self.tunnel = self.body = None
+        self._answer_after_body = None
+        if self._leaving is not None:
+            self._leaving.cancel()
+            self._leaving = None
+        self._set_busy(False)
         self.router.log_exchange(exchange)
-        return keep_alive and not self.gone
+        if not keep_alive or self.gone or self.closed:
+            self.close_gracefully()
+            return
+        self._set_deadline(self.router.idle_timeout, self.close)
+        self.resume_reading()
+        self._next_request()
 
     # -- routing ------------------------------------------------------------------------------
 
-    async def _respond(self, request: Request, exchange: Exchange) -> bool:
-        table = self.router.table  # this request keeps the table it started with
+    def _respond(self, request: Request, exchange: Exchange) -> None:
+        table = self.table
         path, query = split_target(request.target)
         exchange.path = path.decode("latin-1")
         method = request.method
@@ -1429,7 +1649,7 @@ class ClientConnection(Connection):
                 raise HTTPError(
                     405, "use GET /health", "method_not_allowed", headers=(b"Allow: GET, HEAD",)
                 )
-            return await self._answer_json(request, exchange, 200, table.health)
+            return self._answer(200, table.health, b"application/json")
         authorized = table.authorized(request.header(b"authorization"))
         if (
             path == b"/metrics"
@@ -1437,8 +1657,7 @@ class ClientConnection(Connection):
             and (authorized or not table.config.metrics_auth)
         ):
             exchange.route = "metrics"
-            body = self.router.metrics.render(self.router)
-            return await self._answer(request, exchange, 200, body, PROMETHEUS_TEXT)
+            return self._answer(200, self.router.metrics.render(self.router), PROMETHEUS_TEXT)
         if not authorized:
             exchange.route = "error"
             raise HTTPError(
@@ -1449,32 +1668,58 @@ class ClientConnection(Connection):
             )
         if method in (b"GET", b"HEAD") and path == b"/v1/models":
             exchange.route = "models"
-            return await self._answer_json(request, exchange, 200, table.models_list)
+            return self._answer(200, table.models_list, b"application/json")
         if method in (b"GET", b"HEAD") and path.startswith(b"/v1/models/"):
             exchange.route = "models"
             name = unquote(path[len(b"/v1/models/") :].decode("latin-1"), errors="replace")
             body = table.model_objects.get(name)
             if body is None:
                 raise HTTPError(404, f"unknown model {json.dumps(name)}", "model_not_found")
-            return await self._answer_json(request, exchange, 200, body)
+            return self._answer(200, body, b"application/json")
         if path.startswith(b"/route/"):
             exchange.route = "path"
             encoded_name, _, rest = path[len(b"/route/") :].partition(b"/")
             name = unquote(encoded_name.decode("latin-1"), errors="replace")
-            model = self._model(table, name, exchange)
-            return await self._proxy(request, exchange, table, model, b"/" + rest + query, None)
+            model = self._model(name)
+            return self._proxy(model, b"/" + rest + query, None)
         exchange.route = "body"
-        body = await self._read_body(request, exchange, table.config.max_body_bytes)
-        name = model_of_body(body.payload)
-        model = self._model(table, name, exchange)
-        return await self._proxy(request, exchange, table, model, path + query, body)
+        target = path + query
+        length = request.length
+        cap = table.config.max_body_bytes
+        if 0 < length <= len(self.buffer) and not (cap and length > cap):
+            # Small bodies usually arrive with their head: take them as they are.
+            raw = bytes(self.buffer[:length])
+            del self.buffer[:length]
+            exchange.bytes_in += length
+            request.length = 0
+            return self._route_by_body(target, BufferedBody(raw, raw, chunked=False))
+        if length > 0 and cap and length > cap:
+            raise BodyTooLarge
+        wire: list[bytes] = []
+        payload: list[bytes] | None = [] if length == CHUNKED else None
 
-    @staticmethod
-    def _model(table: RoutingTable, name: str, exchange: Exchange) -> Model:
+        def whole() -> None:
+            raw = b"".join(wire)
+            body = BufferedBody(
+                raw, raw if payload is None else b"".join(payload), payload is not None
+            )
+            self._route_by_body(target, body)
+
+        self._start_body(BodyReading(request, exchange, cap, wire.append, whole, payload))
+
+    def _route_by_body(self, target: bytes, body: BufferedBody) -> None:
+        try:
+            model = self._model(model_of_body(body.payload))
+            self._proxy(model, target, body)
+        except Exception as exc:
+            self._fail(exc)
+
+    def _model(self, name: str) -> Model:
         if not name:
             raise HTTPError(400, "missing model name in /route/{model}/...", "missing_model")
-        exchange.model = name
-        model = table.models.get(name)
+        assert self.exchange is not None
+        self.exchange.model = name
+        model = self.table.models.get(name)
         if model is None:
             raise HTTPError(404, f"unknown model {json.dumps(name)}", "model_not_found")
         return model
@@ -1486,47 +1731,84 @@ class ClientConnection(Connection):
             request.expect_continue = False
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    async def _body_chunks(
-        self, request: Request, exchange: Exchange, cap: int, payload: list[bytes] | None
-    ) -> AsyncIterator[bytes]:
-        """The request body as it arrives on the wire, framing included; enforces the cap."""
-        if request.length == 0:
+    def _start_body(self, reading: BodyReading) -> None:
+        """Read the request body from here on; what is buffered already goes first."""
+        assert self.request is not None
+        if reading.framing.done:
+            self.request.keep_alive = reading.keep_alive
+            reading.on_done()
             return
-        if request.length > 0 and cap and request.length > cap:
-            raise BodyTooLarge
-        self._continue(request)
-        keep_alive, request.keep_alive = request.keep_alive, False  # until all is read
-        try:
-            async for data in self.body(request.length, cap=cap, payload=payload):
-                exchange.bytes_in += len(data)
-                yield data
-        except IncompleteBody:
-            raise ClientGone from None
-        request.length = 0
-        request.keep_alive = keep_alive
+        self._continue(self.request)
+        self.body = reading
+        if self.buffer:
+            data = bytes(self.buffer)
+            self.buffer.clear()
+            self._read_body(data)
 
-    async def _read_body(self, request: Request, exchange: Exchange, cap: int) -> BufferedBody:
-        length = request.length
-        if 0 < length <= len(self.buffer) and not (cap and length > cap):
-            # Small bodies usually arrive with their head: take them without any awaiting.
-            raw = bytes(self.buffer[:length])
-            del self.buffer[:length]
-            exchange.bytes_in += length
-            request.length = 0
-            return BufferedBody(raw, raw, chunked=False)
-        wire: list[bytes] = []
-        payload: list[bytes] | None = [] if request.length == CHUNKED else None
+    def _read_body(self, data: bytes) -> None:
+        reading = self.body
+        assert reading is not None and self.request is not None
+        framing = reading.framing
         try:
-            async for data in self._body_chunks(request, exchange, cap, payload):
-                wire.append(data)
-        except BodyTooLarge:
-            raise HTTPError(413, _too_large(cap), "request_too_large") from None
-        raw = b"".join(wire)
-        if payload is None:
-            return BufferedBody(raw, raw, chunked=False)
-        return BufferedBody(raw, b"".join(payload), chunked=True)
+            end = framing.feed(data, reading.payload)
+            if reading.cap and framing.content_size > reading.cap:
+                raise BodyTooLarge
+        except (ProtocolError, BodyTooLarge) as exc:
+            self.body = None
+            self._fail(exc)
+            return
+        if end < len(data):
+            self.buffer += data[end:]  # the start of the next request
+            data = data[:end]
+        if reading.exchange is not None:
+            reading.exchange.bytes_in += end
+        if framing.done:
+            self.body = None
+            self.request.length = 0
+            self.request.keep_alive = reading.keep_alive
+        if data and reading.on_data is not None:
+            reading.on_data(data)
+        if framing.done:
+            reading.on_done()
+
+    def stream_body(self, forward: Forward) -> None:
+        """Send the request body on to the upstream as it arrives; the forward owns the end."""
+        request = self.request
+        assert request is not None
+        cap = self.table.config.max_body_bytes
+        self._start_body(
+            BodyReading(request, self.exchange, cap, forward.send_upstream, forward.request_sent)
+        )
+
+    def stop_body(self) -> None:
+        """The upstream went away: what the client still sends stays unread."""
+        if self.body is not None:
+            self.body = None
+            assert self.request is not None
+            self.request.keep_alive = False
 
     # -- forwarding -----------------------------------------------------------------------------
+
+    def _proxy(self, model: Model, target: bytes, body: BufferedBody | None) -> None:
+        """Forward the request; ``body`` is None when it streams from the client as it comes."""
+        request, exchange = self.request, self.exchange
+        assert request is not None and exchange is not None
+        config = self.table.config
+        cap = config.max_body_bytes
+        if body is None and cap and request.length > cap:
+            raise HTTPError(413, _too_large(cap), "request_too_large")
+        limit = config.max_concurrent_requests
+        if limit and self.router.in_flight >= limit:
+            raise HTTPError(
+                503,
+                f"too many concurrent requests (the limit is {limit})",
+                "too_many_concurrent_requests",
+                headers=(b"Retry-After: 1",),
+            )
+        length = request.length if body is None else body.length
+        head = self._upstream_head(request, exchange, model, target, length)
+        self.forward = Forward(self, request, exchange, model, config, head, body)
+        self.forward.start()
 
     def _upstream_head(
         self, request: Request, exchange: Exchange, model: Model, target: bytes, length: int
@@ -1563,341 +1845,92 @@ class ClientConnection(Connection):
         lines += [b"", b""]
         return b"\r\n".join(lines)
 
-    async def _proxy(
-        self,
-        request: Request,
-        exchange: Exchange,
-        table: RoutingTable,
-        model: Model,
-        target: bytes,
-        body: BufferedBody | None,
-    ) -> bool:
-        """Forward the request; ``body`` is None when it streams from the client as it comes."""
-        config = table.config
-        cap = config.max_body_bytes
-        if body is None and cap and request.length > cap:
-            raise HTTPError(413, _too_large(cap), "request_too_large")
-        limit = config.max_concurrent_requests
-        if limit and self.router.in_flight >= limit:
-            raise HTTPError(
-                503,
-                f"too many concurrent requests (the limit is {limit})",
-                "too_many_concurrent_requests",
-                headers=(b"Retry-After: 1",),
-            )
-        router = self.router
-        router.in_flight += 1
-        router.metrics.in_flight[model.name] += 1
-        try:
-            return await self._forward(request, exchange, config, model, target, body)
-        finally:
-            router.in_flight -= 1
-            router.metrics.in_flight[model.name] -= 1
+    def forward_done(self, keep_alive: bool) -> None:
+        """The response went out whole (or as far as the upstream sent it)."""
+        if self.transport.is_closing():
+            self.gone = True
+        self._finish(keep_alive)
 
-    async def _forward(
-        self,
-        request: Request,
-        exchange: Exchange,
-        config: Config,
-        model: Model,
-        target: bytes,
-        body: BufferedBody | None,
-    ) -> bool:
-        length = request.length if body is None else body.length
-        head = self._upstream_head(request, exchange, model, target, length)
-        replayable = body is not None or length == 0
-        upstream = model.upstream
-        watch: ClientWatch | None = None
-        sent_at = time.monotonic()
-        try:
-            for attempt in range(2):
-                connection, reused = await self._acquire(upstream, config, exchange)
-                try:
-                    await self._send_request(request, exchange, config, connection, head, body)
-                    watch = watch or self._watch_client()
-                    response = await self._read_response_head(connection, request.method)
-                except UpstreamError as exc:
-                    connection.close()
-                    # An idle connection the upstream had just closed: replay once, if we can.
-                    if reused and exc.nothing_received and replayable and attempt == 0:
-                        continue
-                    exchange.upstream_failure = "protocol"
-                    raise HTTPError(exc.status, str(exc), "upstream_error") from None
-                except BaseException:
-                    connection.close()
-                    raise
-                break
-            exchange.upstream_seconds = time.monotonic() - sent_at
-            if response.status == 101:
-                if watch is not None:
-                    await watch.stop()
-                    watch = None
-                return await self._tunnel(exchange, connection, response)
-            try:
-                return await self._relay_response(request, exchange, upstream, connection, response)
-            except BaseException:
-                connection.close()
-                raise
-        finally:
-            if watch is not None:
-                await watch.stop()
+    def forward_failed(self, error: HTTPError) -> None:
+        """No response came from the upstream: the router answers in its place."""
+        self.forward = None
+        self.stop_body()
+        self._answer_error(error)
 
-    async def _acquire(
-        self, upstream: Upstream, config: Config, exchange: Exchange
-    ) -> tuple[Connection, bool]:
-        try:
-            return await self.router.pool.acquire(upstream, config.connect_timeout)
-        except UpstreamError as exc:
-            timed_out = exc.status == 504
-            exchange.upstream_failure = "timeout" if timed_out else "connect"
-            code = "upstream_timeout" if timed_out else "upstream_unavailable"
-            raise HTTPError(exc.status, str(exc), code) from None
-
-    async def _send_request(
-        self,
-        request: Request,
-        exchange: Exchange,
-        config: Config,
-        connection: Connection,
-        head: bytes,
-        body: BufferedBody | None,
-    ) -> None:
-        try:
-            if body is not None:
-                connection.writer.writelines((head, body.raw))
-                await connection.flush()
-                return
-            connection.write(head)
-            async for data in self._body_chunks(request, exchange, config.max_body_bytes, None):
-                connection.write(data)
-                await connection.flush()
-        except BodyTooLarge:
-            raise HTTPError(413, _too_large(config.max_body_bytes), "request_too_large") from None
-        except ConnectionError:
-            # The upstream may have answered early (say, with its own 413): read that below.
-            # Whatever the client still sends is unread, so its connection cannot be reused.
-            request.keep_alive = False
-
-    async def _read_response_head(self, connection: Connection, method: bytes) -> Response:
-        while True:
-            try:
-                head = await connection.read_head()
-                if head is None:
-                    raise UpstreamError(
-                        502,
-                        "the upstream closed the connection without answering",
-                        nothing_received=True,
-                    )
-                response = parse_response_head(head, method)
-            except ProtocolError as exc:
-                raise UpstreamError(502, f"invalid response from the upstream: {exc}") from None
-            except ConnectionError as exc:
-                raise UpstreamError(
-                    502, f"the upstream reset the connection: {exc}", nothing_received=True
-                ) from None
-            if response.status >= 200 or response.status == 101:
-                return response  # interim 1xx answers are ours to drop: we sent no Expect
-
-    def _watch_client(self) -> ClientWatch | None:
-        """Notice a client that leaves while the upstream works, and stop the exchange then."""
-        if self.buffer or self._exchange_task is None:
-            return None  # data already waits: the client is evidently still there
-        return ClientWatch(self, self._exchange_task)
-
-    async def _await_client_eof(self, exchange_task: asyncio.Task[Any]) -> None:
-        try:
-            data = await self.reader.read(READ_SIZE)
-        except ConnectionError:
-            data = b""
-        if data:
-            self.buffer += data  # a pipelined request: keep it, stop watching
-            return
-        self.gone = True
-        exchange_task.cancel()
-
-    async def _relay_response(
-        self,
-        request: Request,
-        exchange: Exchange,
-        upstream: Upstream,
-        connection: Connection,
-        response: Response,
-    ) -> bool:
-        """Send the response on as it arrives; whether the client connection stays usable."""
-        exchange.status = response.status
-        dechunk = response.length == CHUNKED and request.http_minor == 0
-        keep_alive = (
-            request.keep_alive
-            and response.length != UNTIL_CLOSE
-            and not dechunk
-            and not self.router.draining
-        )
-        head = self._client_head(response, exchange, keep_alive, dechunk)
-        if 0 <= response.length <= len(connection.buffer):
-            # The whole body came with the head: one write, no awaiting the upstream.
-            body = bytes(connection.buffer[: response.length])
-            del connection.buffer[: response.length]
-            exchange.bytes_out += len(body)
-            self.write(head + body)
-        else:
-            try:
-                await self._relay_body(exchange, connection, response, dechunk, head)
-            except ProtocolError as exc:
-                # Never pass a cut-off body off as complete: closing the client connection tells.
-                log(f"upstream of model {exchange.model} broke its response: {exc}")
-                exchange.upstream_failure = "protocol"
-                connection.close()
-                return False
-        if response.keep_alive and not connection.buffer:
-            self.router.pool.release(upstream, connection)
-        else:
-            connection.close()
-        await self.flush()
-        return keep_alive
-
-    async def _relay_body(
-        self,
-        exchange: Exchange,
-        connection: Connection,
-        response: Response,
-        dechunk: bool,
-        head: bytes,
-    ) -> None:
-        if not connection.buffer:
-            self.write(head)  # nothing of the body yet (a stream, say): the head goes out now
-            head = b""
-        async for data in self._response_chunks(connection, response, dechunk):
-            exchange.bytes_out += len(data)
-            self.write(head + data if head else data)
-            head = b""
-            await self.flush()
-        if head:
-            self.write(head)  # a body without content (de-chunked to nothing)
-
-    @staticmethod
-    def _client_head(
-        response: Response, exchange: Exchange, keep_alive: bool, dechunk: bool
-    ) -> bytes:
-        dropped = _RESPONSE_DROPS.union(header_tokens(response.headers, b"connection"))
-        lines = [b"HTTP/1.1 %d %s" % (response.status, response.reason)]
-        lines += response.headers.without(dropped)
-        if not header_values(response.headers, b"x-request-id"):
-            lines.append(b"X-Request-Id: " + exchange.request_id)
-        if response.length == CHUNKED and not dechunk:
-            lines.append(b"Transfer-Encoding: chunked")
-        elif response.length > 0:
-            lines.append(b"Content-Length: %d" % response.length)
-        elif response.length == 0 and (
-            lengths := header_values(response.headers, b"content-length")
-        ):
-            # HEAD and 304 answers describe the body they would have had.
-            lines.append(b"Content-Length: " + lengths[0].split(b",")[0].strip())
-        if not keep_alive:
-            lines.append(b"Connection: close")
-        lines += [b"", b""]
-        return b"\r\n".join(lines)
-
-    @staticmethod
-    async def _response_chunks(
-        upstream: Connection, response: Response, dechunk: bool
-    ) -> AsyncIterator[bytes]:
-        """The response body as it arrives: raw framing, or only the content when de-chunking."""
-        payload: list[bytes] | None = [] if dechunk else None
-        try:
-            async for data in upstream.body(response.length, payload=payload):
-                if payload is None:
-                    yield data
-                elif payload:
-                    yield b"".join(payload)
-                    payload.clear()
-        except IncompleteBody:
-            raise ProtocolError(502, "the upstream closed the connection mid-body") from None
-
-    async def _tunnel(self, exchange: Exchange, upstream: Connection, response: Response) -> bool:
-        """After 101 Switching Protocols both sides speak another protocol: copy bytes both ways."""
-        lines = [b"HTTP/1.1 101 " + response.reason]
-        lines += [n + b": " + v for n, v in response.headers]
-        self.write(b"\r\n".join([*lines, b"", b""]))
-
-        async def copy(source: Connection, target: Connection) -> None:
-            with contextlib.suppress(ConnectionError):
-                while data := await source.read():
-                    target.write(data)
-                    await target.writer.drain()
-                if target.writer.can_write_eof():
-                    target.writer.write_eof()
-
-        with contextlib.suppress(ConnectionError):
-            await asyncio.gather(copy(self, upstream), copy(upstream, self))
-        upstream.close()
-        return False
+    def start_tunnel(self, forward: Forward) -> None:
+        """After 101 Switching Protocols the client's bytes go to the upstream unread."""
+        self.forward = None
+        self.tunnel = forward
+        if self.buffer:
+            data = bytes(self.buffer)
+            self.buffer.clear()
+            forward.send_upstream(data)
+        self.resume_reading()
+        if self.eof:
+            forward.client_eof()
 
     # -- answers of our own ---------------------------------------------------------------------
 
-    async def _answer_json(
-        self, request: Request, exchange: Exchange, status: int, body: bytes
-    ) -> bool:
-        return await self._answer(request, exchange, status, body, b"application/json")
-
-    async def _answer(
-        self,
-        request: Request,
-        exchange: Exchange,
-        status: int,
-        body: bytes,
-        content_type: bytes,
-        headers: tuple[bytes, ...] = (),
-    ) -> bool:
+    def _answer(
+        self, status: int, body: bytes, content_type: bytes, headers: tuple[bytes, ...] = ()
+    ) -> None:
+        """Answer the request; an unread small body is read and dropped first, to keep the
+        connection usable (else the answer closes it)."""
+        request, exchange = self.request, self.exchange
+        assert request is not None and exchange is not None
         exchange.status = status
-        keep_alive = (
-            request.keep_alive and not self.router.draining and await self._discard_body(request)
-        )
-        head = response_head(
-            status,
-            [
-                b"Content-Type: " + content_type,
-                b"Content-Length: %d" % len(body),
-                b"X-Request-Id: " + exchange.request_id,
-                *headers,
-                *(() if keep_alive else (b"Connection: close",)),
-            ],
-        )
-        if request.method == b"HEAD":
-            self.write(head)
-        else:
-            self.write(head + body)
-            exchange.bytes_out = len(body)
-        await self.flush()
-        return keep_alive
 
-    async def _answer_error(self, request: Request, exchange: Exchange, error: HTTPError) -> bool:
-        body = error_body(error.status, str(error), error.code)
-        try:
-            return await self._answer(
-                request, exchange, error.status, body, b"application/json", error.headers
+        def send(keep_alive: bool) -> None:
+            head = response_head(
+                status,
+                [
+                    b"Content-Type: " + content_type,
+                    b"Content-Length: %d" % len(body),
+                    b"X-Request-Id: " + exchange.request_id,
+                    *headers,
+                    *(() if keep_alive else (b"Connection: close",)),
+                ],
             )
-        except ConnectionError:
-            return False
+            if request.method == b"HEAD":
+                self.write(head)
+            else:
+                self.write(head + body)
+                exchange.bytes_out = len(body)
+            if self.transport.is_closing():
+                keep_alive = False
+            self._finish(keep_alive)
 
-    async def _discard_body(self, request: Request) -> bool:
-        """Read and drop an unread small body so the connection stays usable; else close it."""
-        if request.length == 0:
-            return True
-        if request.expect_continue or request.length > MAX_DISCARD_BYTES:
+        if not request.keep_alive or self.router.draining:
+            send(False)
+        elif request.length == 0:
+            send(True)
+        elif request.expect_continue or request.length > MAX_DISCARD_BYTES:
             request.length = 0  # the client waits for 100 or sends too much: close instead
-            return False
-        exchange = Exchange(0.0)
-        try:
-            async with asyncio.timeout(1.0):
-                async for _ in self._body_chunks(request, exchange, MAX_DISCARD_BYTES, None):
-                    pass
-        except (TimeoutError, BodyTooLarge, ProtocolError, ClientGone, ConnectionError):
-            return False
-        finally:
-            request.length = 0
-        return True
+            send(False)
+        else:
+            self._discard_body(request, send)
 
-    def _bad_message(self, error: ProtocolError, exchange: Exchange | None = None) -> None:
+    def _discard_body(self, request: Request, send: Callable[[bool], None]) -> None:
+        """Read and drop the unread small body within a second, then answer."""
+
+        def discarded() -> None:
+            self._on_deadline = None
+            send(True)
+
+        def given_up() -> None:
+            self.body = None
+            request.length = 0
+            send(False)
+
+        self._answer_after_body = send
+        self._set_deadline(DISCARD_TIMEOUT, given_up)
+        self._start_body(BodyReading(request, None, MAX_DISCARD_BYTES, None, discarded))
+
+    def _answer_error(self, error: HTTPError) -> None:
+        body = error_body(error.status, str(error), error.code)
+        self._answer(error.status, body, b"application/json", error.headers)
+
+    def _bad_message(self, error: ProtocolError, exchange: Exchange) -> None:
         """Answer a message that broke HTTP, then give up on the connection."""
         code = {431: "headers_too_large", 505: "http_version_not_supported"}.get(
             error.status, "bad_request"
@@ -1914,12 +1947,357 @@ class ClientConnection(Connection):
             )
             + body
         )
-        if exchange is None:
-            exchange = Exchange(time.monotonic())
         exchange.status = error.status
         exchange.route = "error"
         exchange.bytes_out = len(body)
-        self.router.log_exchange(exchange)
+        self.exchange = exchange
+        self._finish(False)
+
+
+class Forward:
+    """One proxied request: sent to the upstream, its response relayed back as it arrives.
+
+    Flow control joins the two connections: when one side's write buffer fills, the other
+    side stops reading until it drains.
+    """
+
+    __slots__ = (
+        "attempts",
+        "body",
+        "client",
+        "client_head",
+        "config",
+        "connecting",
+        "ended",
+        "exchange",
+        "framing",
+        "head",
+        "keep_alive",
+        "model",
+        "payload",
+        "request",
+        "request_done",
+        "reused",
+        "sent_at",
+        "tunnel_eofs",
+        "upstream",
+        "upstream_keep_alive",
+    )
+
+    def __init__(
+        self,
+        client: ClientConnection,
+        request: Request,
+        exchange: Exchange,
+        model: Model,
+        config: Config,
+        head: bytes,
+        body: BufferedBody | None,
+    ) -> None:
+        self.client = client
+        self.request = request
+        self.exchange = exchange
+        self.model = model
+        self.config = config
+        self.head = head
+        self.body = body
+        self.upstream: UpstreamConnection | None = None
+        self.connecting: asyncio.Task[None] | None = None
+        self.attempts = 0
+        self.reused = False
+        self.request_done = False  # the whole request has gone to the upstream
+        self.framing: Framing | None = None  # of the response body, once its head is in
+        self.client_head = b""  # the response head, until it goes out with the first bytes
+        self.payload: list[bytes] | None = None  # de-chunked content, for HTTP/1.0 clients
+        self.keep_alive = False  # whether the client connection survives the response
+        self.sent_at = 0.0
+        self.upstream_keep_alive = False
+        self.ended = False
+        self.tunnel_eofs = 0
+
+    def start(self) -> None:
+        router = self.client.router
+        router.in_flight += 1
+        router.metrics.in_flight[self.model.name] += 1
+        self.sent_at = time.monotonic()
+        self._attempt()
+
+    def _end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            router = self.client.router
+            router.in_flight -= 1
+            router.metrics.in_flight[self.model.name] -= 1
+
+    def abort(self) -> None:
+        """The exchange ends elsewhere (the client left, say): drop the upstream side.
+
+        A connection still being opened is left to finish: it goes to the pool then.
+        """
+        self._drop_upstream()
+        self._end()
+
+    def _drop_upstream(self) -> None:
+        if self.upstream is not None:
+            self.upstream.forward = None
+            self.upstream.close()
+            self.upstream = None
+
+    # -- the request ----------------------------------------------------------------------------
+
+    def _attempt(self) -> None:
+        connection = self.client.router.pool.take(self.model.upstream)
+        if connection is None:
+            self.connecting = self.client.loop.create_task(self._connect())
+        else:
+            self._send(connection, reused=True)
+
+    async def _connect(self) -> None:
+        pool = self.client.router.pool
+        try:
+            connection = await pool.open(self.model.upstream, self.config.connect_timeout)
+        except UpstreamError as exc:
+            self.connecting = None
+            if self.ended:
+                return
+            timed_out = exc.status == 504
+            self.exchange.upstream_failure = "timeout" if timed_out else "connect"
+            code = "upstream_timeout" if timed_out else "upstream_unavailable"
+            self._failed(HTTPError(exc.status, str(exc), code))
+            return
+        self.connecting = None
+        if self.ended:
+            pool.release(self.model.upstream, connection)
+            return
+        try:
+            self._send(connection, reused=False)
+        except Exception as exc:
+            self.client._internal_error(exc)
+
+    def _send(self, connection: UpstreamConnection, *, reused: bool) -> None:
+        self.upstream = connection
+        connection.forward = self
+        self.reused = reused
+        self.attempts += 1
+        transport = connection.transport
+        assert transport is not None
+        transport.write(self.head)
+        if self.body is not None:
+            transport.write(self.body.raw)
+            self.request_done = True
+        elif self.request.length == 0:
+            self.request_done = True
+        else:
+            self.client.stream_body(self)
+
+    def send_upstream(self, data: bytes) -> None:
+        if self.upstream is not None and not self.upstream.closed:
+            assert self.upstream.transport is not None
+            self.upstream.transport.write(data)
+
+    def request_sent(self) -> None:
+        self.request_done = True
+        if self.upstream is not None and self.upstream.buffer:
+            self._read_head()  # the upstream answered before the body was all sent
+
+    # -- the response ---------------------------------------------------------------------------
+
+    def upstream_data(self, data: bytes) -> None:
+        if self.framing is not None:
+            self._relay(data)
+        elif self.client.tunnel is self:
+            self.client.write(data)
+        else:
+            assert self.upstream is not None
+            self.upstream.buffer += data
+            if self.request_done:  # as before: the whole request first, then its answer
+                self._read_head()
+
+    def _read_head(self) -> None:
+        connection = self.upstream
+        assert connection is not None
+        while True:
+            try:
+                head = take_head(connection.buffer)
+                if head is None:
+                    return
+                response = parse_response_head(head, self.request.method)
+            except ProtocolError as exc:
+                self._upstream_failed(f"invalid response from the upstream: {exc}")
+                return
+            if response.status >= 200 or response.status == 101:
+                break  # interim 1xx answers are ours to drop: we sent no Expect
+        exchange = self.exchange
+        exchange.upstream_seconds = time.monotonic() - self.sent_at
+        if response.status == 101:
+            self._start_tunnel(response)
+            return
+        exchange.status = response.status
+        request = self.request
+        dechunk = response.length == CHUNKED and request.http_minor == 0
+        self.keep_alive = (
+            request.keep_alive
+            and response.length != UNTIL_CLOSE
+            and not dechunk
+            and not self.client.router.draining
+        )
+        self.client_head = client_head(response, exchange, self.keep_alive, dechunk)
+        self.framing = Framing(response.length)
+        self.payload = [] if dechunk else None
+        self.upstream_keep_alive = response.keep_alive
+        rest = bytes(connection.buffer)
+        connection.buffer.clear()
+        self._relay(rest)
+
+    def _relay(self, data: bytes) -> None:
+        """Send the response on: raw framing, or only the content when de-chunking."""
+        framing = self.framing
+        assert framing is not None and self.upstream is not None
+        try:
+            end = framing.feed(data, self.payload)
+        except ProtocolError as exc:
+            self._broken_response(exc)
+            return
+        if end < len(data):
+            self.upstream.buffer += data[end:]  # bytes beyond the response: never reused
+            data = data[:end]
+        if self.payload is not None:
+            data = b"".join(self.payload)
+            self.payload.clear()
+        self.exchange.bytes_out += len(data)
+        if self.client_head:
+            # The head goes out with the body bytes that came with it, in one write.
+            data = self.client_head + data
+            self.client_head = b""
+        if data:
+            self.client.write(data)
+        if framing.done:
+            self._response_done()
+
+    def _response_done(self) -> None:
+        connection = self.upstream
+        assert connection is not None
+        self.upstream = None
+        if self.upstream_keep_alive and not connection.buffer:
+            self.client.router.pool.release(self.model.upstream, connection)
+        else:
+            connection.forward = None
+            connection.close()
+        self._end()
+        self.client.forward_done(self.keep_alive)
+
+    def _broken_response(self, error: ProtocolError) -> None:
+        # Never pass a cut-off body off as complete: closing the client connection tells.
+        log(f"upstream of model {self.exchange.model} broke its response: {error}")
+        self.exchange.upstream_failure = "protocol"
+        self._drop_upstream()
+        self._end()
+        self.client.forward_done(False)
+
+    def upstream_eof(self) -> bool:
+        if self.client.tunnel is self:
+            self._tunnel_eof(self.client.transport)
+            return True
+        return False
+
+    def upstream_closed(self, exc: Exception | None) -> None:
+        connection = self.upstream
+        assert connection is not None
+        if self.client.tunnel is self:
+            self.abort()
+            self.client._finish(False)
+            return
+        if not self.request_done:
+            # The upstream stopped taking the body: it may have answered early (its own 413,
+            # say). Whatever the client still sends is unread, so its connection cannot last.
+            self.request_done = True
+            self.client.stop_body()
+        if self.framing is None and connection.buffer:
+            self._read_head()
+            if self.ended:
+                return
+        if self.framing is not None:
+            if self.framing.length == UNTIL_CLOSE:
+                self._response_done()
+            else:
+                error = ProtocolError(502, "the upstream closed the connection mid-body")
+                self._broken_response(error)
+        elif connection.buffer:
+            self._upstream_failed(
+                "invalid response from the upstream: connection closed inside a message head"
+            )
+        elif isinstance(exc, ConnectionError):
+            self._upstream_failed(f"the upstream reset the connection: {exc}", replayable=True)
+        else:
+            self._upstream_failed(
+                "the upstream closed the connection without answering", replayable=True
+            )
+
+    def _upstream_failed(self, message: str, *, replayable: bool = False) -> None:
+        self._drop_upstream()
+        # An idle connection the upstream had just closed: replay once, if we can.
+        if (
+            replayable
+            and self.reused
+            and self.attempts == 1
+            and (self.body is not None or self.request.length == 0)
+        ):
+            self._attempt()
+            return
+        self.exchange.upstream_failure = "protocol"
+        self._failed(HTTPError(502, message, "upstream_error"))
+
+    def _failed(self, error: HTTPError) -> None:
+        self._end()
+        self.client.forward_failed(error)
+
+    # -- after 101 Switching Protocols ----------------------------------------------------------
+
+    def _start_tunnel(self, response: Response) -> None:
+        """Both sides speak another protocol now: copy bytes both ways until both have ended."""
+        lines = [b"HTTP/1.1 101 " + response.reason]
+        lines += [n + b": " + v for n, v in response.headers]
+        client = self.client
+        client.write(b"\r\n".join([*lines, b"", b""]))
+        connection = self.upstream
+        assert connection is not None
+        client.start_tunnel(self)
+        if connection.buffer:
+            client.write(bytes(connection.buffer))
+            connection.buffer.clear()
+
+    def client_eof(self) -> None:
+        if self.upstream is not None:
+            assert self.upstream.transport is not None
+            self._tunnel_eof(self.upstream.transport)
+
+    def _tunnel_eof(self, target: asyncio.Transport) -> None:
+        if target.can_write_eof() and not target.is_closing():
+            target.write_eof()
+        self.tunnel_eofs += 1
+        if self.tunnel_eofs == 2:
+            self.abort()
+            self.client._finish(False)
+
+
+def client_head(response: Response, exchange: Exchange, keep_alive: bool, dechunk: bool) -> bytes:
+    """The upstream's response head as the client gets it."""
+    dropped = _RESPONSE_DROPS.union(header_tokens(response.headers, b"connection"))
+    lines = [b"HTTP/1.1 %d %s" % (response.status, response.reason)]
+    lines += response.headers.without(dropped)
+    if not header_values(response.headers, b"x-request-id"):
+        lines.append(b"X-Request-Id: " + exchange.request_id)
+    if response.length == CHUNKED and not dechunk:
+        lines.append(b"Transfer-Encoding: chunked")
+    elif response.length > 0:
+        lines.append(b"Content-Length: %d" % response.length)
+    elif response.length == 0 and (lengths := header_values(response.headers, b"content-length")):
+        # HEAD and 304 answers describe the body they would have had.
+        lines.append(b"Content-Length: " + lengths[0].split(b",")[0].strip())
+    if not keep_alive:
+        lines.append(b"Connection: close")
+    lines += [b"", b""]
+    return b"\r\n".join(lines)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1951,35 +2329,6 @@ def model_of_body(payload: bytes) -> str:
 
 def _too_large(cap: int) -> str:
     return f"request body too large (the limit is {cap} bytes)"
-
-
-class ClientWatch:
-    """Reads from a client while its exchange waits on the upstream, to notice it leaving.
-
-    The reading task starts only after a short delay: most answers come sooner, and then the
-    watch costs one timer instead of a task created, cancelled and awaited.
-    """
-
-    __slots__ = ("_start_timer", "_task")
-    DELAY = 0.05
-
-    def __init__(self, connection: ClientConnection, exchange_task: asyncio.Task[Any]):
-        self._task: asyncio.Task[None] | None = None
-        self._start_timer: asyncio.TimerHandle | None = connection.loop.call_later(
-            self.DELAY, self._start, connection, exchange_task
-        )
-
-    def _start(self, connection: ClientConnection, exchange_task: asyncio.Task[Any]) -> None:
-        self._start_timer = None
-        self._task = connection.loop.create_task(connection._await_client_eof(exchange_task))
-
-    async def stop(self) -> None:
-        """End the watch; the client's reader is free again once this returns."""
-        if self._start_timer is not None:
-            self._start_timer.cancel()
-        elif self._task is not None and not self._task.done():
-            self._task.cancel()
-            await asyncio.wait((self._task,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2093,18 +2442,19 @@ class Server:
         self.reload_note = ""
 
     async def start(self) -> None:
-        serve = self.router.serve
+        loop = asyncio.get_running_loop()
+        factory = self.router.new_connection
         if self.activated:
             for sock, name in self.activated:
                 if sock.family == socket.AF_UNIX:
-                    server = await asyncio.start_unix_server(serve, sock=sock)
+                    server = await loop.create_unix_server(factory, sock=sock)
                 else:
-                    server = await asyncio.start_server(serve, sock=sock)
+                    server = await loop.create_server(factory, sock=sock)
                 self._listening(server, f" ({name})")
             return
         listener = self.router.table.config.listener
-        server = await asyncio.start_server(
-            serve, host=listener.host or None, port=listener.port, reuse_address=True
+        server = await loop.create_server(
+            factory, host=listener.host or None, port=listener.port, reuse_address=True
         )
         self._listening(server, "")
 
