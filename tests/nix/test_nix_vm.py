@@ -75,11 +75,13 @@ in
 
 
 def script_constants(name: str) -> dict[str, Any]:
-    """The module-level constants of a test script (its assignments, run on their own)."""
+    """The module-level constants of a test script (its imports, classes and assignments, run
+    without the rest)."""
     tree = ast.parse(SCRIPTS[name].read_text())
-    assignments = [node for node in tree.body if isinstance(node, ast.Assign)]
+    kinds = (ast.Import, ast.ImportFrom, ast.ClassDef, ast.Assign, ast.AnnAssign)
+    definitions = [node for node in tree.body if isinstance(node, kinds)]
     namespace: dict[str, Any] = {}
-    exec(compile(ast.Module(assignments, []), str(SCRIPTS[name]), "exec"), namespace)
+    exec(compile(ast.Module(definitions, []), str(SCRIPTS[name]), "exec"), namespace)
     return namespace
 
 

@@ -5,6 +5,7 @@
 # driver provides `machine`, `start_all`, `subtest` and type-checks this script with mypy.
 import json
 import shlex
+from typing import NamedTuple
 
 ROUTER = "http://127.0.0.1:8080"
 CLIENT = "/run/current-system/sw/bin/llmhop-vm-client"
@@ -12,17 +13,25 @@ IMAGE = "localhost/llmhop-fake-engine"
 ROOTFUL = "llama-cpp-llama-root.service"
 GATEWAY = "sglang-gateway.service"
 # The rootless units by user (UID), in their start order.
-USERS = {
+USERS: dict[str, tuple[int, list[str]]] = {
     "vllm": (60602, ["vllm-vllm-port.service", "vllm-vllm-sock.service"]),
     "sglang": (60603, ["sglang-sglang-a.service", "sglang-sglang-b.service", GATEWAY]),
 }
-# Routing key -> (unit, its user or None for a system unit, the fake's mode, has a GPU).
+
+
+class Worker(NamedTuple):
+    unit: str
+    user: str | None  # None: a system unit
+    mode: str  # of the fake
+    gpu: bool
+
+
 WORKERS = {
-    "llama-root": (ROOTFUL, None, "llama-server", False),
-    "vllm-port": ("vllm-vllm-port.service", "vllm", "vllm", True),
-    "vllm-sock": ("vllm-vllm-sock.service", "vllm", "vllm", True),
-    "sglang-a": ("sglang-sglang-a.service", "sglang", "sglang", True),
-    "sglang-b": ("sglang-sglang-b.service", "sglang", "sglang", True),
+    "llama-root": Worker(ROOTFUL, None, "llama-server", False),
+    "vllm-port": Worker("vllm-vllm-port.service", "vllm", "vllm", True),
+    "vllm-sock": Worker("vllm-vllm-sock.service", "vllm", "vllm", True),
+    "sglang-a": Worker("sglang-sglang-a.service", "sglang", "sglang", True),
+    "sglang-b": Worker("sglang-sglang-b.service", "sglang", "sglang", True),
 }
 WORDS = ["fake", "tokens", "from", "a", "fake", "engine"]
 # Loading an image and podman's health checks (every 10 s) take their time.
@@ -67,30 +76,33 @@ with subtest("the rootless containers are user units of their lingering users"):
     assert images == [f"{IMAGE}:llama-cpp"], images
 
 with subtest("containers are active once healthy (Notify=healthy), not before"):
-    for model, (unit, user, _, _) in WORKERS.items():
+    for model, worker in WORKERS.items():
         fake = get(f"/route/{model}/fake/info")
-        active = int(machine.get_unit_property(unit, "ActiveEnterTimestampMonotonic", user))
+        active = int(
+            machine.get_unit_property(worker.unit, "ActiveEnterTimestampMonotonic", worker.user)
+        )
         # The first health check got 503 (loading); the unit went active after the first 200.
         assert fake["probes"] >= 2 and fake["ready_at_us"] <= active, (model, fake, active)
 
 with subtest("llmhop routes to every container, for the openai client"):
     assert client("models") == {"ids": sorted([*WORKERS, "sglang"])}
-    for model, (_, _, mode, _) in WORKERS.items():
+    for model, worker in WORKERS.items():
         reply = client("chat", model, "--prompt", "ping")
         assert reply == {
             "model": model,
-            "content": f"{mode} {model}: ping",
+            "content": f"{worker.mode} {model}: ping",
             "finish_reason": "stop",
         }
         streamed = client("chat", model, "--stream")
         assert streamed["content"].split() == WORDS and streamed["finish_reason"] == "stop"
 
 with subtest("containers get the module's flags, credentials and CDI devices"):
-    for model, (_, _, _, gpu) in WORKERS.items():
+    for model, worker in WORKERS.items():
         fake = get(f"/route/{model}/fake/info")
         # AddDevice=nvidia.com/gpu=all went through the CDI spec: its device node and variable.
-        assert fake["gpu"] is gpu, (model, fake)
-        assert (fake["environment"].get("LLMHOP_FAKE_CDI") == "nvidia.com/gpu=all") is gpu, fake
+        assert fake["gpu"] is worker.gpu, (model, fake)
+        cdi = fake["environment"].get("LLMHOP_FAKE_CDI")
+        assert (cdi == "nvidia.com/gpu=all") is worker.gpu, fake
     vllm = get("/route/vllm-sock/fake/info")
     assert vllm["options"]["uds"] == "/run/llmhop/socket/http.sock", vllm
     assert vllm["credentials"]["HF_TOKEN_PATH"] == {
@@ -124,8 +136,8 @@ with subtest("the SGL Model Gateway forwards to the SGLang workers"):
     )
     assert "x-fake-gateway-worker: http://127.0.0.1:30002" in headers.lower(), headers
     # Body routing on `sglang` reaches the gateway, which knows no model of that name.
-    status = client("error", "sglang")
-    assert status["status"] == 404 and "fake gateway" in json.dumps(status["body"]), status
+    answer = client("error", "sglang")
+    assert answer["status"] == 404 and "fake gateway" in json.dumps(answer["body"]), answer
     machine.succeed("curl --silent --fail http://127.0.0.1:29000/metrics | grep -q fake_gateway")
 
 with subtest("a killed rootless container restarts over its stale socket"):
