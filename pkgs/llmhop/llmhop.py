@@ -2338,7 +2338,7 @@ class BufferedBody:
 def model_of_body(payload: bytes) -> str:
     """The top-level ``model`` string of a JSON body."""
     try:
-        document = json.loads(payload)
+        document = _parse_for_model(payload)
     except (ValueError, RecursionError):
         raise HTTPError(400, "invalid JSON request body", "invalid_json") from None
     model = document.get("model") if isinstance(document, dict) else None
@@ -2349,6 +2349,119 @@ def model_of_body(payload: bytes) -> str:
     if not model:
         raise HTTPError(400, "missing model: the model name is empty", "missing_model")
     return model
+
+
+# Bodies from this size on are parsed without the contents of their long strings (a long
+# prompt, say): decoding those whole costs more than all else a request does.
+LONG_BODY = 64 * 1024
+LONG_STRING = 16 * 1024  # never below len("model"): that key must stay as it is
+STRING_PIECE = 64 * 1024  # long string contents are checked in pieces this large
+MAX_QUOTES_WALKED = 256  # past this many strings, json.loads is quicker than the walk
+ELIDED = b"..."  # what stands in for the contents of a long string
+
+
+def _parse_for_model(payload: bytes) -> Any:
+    """json.loads(payload), or an equivalent document as far as ``model`` goes.
+
+    Long strings are left out of the parse (see ``_without_long_strings``), unless ``model``
+    is one of them: then the body is parsed whole after all.
+    """
+    shortened = _without_long_strings(payload) if len(payload) >= LONG_BODY else None
+    if shortened is None:
+        return json.loads(payload)
+    document = json.loads(shortened)
+    if isinstance(document, dict) and document.get("model") == ELIDED.decode():
+        return json.loads(payload)
+    return document
+
+
+def _without_long_strings(document: bytes) -> bytes | None:
+    """The document with the contents of its long strings checked, then replaced by ELIDED.
+
+    json.loads fails on the result exactly when it fails on the document, and otherwise gives
+    the same values but for the replaced strings. None when there is nothing to replace, or
+    when telling would take longer than parsing.
+
+    Only quotes delimit strings, and inside them only a backslash escapes: the strings are
+    found with bytes.find, each quote's escaping judged by the backslashes before it. Up to
+    the first error in a document that judgement is json's own; past it, json.loads fails on
+    both alike, as nothing before the error is changed but valid string contents.
+    """
+    if json.detect_encoding(document) != "utf-8":
+        return None  # UTF-16 or -32, or a byte order mark: not worth the trouble
+    parts: list[bytes] = []
+    kept = 0  # document[:kept] is in parts
+    position = 0
+    opening = -1  # the quote that opened the string being read, or -1 outside strings
+    for _ in range(MAX_QUOTES_WALKED):
+        quote = document.find(b'"', position)
+        if quote < 0:
+            break
+        position = quote + 1
+        if opening < 0:
+            opening = quote
+            continue
+        backslashes = quote
+        while document[backslashes - 1] == 0x5C:  # the opening quote stops this
+            backslashes -= 1
+        if (quote - backslashes) % 2:
+            continue  # an escaped quote, inside the string
+        start = opening + 1
+        opening = -1
+        if quote - start > LONG_STRING:
+            if not _is_string_content(document, start, quote):
+                return None  # invalid: json.loads says so, and says it alike
+            parts += (document[kept:start], ELIDED)
+            kept = quote
+    else:
+        return None
+    if not parts:
+        return None
+    parts.append(document[kept:])
+    return b"".join(parts)
+
+
+def _is_string_content(document: bytes, start: int, end: int) -> bool:
+    """Whether document[start:end] is valid between the quotes of a JSON string.
+
+    Checked by json itself, in pieces (so no copy of it all is made at once), each cut where
+    it splits neither a UTF-8 sequence nor an escape.
+    """
+    while start < end:
+        cut = min(start + STRING_PIECE, end)
+        if cut < end:
+            cut = _piece_end(document, start, cut)
+            if cut <= start:
+                return False  # no place to cut: let json.loads judge the whole
+        try:
+            # As json.loads decodes a UTF-8 document; cut on sequence ends, the pieces decode
+            # as the whole would.
+            json.loads(f'"{document[start:cut].decode("utf-8", "surrogatepass")}"')
+        except ValueError:
+            return False
+        start = cut
+    return True
+
+
+def _piece_end(document: bytes, start: int, cut: int) -> int:
+    """``cut`` moved back, if need be, so it splits neither a UTF-8 sequence nor an escape."""
+    for _ in range(3):
+        if 0x80 <= document[cut] < 0xC0:  # a continuation byte
+            cut -= 1
+    if 0x80 <= document[cut] < 0xC0:
+        return start  # not UTF-8 at all
+    # An escape is at most six bytes (\uXXXX), so only the last backslash of the six before
+    # the cut can begin one that spans it. Backslashes pair up from the start of their run.
+    backslash = document.rfind(b"\\", max(start, cut - 6), cut)
+    if backslash >= 0:
+        run = backslash
+        while run > start and document[run - 1] == 0x5C:
+            run -= 1
+        if (backslash - run) % 2 == 0:
+            length = 6 if document[backslash + 1] == 0x75 else 2  # \uXXXX or \n, say
+            if cut < backslash + length:
+                cut = backslash
+    return cut
 
 
 def _too_large(cap: int) -> str:
