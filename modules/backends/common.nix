@@ -686,11 +686,13 @@ rec {
       ]
       ++ lib.optionals rootless (
         map (wl: "d ${dirOf wl.model.socket} 0710 ${owner.name} ${owner.group} - -") sockets
-      )
+      );
+
       # The container's UID is not known in advance: an inherited ACL lets the router in.
-      ++ lib.optional (
-        sockets != [ ]
-      ) "a+ ${routerCfg.socketDirectory} - - - - default:user:${routerCfg.user}:-wx";
+      # A setting rather than a rule, so backends that both want it merge into one line.
+      systemd.tmpfiles.settings.llmhop = lib.mkIf (sockets != [ ]) {
+        ${routerCfg.socketDirectory}."a+".argument = "default:user:${routerCfg.user}:-wx";
+      };
     };
 
   # The config of a backend: registries, routes, the router's group, assertions and units.

@@ -64,6 +64,17 @@ def config_file(result: dict[str, Any]) -> dict[str, Any]:
     return json.loads(Path(result["etc"]["llmhop/llmhop.json"]["source"]).read_text())
 
 
+def acl_settings(result: dict[str, Any]) -> dict[str, Any]:
+    """The module's tmpfiles settings, without the defaults of unset fields."""
+    return {
+        path: {
+            kind: {key: value for key, value in entry.items() if value != "-" and key != "type"}
+            for kind, entry in kinds.items()
+        }
+        for path, kinds in result["tmpfiles"]["settings"].get("llmhop", {}).items()
+    }
+
+
 def assertions(config: dict[str, Any]) -> list[str]:
     with pytest.raises(FailedAssertions) as info:
         evaluate(config)
@@ -257,7 +268,8 @@ def test_rootless_socket() -> None:
     assert "RuntimeDirectory" not in unit["Service"]
     rules = result["tmpfiles"]["rules"]
     assert "d /run/llmhop/vllm-s 0710 vllm vllm - -" in rules
-    assert "a+ /run/llmhop - - - - default:user:llmhop:-wx" in rules
+    acl = {"/run/llmhop": {"a+": {"argument": "default:user:llmhop:-wx"}}}
+    assert acl_settings(result) == acl
     assert config_file(result)["models"]["s"] == {"url": "unix:///run/llmhop/vllm-s/http.sock"}
     assert result["registries"]["portsRegistry"] == {"llmhop.listen.default": 8080}
     # No group to join: the ACL lets the router in.
@@ -293,6 +305,17 @@ def test_rootful_system_units() -> None:
     assert "llama-cpp" not in result["users"]
     assert "d /var/cache/llama-cpp 0700 root root - -" in result["tmpfiles"]["rules"]
     assert not any(r.startswith("d /run/llmhop/llama-cpp-b") for r in result["tmpfiles"]["rules"])
+
+
+def test_one_acl_for_every_backend_with_container_sockets() -> None:
+    result = evaluate(
+        llmhop(
+            vllm={"models": {"v": {"model": "org/v"}}},
+            **{"llama-cpp": {"runtime": "container", "models": {"l": {}}}},
+        )
+    )
+    assert acl_settings(result) == {"/run/llmhop": {"a+": {"argument": "default:user:llmhop:-wx"}}}
+    assert not any(rule.startswith("a+") for rule in result["tmpfiles"]["rules"])
 
 
 def test_custom_container_user() -> None:
