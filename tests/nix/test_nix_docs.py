@@ -60,7 +60,7 @@ def test_the_documented_example(tmp_path: Path) -> None:
     assert "AddDevice=nvidia.com/gpu=1\n" in qwen
     assert "Pull=missing\n" in qwen
     assert "Volume=%d:/run/llmhop/credentials:ro\n" in qwen
-    assert "ImportCredential=llmhop.hf-token\n" in qwen
+    assert "LoadCredential=llmhop.hf-token:/run/secrets/vllm/hf-token\n" in qwen
     assert "Image=docker.io/vllm/vllm-openai:v0.11.0\n" in result["quadlet"]["vllm-llama-3-8b"]
     # The native vLLM: a system unit of the same (lingering) user, NCCL for its two GPUs.
     assert "vllm-llama-3-70b" not in result["quadlet"]
