@@ -607,27 +607,38 @@ class ProtocolError(Exception):
         self.status = status
 
 
-_REQUEST_LINE = re.compile(rb"([^ ]+) ([^ ]+) (HTTP/[0-9]\.[0-9])")
+# A valid request line; when it does not match, the looser one tells what is wrong with it.
+_REQUEST_LINE = re.compile(rb"(%s) ([\x21-\x7e\x80-\xff]+) (HTTP/[0-9]\.[0-9])" % _TOKEN.pattern)
+_ANY_REQUEST_LINE = re.compile(rb"([^ ]+) ([^ ]+) (HTTP/[0-9]\.[0-9])")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n]*))?")
-_TARGET_OCTETS = bytes([*range(0x21, 0x7F), *range(0x80, 0x100)])
 _RESPONSE_DROPS = HOP_BY_HOP | {b"content-length"}
 
 
 class Fields(list[tuple[bytes, bytes]]):
     """Header fields in order as received, (name, value), indexed once by lower-cased name."""
 
-    __slots__ = ("by_name", "lowered")
+    __slots__ = ("lowered",)
 
     def __init__(self, fields: list[tuple[bytes, bytes]]) -> None:
         super().__init__(fields)
-        self.lowered = [name.lower() for name, _ in fields]  # in the same order
-        self.by_name: dict[bytes, list[bytes]] = dict(
-            zip(self.lowered, [[value] for _, value in fields], strict=True)
-        )
-        if len(self.by_name) < len(fields):  # a name repeats: collect all its values
-            self.by_name = {}
-            for lower, (_, value) in zip(self.lowered, fields, strict=True):
-                self.by_name.setdefault(lower, []).append(value)
+        # A message has a handful of fields: a search of this list, in C, beats building an
+        # index of them for every message.
+        self.lowered = [name.lower() for name, _ in fields]
+
+    def values(self, lower_name: bytes) -> list[bytes]:
+        """The values of every field of that name, in order."""
+        if lower_name not in self.lowered:
+            return []  # the usual answer, so the quickest
+        return [
+            value
+            for (_, value), lower in zip(self, self.lowered, strict=True)
+            if lower == lower_name
+        ]
+
+    def first(self, lower_name: bytes) -> bytes | None:
+        """The value of the first field of that name."""
+        lowered = self.lowered
+        return self[lowered.index(lower_name)][1] if lower_name in lowered else None
 
     def without(self, dropped: frozenset[bytes] | set[bytes]) -> list[bytes]:
         """``Name: value`` lines of the fields not named in ``dropped``."""
@@ -639,7 +650,7 @@ class Fields(list[tuple[bytes, bytes]]):
 
 
 # A valid field line (RFC 9110 §5.5): token ":" OWS value OWS CRLF, the value without its OWS.
-_FIELD_NAME = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_FIELD_NAME = _TOKEN.pattern
 _FIELD_VALUE = rb"(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?"
 _FIELD_LINE = re.compile(rb"(%s):[ \t]*(%s)[ \t]*\r\n" % (_FIELD_NAME, _FIELD_VALUE))
 _FIELD_BLOCK = re.compile(rb"(?:%s:[ \t]*%s[ \t]*\r\n)*" % (_FIELD_NAME, _FIELD_VALUE))
@@ -670,16 +681,14 @@ def _field_error(block: bytes) -> ProtocolError:
 
 
 def header_values(headers: Fields, lower_name: bytes) -> list[bytes]:
-    return headers.by_name.get(lower_name, [])
+    return headers.values(lower_name)
 
 
 def header_tokens(headers: Fields, lower_name: bytes) -> list[bytes]:
     """The comma-separated elements of every field of that name, lower-cased."""
-    if lower_name not in headers.by_name:
-        return []  # the usual answer, so the quickest
     return [
         element.strip(b" \t").lower()
-        for value in header_values(headers, lower_name)
+        for value in headers.values(lower_name)
         for element in value.split(b",")
         if element.strip(b" \t")
     ]
@@ -703,6 +712,8 @@ def body_length(headers: Fields) -> int:
         return CHUNKED
     if not lengths:
         return 0
+    if len(lengths) == 1 and lengths[0].isdigit() and len(lengths[0]) <= 18:
+        return int(lengths[0])  # the usual case, in short
     elements = {element.strip(b" \t") for value in lengths for element in value.split(b",")}
     if len(elements) != 1:
         raise ProtocolError(400, "conflicting Content-Length values")
@@ -722,22 +733,20 @@ class Request:
     keep_alive: bool
     expect_continue: bool
     upgrade: bytes | None  # the protocol asked for, when the client asks to switch
+    connection: tuple[bytes, ...] = ()  # the Connection options, lower-cased
     # ``length`` becomes 0 once the body is read; a body read in part spoils keep_alive.
 
     def header(self, lower_name: bytes) -> bytes | None:
-        values = self.headers.by_name.get(lower_name)
-        return values[0] if values else None
+        return self.headers.first(lower_name)
 
 
 def parse_request_head(head: bytes) -> Request:
     """Parse a request head (without its final blank line); raise ProtocolError if invalid."""
     request_line, _, fields = head.partition(b"\r\n")
     match = _REQUEST_LINE.fullmatch(request_line)
-    if match is None or not _TOKEN.fullmatch(match[1]):
-        raise ProtocolError(400, "malformed request line")
+    if match is None:
+        raise _request_line_error(request_line)
     method, target, version = match.groups()
-    if target.translate(None, _TARGET_OCTETS):
-        raise ProtocolError(400, "invalid character in request target")
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
         raise ProtocolError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
     http_minor = version[-1] - ord("0")
@@ -762,7 +771,15 @@ def parse_request_head(head: bytes) -> Request:
         keep_alive=http_minor == 1 and b"close" not in connection,
         expect_continue=bool(expectations) and http_minor == 1,
         upgrade=upgrade[0] if upgrade and b"upgrade" in connection else None,
+        connection=tuple(connection),
     )
+
+
+def _request_line_error(request_line: bytes) -> ProtocolError:
+    match = _ANY_REQUEST_LINE.fullmatch(request_line)
+    if match is None or not _TOKEN.fullmatch(match[1]):
+        return ProtocolError(400, "malformed request line")
+    return ProtocolError(400, "invalid character in request target")
 
 
 @dataclass(slots=True)
@@ -772,6 +789,7 @@ class Response:
     headers: Fields
     length: int  # bytes of body, CHUNKED or UNTIL_CLOSE
     keep_alive: bool
+    connection: tuple[bytes, ...] = ()  # the Connection options, lower-cased
 
 
 def parse_response_head(head: bytes, request_method: bytes) -> Response:
@@ -789,7 +807,7 @@ def parse_response_head(head: bytes, request_method: bytes) -> Response:
         length = body_length(headers)
         if length == 0 and not header_values(headers, b"content-length"):
             length, keep_alive = UNTIL_CLOSE, False
-    return Response(status, match[3] or b"", headers, length, keep_alive)
+    return Response(status, match[3] or b"", headers, length, keep_alive, tuple(connection))
 
 
 class ChunkedDecoder:
@@ -1388,7 +1406,7 @@ class ClientConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # until connected
         self.buffer = bytearray()
-        self.peer_ip: str | None = None
+        self.forwarded_for = b""  # the X-Forwarded-For line, for clients with an IP address
         self.busy = False  # between the first byte of a request and the end of its response
         self.closed = False
         self.eof = False  # the client will send nothing more: it half-closed, or left
@@ -1417,7 +1435,8 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport
         transport.set_write_buffer_limits(WRITE_HIGH_WATER)
         peer = transport.get_extra_info("peername")
-        self.peer_ip = peer[0] if isinstance(peer, tuple) and peer else None
+        if isinstance(peer, tuple) and peer:
+            self.forwarded_for = b"X-Forwarded-For: " + peer[0].encode()
         router = self.router
         router.connections.add(self)
         router.no_connections.clear()
@@ -1834,8 +1853,8 @@ class ClientConnection(asyncio.Protocol):
         upstream = model.upstream
         path, question, query = target.partition(b"?")
         dropped = model.forwarding_drops
-        if named_by_connection := header_tokens(request.headers, b"connection"):
-            dropped = dropped.union(named_by_connection)
+        if not dropped.issuperset(request.connection):
+            dropped = dropped.union(request.connection)
         lines = [
             b"%s %s%s%s HTTP/1.1"
             % (
@@ -1848,8 +1867,8 @@ class ClientConnection(asyncio.Protocol):
         ]
         lines += request.headers.without(dropped)
         lines += [n + b": " + v for n, v in model.headers]
-        if self.peer_ip is not None:
-            lines.append(b"X-Forwarded-For: " + self.peer_ip.encode())
+        if self.forwarded_for:
+            lines.append(self.forwarded_for)
         if client_host := request.header(b"host"):
             lines.append(b"X-Forwarded-Host: " + client_host)
         lines.append(b"X-Forwarded-Proto: http")
@@ -2307,7 +2326,9 @@ class Forward:
 
 def client_head(response: Response, exchange: Exchange, keep_alive: bool, dechunk: bool) -> bytes:
     """The upstream's response head as the client gets it."""
-    dropped = _RESPONSE_DROPS.union(header_tokens(response.headers, b"connection"))
+    dropped = _RESPONSE_DROPS
+    if not dropped.issuperset(response.connection):
+        dropped = dropped.union(response.connection)
     lines = [b"HTTP/1.1 %d %s" % (response.status, response.reason)]
     lines += response.headers.without(dropped)
     if not header_values(response.headers, b"x-request-id"):
