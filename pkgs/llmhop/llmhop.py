@@ -53,7 +53,7 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADER_FIELDS = 256
 HEAD_TIMEOUT = 10.0  # a request head must arrive whole within this, from its first byte
 IDLE_TIMEOUT = 75.0  # a keep-alive client connection may wait this long for its next request
-READ_SIZE = 256 * 1024
+MAX_PIPELINED_BYTES = 256 * 1024  # held for later while a request is served; reading pauses
 WRITE_HIGH_WATER = 256 * 1024
 JOIN_LIMIT = 64 * 1024  # a body up to this size goes out joined to its head, in one write
 MAX_IDLE_UPSTREAM_CONNECTIONS = 64
@@ -1455,7 +1455,7 @@ class ClientConnection(asyncio.Protocol):
                 self.buffer += data
                 if self.request is None:
                     self._next_request()
-                elif len(self.buffer) > READ_SIZE:
+                elif len(self.buffer) > MAX_PIPELINED_BYTES:
                     self.transport.pause_reading()  # pipelined requests wait their turn
         except Exception as exc:  # a bug must cost one connection, never the server
             self._internal_error(exc)
@@ -1492,8 +1492,8 @@ class ClientConnection(asyncio.Protocol):
                 self._client_left()
             else:
                 self._set_busy(False)
-        except Exception as exc_:
-            self._internal_error(exc_)
+        except Exception as error:
+            self._internal_error(error)
 
     def pause_writing(self) -> None:
         source = self.forward or self.tunnel
