@@ -1781,6 +1781,10 @@ class ClientConnection(asyncio.Protocol):
             data = bytes(self.buffer)
             self.buffer.clear()
             self._read_body(data)
+        if self.body is reading and self.eof:
+            # The client's stream ended before the reading began (an upstream connection was
+            # being opened, say): what is buffered was all there was to read.
+            self._fail(ClientGone())
 
     def _read_body(self, data: bytes) -> None:
         reading = self.body

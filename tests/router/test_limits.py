@@ -158,6 +158,25 @@ def test_slow_header_block_is_cut_off(router_factory: Factory, upstream: FakeUps
     assert exchange(router, "GET", "/health").status == 200
 
 
+@pytest.mark.parametrize("path", ["/route/m/v1/x", "/v1/x"])
+def test_body_cut_short_by_the_clients_end_of_stream_ends_the_exchange(
+    router: RunningRouter, path: str
+) -> None:
+    """The end of stream may come while the upstream connection is still being opened."""
+
+    async def empty_pool() -> None:
+        router.router.pool.close()  # so that each attempt opens a connection
+
+    whole = request_bytes("POST", path, chat("m"))
+    for _ in range(20):  # the end of stream must win the race at least once
+        router.call(empty_pool())
+        with router.connect() as sock:
+            sock.sendall(whole[:-5])
+            sock.shutdown(socket.SHUT_WR)
+            assert SocketReader(sock).rest() == b""  # given up on, well before WAIT
+    assert router.router.busy_connections == 0
+
+
 def test_idle_keep_alive_connection_is_closed(
     router_factory: Factory, upstream: FakeUpstream
 ) -> None:
