@@ -681,16 +681,10 @@ def main(argv: list[str]) -> int:
     except Failure as exc:
         log(f"fake {mode}: {exc}")
         return 2
-    servers: list[socketserver.BaseServer] = []
-    for listener_app, address in listeners:
-        try:
-            servers.append(serve(listener_app, address))
-        except OSError as exc:
-            log(f"fake {mode}: cannot listen on {describe(address)}: {exc.strerror}")
-            return 1
-
     # As the real servers: the first SIGINT or SIGTERM stops cleanly (status 0); a second one
-    # while stopping exits 1 at once.
+    # while stopping exits 1 at once. Handled from before the first bind on, so a signal right
+    # after "listening" is a clean stop too.
+    servers: list[socketserver.BaseServer] = []
     stopping = threading.Event()
 
     def stop(*_: object) -> None:
@@ -703,6 +697,16 @@ def main(argv: list[str]) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
+
+    for listener_app, address in listeners:
+        try:
+            servers.append(serve(listener_app, address))
+        except OSError as exc:
+            log(f"fake {mode}: cannot listen on {describe(address)}: {exc.strerror}")
+            return 1
+    # A signal while binding shut down only the servers bound before it.
+    if stopping.is_set():
+        return 0
     for server in servers[1:]:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     servers[0].serve_forever()
