@@ -6,8 +6,9 @@
 # - vm-containers: vLLM and SGLang as rootless Podman containers, llama.cpp as a rootful one and
 #   the SGL Model Gateway, from fake images, with a CDI spec standing in for a GPU
 #   (vm/scripts/containers.py).
-# - eval: both node configurations evaluated as real NixOS systems; the router config checked
-#   by `llmhop --check` and the Quadlet files by podman's generator, no VM needed.
+# - eval: both node configurations and the documented examples (examples/nixos/) evaluated as
+#   real NixOS systems; the router configs checked by `llmhop --check` and the Quadlet files by
+#   podman's generator, no VM needed.
 #
 # The llmhop part of each node is vm/{native,containers}-config.nix, which
 # tests/nix/test_nix_vm.py also evaluates and the test scripts are checked against.
@@ -104,6 +105,11 @@ let
     }).config;
 
   unitFile = config: name: "${config.systemd.units.${name}.unit}/${name}";
+
+  # What docs/module.md shows; no assertion of the module or NixOS may fail on them.
+  examples = lib.genAttrs [ "seed" "complete" "native-vllm" ] (
+    name: evalNode { imports = [ module ../examples/nixos/${name}.nix ]; }
+  );
 in
 {
   vm-native = pkgs.testers.runNixOSTest {
@@ -132,19 +138,17 @@ in
       containers = evalNode containersNode;
       quadlet = containers.virtualisation.quadlet.generatedUnits;
       # Evaluating a toplevel's drvPath fails on any failed assertion, the module's or NixOS'.
-      evaluated = builtins.deepSeq [
-        native.system.build.toplevel.drvPath
-        containers.system.build.toplevel.drvPath
-      ] true;
+      evaluated = builtins.deepSeq (
+        map (config: config.system.build.toplevel.drvPath) ([ native containers ] ++ lib.attrValues examples)
+      ) true;
     in
     assert evaluated;
     pkgs.runCommand "llmhop-eval"
       {
         # Each is built with `llmhop --check`: the real router validates the rendered config.
-        configs = [
-          native.environment.etc."llmhop/llmhop.json".source
-          containers.environment.etc."llmhop/llmhop.json".source
-        ];
+        configs = map (config: config.environment.etc."llmhop/llmhop.json".source) (
+          [ native containers ] ++ lib.attrValues examples
+        );
       }
       ''
         set -euo pipefail
@@ -160,6 +164,10 @@ in
         test -f ${quadlet}/lib/systemd/user/sglang-gateway.service
         for unit in vllm-vllm-sock vllm-vllm-port sglang-sglang-a sglang-sglang-b; do
           grep -q "nvidia.com/gpu=all" ${quadlet}/lib/systemd/user/$unit.service
+        done
+        # And of the complete example's containers.
+        for unit in vllm-llama-3-8b vllm-qwen3-32b sglang-gemma-3-27b sglang-gateway; do
+          test -f ${examples.complete.virtualisation.quadlet.generatedUnits}/lib/systemd/user/$unit.service
         done
         touch $out
       '';

@@ -1,4 +1,5 @@
-"""The complete example of docs/module.md evaluates and does what the text says."""
+"""The examples of docs/module.md are the files in examples/nixos/ (the flake's `eval` check
+evaluates them as NixOS systems), and they evaluate and do what the text says."""
 
 from __future__ import annotations
 
@@ -11,21 +12,32 @@ from nix_harness import REPO, evaluate
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
 
-MARKER = "<!-- example: evaluated by tests/nix/test_nix_docs.py -->"
-NATIVE = "<!-- native: evaluated by tests/nix/test_nix_docs.py -->"
+EXAMPLES = REPO / "examples" / "nixos"
 
 
-def example(marker: str = MARKER) -> str:
+def shown(name: str) -> str:
+    """The block of docs/module.md marked as showing examples/nixos/<name>."""
     text = (REPO / "docs" / "module.md").read_text()
+    marker = f": examples/nixos/{name} -->"
     match = re.search(re.escape(marker) + r"\n```nix\n(.*?)\n```", text, re.DOTALL)
-    assert match, f"docs/module.md lost its example {marker}"
+    assert match, f"docs/module.md lost its example {name}"
     return match.group(1)
 
 
-def test_the_documented_example(tmp_path: Path) -> None:
-    module = tmp_path / "example.nix"
-    module.write_text(example())
-    result = evaluate(module=module)
+@pytest.mark.parametrize("name", ["complete.nix", "native-vllm.nix"])
+def test_the_docs_show_the_example_files(name: str) -> None:
+    assert shown(name) == (EXAMPLES / name).read_text().rstrip("\n")
+
+
+def test_the_docs_show_the_seed_as_announced() -> None:
+    """The announcement wrote the option block alone; the file wraps it in a module."""
+    lines = (EXAMPLES / "seed.nix").read_text().splitlines()
+    body = lines[lines.index("{") + 1 : lines.index("}")]
+    assert shown("seed.nix") == "\n".join(line.removeprefix("  ") for line in body)
+
+
+def test_the_complete_example() -> None:
+    result = evaluate(module=EXAMPLES / "complete.nix")
     config = json.loads(Path(result["etc"]["llmhop/llmhop.json"]["source"]).read_text())
     assert config["models"] == {
         "gemma": {
@@ -80,10 +92,8 @@ def test_the_documented_example(tmp_path: Path) -> None:
     assert result["users"]["sglang"]["linger"] is True
 
 
-def test_the_documented_native_vllm(tmp_path: Path) -> None:
-    module = tmp_path / "native.nix"
-    module.write_text(example(NATIVE))
-    result = evaluate(module=module)
+def test_the_native_vllm_example() -> None:
+    result = evaluate(module=EXAMPLES / "native-vllm.nix")
     assert result["quadlet"] == {}
     unit = result["services"]["vllm-llama-3-8b"]
     assert unit["serviceConfig"]["User"] == "vllm"
