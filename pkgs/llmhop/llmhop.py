@@ -627,8 +627,10 @@ class Fields(list[tuple[bytes, bytes]]):
 
     def values(self, lower_name: bytes) -> list[bytes]:
         """The values of every field of that name, in order."""
-        if lower_name not in self.lowered:
-            return []  # the usual answer, so the quickest
+        lowered = self.lowered
+        count = lowered.count(lower_name)
+        if count < 2:  # the usual answers, so the quickest
+            return [self[lowered.index(lower_name)][1]] if count else []
         return [
             value
             for (_, value), lower in zip(self, self.lowered, strict=True)
@@ -652,19 +654,21 @@ class Fields(list[tuple[bytes, bytes]]):
 # A valid field line (RFC 9110 §5.5): token ":" OWS value OWS CRLF, the value without its OWS.
 _FIELD_NAME = _TOKEN.pattern
 _FIELD_VALUE = rb"(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?"
-_FIELD_LINE = re.compile(rb"(%s):[ \t]*(%s)[ \t]*\r\n" % (_FIELD_NAME, _FIELD_VALUE))
-_FIELD_BLOCK = re.compile(rb"(?:%s:[ \t]*%s[ \t]*\r\n)*" % (_FIELD_NAME, _FIELD_VALUE))
+_FIELD_LINE = re.compile(rb"(?m)^(%s):[ \t]*(%s)[ \t]*\r\n" % (_FIELD_NAME, _FIELD_VALUE))
 
 
 def parse_fields(block: bytes) -> Fields:
     """The fields of a block of field lines, each line ending with CRLF."""
-    if block.count(b"\r\n") > MAX_HEADER_FIELDS:
+    lines = block.count(b"\r\n")
+    if lines > MAX_HEADER_FIELDS:
         raise ProtocolError(431, f"more than {MAX_HEADER_FIELDS} header fields")
-    # Two passes in C, one to check the block whole and one to take it apart, cost less than
-    # a pass in Python over its lines; those are walked only to tell what is wrong.
-    if _FIELD_BLOCK.fullmatch(block) is None:
+    # One pass in C instead of one in Python over the lines. A match starts at a line's start
+    # and takes its CRLF, so as many matches as lines (and no bare LF) means every line
+    # matched whole; the lines are walked only to tell what is wrong.
+    fields = _FIELD_LINE.findall(block)
+    if len(fields) != lines or block.count(b"\n") != lines:
         raise _field_error(block)
-    return Fields(_FIELD_LINE.findall(block))
+    return Fields(fields)
 
 
 def _field_error(block: bytes) -> ProtocolError:
