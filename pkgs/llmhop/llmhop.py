@@ -684,10 +684,6 @@ def _field_error(block: bytes) -> ProtocolError:
     return ProtocolError(400, "invalid character in header value")
 
 
-def header_values(headers: Fields, lower_name: bytes) -> list[bytes]:
-    return headers.values(lower_name)
-
-
 def header_tokens(headers: Fields, lower_name: bytes) -> list[bytes]:
     """The comma-separated elements of every field of that name, lower-cased."""
     return [
@@ -705,7 +701,7 @@ UNTIL_CLOSE = -2  # a response body delimited by the connection closing
 def body_length(headers: Fields) -> int:
     """The framing of a message body (RFC 9112 §6.3): a length, CHUNKED, or None for none."""
     codings = header_tokens(headers, b"transfer-encoding")
-    lengths = header_values(headers, b"content-length")
+    lengths = headers.values(b"content-length")
     if codings:
         if lengths:
             raise ProtocolError(400, "both Content-Length and Transfer-Encoding")
@@ -755,17 +751,17 @@ def parse_request_head(head: bytes) -> Request:
         raise ProtocolError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
     http_minor = version[-1] - ord("0")
     headers = parse_fields(fields + b"\r\n" if fields else b"")
-    hosts = header_values(headers, b"host")
+    hosts = headers.values(b"host")
     if http_minor == 1 and len(hosts) != 1:
         raise ProtocolError(400, "an HTTP/1.1 request needs exactly one Host header")
-    if http_minor == 0 and header_values(headers, b"transfer-encoding"):
+    if http_minor == 0 and headers.values(b"transfer-encoding"):
         raise ProtocolError(400, "Transfer-Encoding is not defined for HTTP/1.0")
     length = body_length(headers)
     connection = header_tokens(headers, b"connection")
     expectations = header_tokens(headers, b"expect")
     if expectations and expectations != [b"100-continue"]:
         raise ProtocolError(417, "only Expect: 100-continue is supported")
-    upgrade = header_values(headers, b"upgrade")
+    upgrade = headers.values(b"upgrade")
     return Request(
         method=method,
         target=target,
@@ -809,7 +805,7 @@ def parse_response_head(head: bytes, request_method: bytes) -> Response:
         length = 0
     else:
         length = body_length(headers)
-        if length == 0 and not header_values(headers, b"content-length"):
+        if length == 0 and not headers.values(b"content-length"):
             length, keep_alive = UNTIL_CLOSE, False
     return Response(status, match[3] or b"", headers, length, keep_alive, tuple(connection))
 
@@ -2339,13 +2335,13 @@ def client_head(response: Response, exchange: Exchange, keep_alive: bool, dechun
         dropped = dropped.union(response.connection)
     lines = [b"HTTP/1.1 %d %s" % (response.status, response.reason)]
     lines += response.headers.without(dropped)
-    if not header_values(response.headers, b"x-request-id"):
+    if not response.headers.values(b"x-request-id"):
         lines.append(b"X-Request-Id: " + exchange.request_id)
     if response.length == CHUNKED and not dechunk:
         lines.append(b"Transfer-Encoding: chunked")
     elif response.length > 0:
         lines.append(b"Content-Length: %d" % response.length)
-    elif response.length == 0 and (lengths := header_values(response.headers, b"content-length")):
+    elif response.length == 0 and (lengths := response.headers.values(b"content-length")):
         # HEAD and 304 answers describe the body they would have had.
         lines.append(b"Content-Length: " + lengths[0].split(b",")[0].strip())
     if not keep_alive:
