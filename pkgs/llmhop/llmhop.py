@@ -10,7 +10,8 @@ The file is laid out bottom-up, each part depending only on those above it:
 1. secrets     -- ``${env:...}``, ``${file:...}``, ``${cred:...}`` references
 2. config      -- the strict JSON config and the routing table built from it
 3. protocol    -- HTTP/1.1 message rules (RFC 9112) on bytes, without any I/O
-4. upstreams   -- connections to the model servers, pooled for keep-alive
+4. upstreams   -- connections to the model servers, pooled for keep-alive; while one carries
+                  a request, its events go to the exchange's ``Forward`` (part 5)
 5. exchange    -- one client connection: read, route, forward, relay, log, count
 6. server      -- listeners (socket activation too), sd_notify, reload, drain
 7. notify      -- ``llmhop-notify``: sd_notify readiness for workers that lack it
