@@ -6,6 +6,7 @@ is evaluated with nixpkgs' lib, the real quadlet-nix module and stubs (evaluate.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -226,23 +227,51 @@ def make_package(root: Path, name: str, programs: dict[str, str]) -> Path:
     return out
 
 
-def llmhop_package(root: Path, router: Path | None = None) -> Path:
-    """A stand-in for pkgs.llmhop running `router` (default: the real pkgs/llmhop/llmhop.py)
-    with the host's python3, laid out like package.nix installs it."""
-    python = shutil.which("python3", path="/usr/bin:/bin") or "/usr/bin/python3"
-    # A copy inside the package, as package.nix installs it: the checkout may sit below /tmp,
-    # which PrivateTmp= hides from the units.
-    installed = root / "llmhop" / "lib" / "llmhop" / "llmhop.py"
-    installed.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(router or REPO / "pkgs" / "llmhop" / "llmhop.py", installed)
-    return make_package(
-        root,
-        "llmhop",
-        {
-            "llmhop": f'#!/bin/sh\nexec {python} -I {installed} "$@"\n',
-            "llmhop-notify": f'#!/bin/sh\nexec {python} -I {installed} notify "$@"\n',
-        },
+@functools.cache
+def package_phases(python: str) -> dict[str, str]:
+    """package.nix's install and install-check scripts, with `python` as python3."""
+    expression = f"""
+      let
+        package = import {REPO}/pkgs/llmhop/package.nix {{
+          lib = import {locked_store_path("nixpkgs-lib")}/lib;
+          stdenvNoCC.mkDerivation = attrs: attrs;
+          python3 = {{ interpreter = "{python}"; pkgs.pytest = null; }};
+          runtimeShell = "/bin/sh";
+        }};
+      in {{ inherit (package) installPhase installCheckPhase; }}"""
+    proc = subprocess.run(
+        ["nix-instantiate", "--eval", "--strict", "--json", "--expr", expression],
+        capture_output=True,
+        text=True,
+        env=nix_env(),
+        timeout=60,
+        check=False,
     )
+    if proc.returncode != 0:
+        raise NixEvalError(proc.stderr)
+    return json.loads(proc.stdout)
+
+
+def llmhop_package(root: Path) -> Path:
+    """pkgs.llmhop as package.nix's own install and install-check phases build it from
+    pkgs/llmhop/llmhop.py, with the host's python3."""
+    python = shutil.which("python3", path="/usr/bin:/bin") or "/usr/bin/python3"
+    # Built inside `root`: the checkout may sit below /tmp, which PrivateTmp= hides from units.
+    source = root / "llmhop-source"
+    (source / "pkgs" / "llmhop").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(REPO / "pkgs" / "llmhop" / "llmhop.py", source / "pkgs/llmhop/llmhop.py")
+    out = root / "llmhop"
+    phases = package_phases(python)
+    script = "runHook() { :; }\n" + phases["installPhase"] + phases["installCheckPhase"]
+    subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=source,
+        env={**os.environ, "out": str(out)},
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    return out
 
 
 def temp_dir(prefix: str) -> Path:

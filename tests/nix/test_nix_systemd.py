@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
-from nix_harness import REPO, evaluate, llmhop_package, mk_force
+from nix_harness import REPO, evaluate, llmhop_package, make_package, mk_force
 from systemd_ns import SystemdNamespace
 
 HERE = Path(__file__).resolve().parent
@@ -68,8 +69,19 @@ def test_a_failing_unit_is_reported() -> None:
 # --- the module's units under systemd -------------------------------------------------------
 
 
-def module_units(scratch: Path, router: Path, **extra: Any) -> dict[str, Any]:
-    pkgs = {"llmhop": str(llmhop_package(scratch / "pkgs", router=router)), "coreutils": "/usr"}
+def fake_router_package(root: Path) -> Path:
+    """A package whose bin/llmhop is fake_router.py, copied out of the checkout (which may sit
+    below /tmp, hidden from units by PrivateTmp=)."""
+    installed = root / "fake-router.py"
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(HERE / "fake_router.py", installed)
+    return make_package(
+        root, "llmhop", {"llmhop": f'#!/bin/sh\nexec /usr/bin/python3 -I {installed} "$@"\n'}
+    )
+
+
+def module_units(scratch: Path, package: Path, **extra: Any) -> dict[str, Any]:
+    pkgs = {"llmhop": str(package), "coreutils": "/usr"}
     config: dict[str, Any] = {
         "services": {
             "llmhop": {
@@ -96,7 +108,7 @@ def boot(result: dict[str, Any]) -> SystemdNamespace:
 
 
 def test_socket_activation_notify_and_reload(scratch: Path) -> None:
-    result = module_units(scratch, HERE / "fake_router.py")
+    result = module_units(scratch, fake_router_package(scratch / "pkgs"))
     with boot(result) as ns:
         assert ns.show("llmhop-default.socket", "ActiveState")["ActiveState"] == "active"
         assert ns.show("llmhop.service", "ActiveState")["ActiveState"] == "inactive"
@@ -130,7 +142,7 @@ def test_the_real_router_under_systemd(scratch: Path) -> None:
     source = router.read_text() if router.exists() else ""
     if "LISTEN_FDS" not in source or "NOTIFY_SOCKET" not in source:
         pytest.skip("the router does not implement socket activation and sd_notify yet")
-    result = module_units(scratch, router)
+    result = module_units(scratch, llmhop_package(scratch / "pkgs"))
     with boot(result) as ns:
         status, body = ns.http("http://127.0.0.1:8080/health")
         assert status == 200, body + ns.journal("llmhop.service")
