@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import py_compile
 import re
 import shutil
 import socket
@@ -189,6 +190,32 @@ def _wait_for_listening_line(managed: ManagedProcess, started: float) -> tuple[s
         time.sleep(READY_POLL)
 
 
+# What package.nix installs as bin/llmhop: the router started by import, from bytecode.
+LAUNCHER = """\
+import sys
+sys.path.insert(0, {library!r})
+from llmhop import main
+sys.exit(main())
+"""
+
+
+def install_router(script: Path, work_dir: Path) -> Path:
+    """`script` laid out as the package installs it (compiled once, never checked against its
+    source again), so the figures are those of the router as deployed: a script would be
+    compiled at every start, and that leaves megabytes behind. Returns the launcher."""
+    library = work_dir / "llmhop-lib"
+    library.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(script, library / "llmhop.py")
+    py_compile.compile(
+        str(library / "llmhop.py"),
+        doraise=True,
+        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+    )
+    launcher = work_dir / "llmhop"
+    launcher.write_text(LAUNCHER.format(library=str(library)))
+    return launcher
+
+
 def start_llmhop(
     name: str, config: dict[str, object], work_dir: Path, cores: str, script: Path = ROUTER_SCRIPT
 ) -> Service:
@@ -197,7 +224,10 @@ def start_llmhop(
     work_dir.mkdir(parents=True, exist_ok=True)
     config_path = work_dir / f"{name}.json"
     config_path.write_text(json.dumps(config))
-    command = Pinning.command(cores, [sys.executable, str(script), "--config", str(config_path)])
+    launcher = install_router(script, work_dir)
+    command = Pinning.command(
+        cores, [sys.executable, "-I", str(launcher), "--config", str(config_path)]
+    )
     started = time.monotonic()
     managed = spawn(name, command, work_dir / f"{name}.log")
     host, port, startup = _wait_for_listening_line(managed, started)

@@ -717,6 +717,8 @@ def setup_description(options: Options, pinning: Pinning) -> list[str]:
         "without its idle master), `proxy_buffering off`, `proxy_http_version "
         "1.1`, upstream `keepalive 64`, bodies buffered in memory (`client_body_buffer_size "
         "2m`). Both proxies write one access-log line per request to a file.",
+        "llmhop started as `pkgs/llmhop/package.nix` installs it: by import, from bytecode "
+        "compiled once (`bench/harness.py` `install_router`).",
         f"llmhop: `maxConcurrentRequests: 0`, body routing on `model`. Each wrk run lasts "
         f"{options.seconds:g} s after a {WARMUP_SECONDS:g} s warm-up per target; latency and "
         "req/s are wrk's, over the whole run. Proxy CPU is utime + stime of the proxy's process "
