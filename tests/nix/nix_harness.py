@@ -227,6 +227,23 @@ def make_package(root: Path, name: str, programs: dict[str, str]) -> Path:
     return out
 
 
+def eval_expression(expression: str, *, timeout: float = 120) -> Any:
+    """The strict value of a Nix expression, as JSON (the store is writable: builtins.toFile
+    and paths may be copied in)."""
+    command = ["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode"]
+    proc = subprocess.run(
+        [*command, "--expr", expression],
+        capture_output=True,
+        text=True,
+        env=nix_env(),
+        timeout=timeout,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise NixEvalError(proc.stderr)
+    return json.loads(proc.stdout)
+
+
 @functools.cache
 def package_phases(python: str) -> dict[str, str]:
     """package.nix's install and install-check scripts, with `python` as python3."""
@@ -239,17 +256,7 @@ def package_phases(python: str) -> dict[str, str]:
           runtimeShell = "/bin/sh";
         }};
       in {{ inherit (package) installPhase installCheckPhase; }}"""
-    proc = subprocess.run(
-        ["nix-instantiate", "--eval", "--strict", "--json", "--expr", expression],
-        capture_output=True,
-        text=True,
-        env=nix_env(),
-        timeout=60,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise NixEvalError(proc.stderr)
-    return json.loads(proc.stdout)
+    return eval_expression(expression, timeout=60)
 
 
 def llmhop_package(root: Path) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nix_harness import HERE, REPO, evaluate, locked_store_path, nix_env
+from nix_harness import HERE, REPO, eval_expression, evaluate, locked_store_path
 
 VM = REPO / "checks" / "vm"
 SCRIPTS = {name: VM / "scripts" / f"{name}.py" for name in ("native", "containers")}
@@ -265,24 +265,7 @@ def test_packages_build_runnable_wrappers_and_images(tmp_path: Path) -> None:
         client = vm.client.text;
         images = lib.mapAttrs (_: i: {{ inherit (i) name tag config; }}) vm.images;
       }}"""
-    proc = subprocess.run(
-        [
-            "nix-instantiate",
-            "--eval",
-            "--strict",
-            "--json",
-            "--read-write-mode",
-            "--expr",
-            expression,
-        ],
-        capture_output=True,
-        text=True,
-        env=nix_env(),
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    built = json.loads(proc.stdout)
+    built = eval_expression(expression)
     for name in ("fakeEngine", "client"):
         out = tmp_path / name
         subprocess.run(
@@ -376,24 +359,7 @@ def test_vm_checks_evaluate_with_stub_packages() -> None:
           images = builtins.attrNames containers._module.args.fakeImages;
         }};
       }}"""
-    proc = subprocess.run(
-        [
-            "nix-instantiate",
-            "--eval",
-            "--strict",
-            "--json",
-            "--read-write-mode",
-            "--expr",
-            expression,
-        ],
-        capture_output=True,
-        text=True,
-        env=nix_env(),
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
+    result = eval_expression(expression)
     assert result["names"] == ["eval", "vm-containers", "vm-native"]
     assert result["scripts"] == [SCRIPTS[n].read_text() for n in ("native", "containers")]
     native = result["native"]

@@ -169,6 +169,14 @@ def as_json(address: str | int, path: str, body: Any = None, **kwargs: Any) -> A
     return json.loads(data)
 
 
+LOOPBACK = "127.0.0.1"
+
+
+def vllm_serve(port: int) -> list[str]:
+    """`vllm serve` of model `m` on a loopback port, as the module starts it."""
+    return ["serve", "org/m", "--served-model-name", "m", "--host", LOOPBACK, "--port", f"{port}"]
+
+
 def chat_body(model: str, **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
 
@@ -287,16 +295,7 @@ def test_hf_token_path_and_missing_credentials(
     fake: Callable[..., Process], credentials: Path
 ) -> None:
     port = free_port()
-    args = [
-        "serve",
-        "org/m",
-        "--served-model-name",
-        "m",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    args = vllm_serve(port)
     env = {"CREDENTIALS_DIRECTORY": str(credentials), "HF_TOKEN_PATH": f"{credentials}/hf-token"}
     fake("vllm", *args, env=env)
     token = as_json(port, "/fake/info")["credentials"]["HF_TOKEN_PATH"]
@@ -317,16 +316,7 @@ def test_hf_token_path_and_missing_credentials(
 
 def test_chat_and_streaming(fake: Callable[..., Process]) -> None:
     port = free_port()
-    args = [
-        "serve",
-        "org/m",
-        "--served-model-name",
-        "m",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    args = vllm_serve(port)
     fake("vllm", *args, "--api-key", "k", "--fake-loading-probes", "0")
     reply = as_json(port, "/v1/chat/completions", chat_body("m"), token="k")
     assert reply["choices"][0]["message"]["content"] == "vllm m: hi"
@@ -346,16 +336,7 @@ def test_chat_and_streaming(fake: Callable[..., Process]) -> None:
 
 def test_held_stream_waits_for_its_release(fake: Callable[..., Process]) -> None:
     port = free_port()
-    args = [
-        "serve",
-        "org/m",
-        "--served-model-name",
-        "m",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    args = vllm_serve(port)
     engine = fake("vllm", *args, "--fake-loading-probes", "0")
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
     body = json.dumps(chat_body("m", stream=True, fake_hold=True)).encode()
