@@ -576,13 +576,6 @@ rec {
   # Whether an enabled model of the backend runs under `runtime`.
   usesRuntime = runtime: cfg: lib.any (m: m.enable && m.runtime == runtime) (lib.attrValues cfg.models);
 
-  # What Triton, the torch C++ extensions and the flashinfer JIT call: a compiler, ninja, sh.
-  jitTools = pkgs: [
-    pkgs.stdenv.cc
-    pkgs.ninja
-    pkgs.bash
-  ];
-
   namedUserConfig =
     backend: cfg:
     let
@@ -605,16 +598,39 @@ rec {
       };
     };
 
-  # The environment of a native Python server: every cache in the unit's cache directory
-  # (it is also HOME), the host's GPU driver libraries (Triton would run /sbin/ldconfig).
-  pythonEnvironment = cacheDirectory: {
-    HOME = cacheDirectory;
-    XDG_CACHE_HOME = cacheDirectory;
-    HF_HOME = cacheDirectory;
-    HF_HUB_CACHE = "${cacheDirectory}/hub";
-    LD_LIBRARY_PATH = "/run/opengl-driver/lib";
-    TRITON_LIBCUDA_PATH = "/run/opengl-driver/lib";
-  };
+  # What the native units of vLLM and SGLang share, as nativeService arguments: the backend's
+  # named account; every cache in the unit's cache directory (it is also HOME) and the host's
+  # GPU driver libraries (Triton would run /sbin/ldconfig), plus `environment`; what Triton,
+  # torch's C++ extensions and the flashinfer JIT call (a compiler, ninja, sh); and
+  # Restart=always, as both drain and exit 0 when their engine dies.
+  pythonServer =
+    {
+      cfg,
+      pkgs,
+      cacheDirectory,
+      environment ? { },
+    }:
+    {
+      environment = {
+        HOME = cacheDirectory;
+        XDG_CACHE_HOME = cacheDirectory;
+        HF_HOME = cacheDirectory;
+        HF_HUB_CACHE = "${cacheDirectory}/hub";
+        LD_LIBRARY_PATH = "/run/opengl-driver/lib";
+        TRITON_LIBCUDA_PATH = "/run/opengl-driver/lib";
+      }
+      // environment;
+      path = [
+        pkgs.stdenv.cc
+        pkgs.ninja
+        pkgs.bash
+      ];
+      identity = {
+        User = cfg.user;
+        Group = cfg.group;
+      };
+      restart = "always";
+    };
 
   # The `model` option of vLLM and SGLang models.
   modelOption = {

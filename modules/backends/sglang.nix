@@ -221,7 +221,8 @@ in
             null;
         native =
           { model, cacheDirectory, ... }:
-          {
+          common.pythonServer { inherit cfg pkgs cacheDirectory; }
+          // {
             description = "SGLang worker ${model.name}";
             command = [
               "${toString cfg.package}/bin/python"
@@ -233,14 +234,6 @@ in
               host = "127.0.0.1";
               inherit (model) port;
             };
-            environment = common.pythonEnvironment cacheDirectory;
-            path = common.jitTools pkgs;
-            identity = {
-              User = cfg.user;
-              Group = cfg.group;
-            };
-            # SGLang drains and exits 0 when its scheduler dies.
-            restart = "always";
           };
         container =
           { model, ... }:

@@ -62,7 +62,14 @@ in
         socketGroup = cfg.group;
         native =
           { model, cacheDirectory, ... }:
-          {
+          common.pythonServer {
+            inherit cfg pkgs cacheDirectory;
+            environment = {
+              VLLM_CACHE_ROOT = "${cacheDirectory}/vllm";
+              OUTLINES_CACHE_DIR = "${cacheDirectory}/outlines";
+            };
+          }
+          // {
             description = "vLLM worker ${model.name}";
             command = [
               (lib.getExe' cfg.package "vllm")
@@ -74,17 +81,6 @@ in
               served-model-name = model.name;
             }
             // listenFlags { inherit (model) socket port; };
-            environment = common.pythonEnvironment cacheDirectory // {
-              VLLM_CACHE_ROOT = "${cacheDirectory}/vllm";
-              OUTLINES_CACHE_DIR = "${cacheDirectory}/outlines";
-            };
-            path = common.jitTools pkgs;
-            identity = {
-              User = cfg.user;
-              Group = cfg.group;
-            };
-            # vLLM drains and exits 0 when its engine dies.
-            restart = "always";
           };
         container =
           { model, ... }:
