@@ -573,9 +573,6 @@ rec {
     };
   };
 
-  # Whether an enabled model of the backend runs under `runtime`.
-  usesRuntime = runtime: cfg: lib.any (m: m.enable && m.runtime == runtime) (lib.attrValues cfg.models);
-
   namedUserConfig =
     backend: cfg:
     let
@@ -728,6 +725,8 @@ rec {
       nativeUnavailable ? null,
       # Whether the container runtime is needed without container models (the gateway).
       containersWanted ? false,
+      # What native models add to the system besides their units (their account).
+      nativeSystem ? { },
     }:
     let
       w = workloads backend cfg;
@@ -787,6 +786,8 @@ rec {
           supplementaryGroups = lib.mkIf nativeSockets [ socketGroup ];
         };
       }
+
+      (lib.mkIf (w.native != [ ]) nativeSystem)
 
       (lib.mkIf (nativeUnavailable == null) {
         systemd.services = lib.listToAttrs (

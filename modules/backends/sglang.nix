@@ -213,6 +213,7 @@ in
           routerCfg
           ;
         socketGroup = cfg.group;
+        nativeSystem = common.namedUserConfig backend cfg;
         containersWanted = gateway.enable;
         nativeUnavailable =
           if cfg.package == null then
@@ -248,7 +249,6 @@ in
             };
           };
       })
-      (lib.mkIf (common.usesRuntime "native" cfg) (common.namedUserConfig backend cfg))
       (lib.mkIf gateway.enable {
         assertions = map (name: {
           assertion = false;

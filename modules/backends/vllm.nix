@@ -51,51 +51,49 @@ in
   };
 
   config = lib.mkIf cfg.enable (
-    lib.mkMerge [
-      (common.backendConfig {
-        inherit
-          config
-          backend
-          cfg
-          routerCfg
-          ;
-        socketGroup = cfg.group;
-        native =
-          { model, cacheDirectory, ... }:
-          common.pythonServer {
-            inherit cfg pkgs cacheDirectory;
-            environment = {
-              VLLM_CACHE_ROOT = "${cacheDirectory}/vllm";
-              OUTLINES_CACHE_DIR = "${cacheDirectory}/outlines";
-            };
+    common.backendConfig {
+      inherit
+        config
+        backend
+        cfg
+        routerCfg
+        ;
+      socketGroup = cfg.group;
+      nativeSystem = common.namedUserConfig backend cfg;
+      native =
+        { model, cacheDirectory, ... }:
+        common.pythonServer {
+          inherit cfg pkgs cacheDirectory;
+          environment = {
+            VLLM_CACHE_ROOT = "${cacheDirectory}/vllm";
+            OUTLINES_CACHE_DIR = "${cacheDirectory}/outlines";
+          };
+        }
+        // {
+          description = "vLLM worker ${model.name}";
+          command = [
+            (lib.getExe' cfg.package "vllm")
+            "serve"
+            model.model
+          ];
+          dialect = "vllm";
+          managedFlags = {
+            served-model-name = model.name;
           }
-          // {
-            description = "vLLM worker ${model.name}";
-            command = [
-              (lib.getExe' cfg.package "vllm")
-              "serve"
-              model.model
-            ];
-            dialect = "vllm";
-            managedFlags = {
-              served-model-name = model.name;
-            }
-            // listenFlags { inherit (model) socket port; };
-          };
-        container =
-          { model, ... }:
-          {
-            dialect = "vllm";
-            containerPort = 8000;
-            cacheDirectory = "/root/.cache/huggingface";
-            positional = [ model.model ];
-            managedFlags = {
-              served-model-name = model.name;
-            }
-            // listenFlags (common.containerListen model 8000);
-          };
-      })
-      (lib.mkIf (common.usesRuntime "native" cfg) (common.namedUserConfig backend cfg))
-    ]
+          // listenFlags { inherit (model) socket port; };
+        };
+      container =
+        { model, ... }:
+        {
+          dialect = "vllm";
+          containerPort = 8000;
+          cacheDirectory = "/root/.cache/huggingface";
+          positional = [ model.model ];
+          managedFlags = {
+            served-model-name = model.name;
+          }
+          // listenFlags (common.containerListen model 8000);
+        };
+    }
   );
 }
