@@ -511,7 +511,9 @@ rec {
         // lib.optionalAttrs (model.shmSize != null) { ShmSize = model.shmSize; }
         // (
           if onSocket then
-            { Umask = "0007"; }
+            # Quadlet has no Umask= key; podman's flag leaves the socket group-accessible
+            # for the router.
+            { PodmanArgs = [ "--umask=0007" ]; }
           else
             { PublishPort = "127.0.0.1:${toString model.port}:${toString containerPort}"; }
         );

@@ -234,7 +234,8 @@ def test_rootless_socket() -> None:
     unit = container(result, "vllm-s")
     c = unit["Container"]
     assert "PublishPort" not in c
-    assert c["Umask"] == ["0007"]
+    assert "Umask" not in c
+    assert c["PodmanArgs"] == ["--umask=0007"]
     assert c["Volume"] == [
         "/var/cache/vllm:/root/.cache/huggingface",
         "/run/llmhop/vllm-s:/run/llmhop/socket:U",
