@@ -40,7 +40,7 @@ from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 VERSION = "0.1.0"
 
@@ -295,7 +295,7 @@ class Config:
     auth_tokens: tuple[bytes, ...]
     connect_timeout: float
     shutdown_timeout: float
-    metrics_auth: bool  # whether /metrics needs a token too
+    metrics_auth: bool  # whether /metrics needs a token too; by default, when tokens are set
     models: dict[str, Model]
 
 
@@ -308,7 +308,7 @@ HOP_BY_HOP = frozenset(
 )
 # Request headers a proxy sets itself, whatever the client sent.
 REPLACED_REQUEST_HEADERS = frozenset(
-    b"host content-length expect x-request-id x-forwarded-for x-forwarded-host "
+    b"host content-length expect x-request-id forwarded x-forwarded-for x-forwarded-host "
     b"x-forwarded-proto".split()
 )
 # Framing and connection management stay the proxy's: a model may not set them.
@@ -539,7 +539,7 @@ def parse_config(text: str | bytes, resolve: Callable[[str, str], str]) -> Confi
         auth_tokens=reader.auth_tokens(fields.get("authTokens", [])),
         connect_timeout=reader.seconds(fields, "connectTimeout", DEFAULT_CONNECT_TIMEOUT),
         shutdown_timeout=reader.seconds(fields, "shutdownTimeout", DEFAULT_SHUTDOWN_TIMEOUT),
-        metrics_auth=fields.get("metricsAuth", False),
+        metrics_auth=fields.get("metricsAuth", reader.checks_tokens),
         models=reader.models(fields.get("models", {})),
     )
     if reader.problems:
@@ -564,6 +564,7 @@ class RoutingTable:
         self.models = config.models
         created = int(time.time()) if created is None else created
         listed = sorted(name for name, model in config.models.items() if not model.unlisted)
+        self.listed = frozenset(listed)
         objects = {
             name: {"id": name, "object": "model", "created": created, "owned_by": "llmhop"}
             for name in listed
@@ -700,7 +701,7 @@ UNTIL_CLOSE = -2  # a response body delimited by the connection closing
 
 
 def body_length(headers: Fields) -> int:
-    """The framing of a message body (RFC 9112 §6.3): a length, CHUNKED, or None for none."""
+    """The framing of a request body (RFC 9112 §6.3): its length (0 for none) or CHUNKED."""
     codings = header_tokens(headers, b"transfer-encoding")
     lengths = headers.values(b"content-length")
     if codings:
@@ -975,6 +976,45 @@ def split_target(target: bytes) -> tuple[bytes, bytes]:
     return target[:question], target[question:]
 
 
+_DOT_SEGMENTS = frozenset((b".", b".."))
+
+
+def has_dot_segment(path: bytes) -> bool:
+    """Whether a path has a "." or ".." segment, percent-encoded or not (RFC 3986 §3.3).
+
+    Such a path is refused rather than cleaned: appended to an upstream's base path, a ".."
+    that an upstream or a CDN resolves would leave that base path, carrying the headers the
+    router injects for it. Backslashes and encoded slashes count as separators, since some
+    servers treat them so.
+    """
+    if b"." not in path and b"%" not in path:
+        return False
+    for segment in path.split(b"/"):
+        if b"%" in segment:
+            segment = unquote_to_bytes(segment)
+        if b"." in segment and not _DOT_SEGMENTS.isdisjoint(
+            segment.replace(b"\\", b"/").split(b"/")
+        ):
+            return True
+    return False
+
+
+def forwarded_value(client_ip: str | None, host: bytes | None) -> bytes:
+    """The RFC 7239 Forwarded element for a request the router received over plain HTTP."""
+    elements = []
+    if client_ip is not None:
+        node = client_ip.encode()
+        elements.append(b'for="[%s]"' % node if b":" in node else b"for=" + node)
+    if host is not None:
+        elements.append(b"host=" + (host if _TOKEN.fullmatch(host) else _quoted(host)))
+    elements.append(b"proto=http")
+    return b";".join(elements)
+
+
+def _quoted(value: bytes) -> bytes:
+    return b'"%s"' % value.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+
+
 def join_query(upstream_query: str, client_query: bytes) -> bytes:
     """The upstream's own query, then the client's, both verbatim."""
     if not upstream_query:
@@ -992,10 +1032,9 @@ def join_query(upstream_query: str, client_query: bytes) -> bytes:
 class UpstreamError(Exception):
     """The upstream could not be reached, or broke HTTP; the request gets a 502 or 504."""
 
-    def __init__(self, status: int, message: str, *, nothing_received: bool = False):
+    def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-        self.nothing_received = nothing_received
 
 
 class BodyTooLarge(Exception):
@@ -1137,6 +1176,11 @@ class HTTPError(Exception):
         self.headers = headers
 
 
+def _refuse_dot_segments(path: bytes) -> None:
+    if has_dot_segment(path):
+        raise HTTPError(400, 'the path may not contain "." or ".." segments', "invalid_path")
+
+
 class ClientGone(Exception):
     pass
 
@@ -1215,25 +1259,39 @@ class Metrics:
         if exchange.upstream_failure is not None:
             self.upstream_errors[model, exchange.upstream_failure] += 1
 
-    def render(self, router: Router) -> bytes:
+    def render(self, router: Router, shown: frozenset[str] | None = None) -> bytes:
+        """The metrics text; with ``shown``, only those models are named (and ``-``)."""
+        if shown is None:
+            model_count = len(router.table.models)
+
+            def named(model: str) -> bool:
+                return True
+        else:
+            model_count = len(shown)
+
+            def named(model: str) -> bool:
+                return model == "-" or model in shown
+
         lines = [
             "# HELP llmhop_info The running llmhop.",
             "# TYPE llmhop_info gauge",
             f'llmhop_info{{version="{VERSION}"}} 1',
             "# HELP llmhop_models Models in the routing table.",
             "# TYPE llmhop_models gauge",
-            f"llmhop_models {len(router.table.models)}",
+            f"llmhop_models {model_count}",
             "# HELP llmhop_requests_total Requests answered, by model, route kind and status.",
             "# TYPE llmhop_requests_total counter",
         ]
         for (model, route, status), count in sorted(self.requests.items()):
+            if not named(model):
+                continue
             labels = f'model="{_label(model)}",route="{route}",status="{status}"'
             lines.append(f"llmhop_requests_total{{{labels}}} {count}")
         lines += [
             "# HELP llmhop_requests_in_flight Proxied requests in flight, by model.",
             "# TYPE llmhop_requests_in_flight gauge",
         ]
-        for model in sorted(set(self.in_flight) | set(router.table.models)):
+        for model in sorted(filter(named, set(self.in_flight) | set(router.table.models))):
             lines.append(
                 f'llmhop_requests_in_flight{{model="{_label(model)}"}} {self.in_flight[model]}'
             )
@@ -1251,21 +1309,25 @@ class Metrics:
         ):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
             for model, histogram in sorted(histograms.items()):
-                lines += histogram.lines(name, f'model="{_label(model)}"')
+                if named(model):
+                    lines += histogram.lines(name, f'model="{_label(model)}"')
         for name, help_text, counter in (
             ("llmhop_request_body_bytes_total", "Request body bytes received.", self.bytes_in),
             ("llmhop_response_body_bytes_total", "Response body bytes sent.", self.bytes_out),
         ):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
-            lines += [f'{name}{{model="{_label(m)}"}} {n}' for m, n in sorted(counter.items())]
+            lines += [
+                f'{name}{{model="{_label(m)}"}} {n}' for m, n in sorted(counter.items()) if named(m)
+            ]
         lines += [
             "# HELP llmhop_upstream_errors_total Upstreams unreachable, slow to connect or broken.",
             "# TYPE llmhop_upstream_errors_total counter",
         ]
         for (model, kind), count in sorted(self.upstream_errors.items()):
-            lines.append(
-                f'llmhop_upstream_errors_total{{model="{_label(model)}",kind="{kind}"}} {count}'
-            )
+            if named(model):
+                lines.append(
+                    f'llmhop_upstream_errors_total{{model="{_label(model)}",kind="{kind}"}} {count}'
+                )
         lines += [
             "# HELP llmhop_upstream_connections_opened_total Connections opened to upstreams.",
             "# TYPE llmhop_upstream_connections_opened_total counter",
@@ -1407,6 +1469,7 @@ class ClientConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # until connected
         self.buffer = bytearray()
+        self.client_ip: str | None = None  # None for clients on a unix socket
         self.forwarded_for = b""  # the X-Forwarded-For line, for clients with an IP address
         self.busy = False  # between the first byte of a request and the end of its response
         self.closed = False
@@ -1437,6 +1500,7 @@ class ClientConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(WRITE_HIGH_WATER)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
+            self.client_ip = peer[0]
             self.forwarded_for = b"X-Forwarded-For: " + peer[0].encode()
         router = self.router
         router.connections.add(self)
@@ -1695,7 +1759,11 @@ class ClientConnection(asyncio.Protocol):
             and (authorized or not table.config.metrics_auth)
         ):
             exchange.route = "metrics"
-            return self._answer(200, self.router.metrics.render(self.router), PROMETHEUS_TEXT)
+            # Unlisted models are named only to a caller who showed a token: anyone else sees
+            # what /v1/models would show them, and no more.
+            shown = None if authorized and table.config.auth_tokens else table.listed
+            metrics = self.router.metrics.render(self.router, shown)
+            return self._answer(200, metrics, PROMETHEUS_TEXT)
         if not authorized:
             exchange.route = "error"
             raise HTTPError(
@@ -1719,8 +1787,10 @@ class ClientConnection(asyncio.Protocol):
             encoded_name, _, rest = path[len(b"/route/") :].partition(b"/")
             name = unquote(encoded_name.decode("latin-1"), errors="replace")
             model = self._model(name)
+            _refuse_dot_segments(rest)
             return self._proxy(model, b"/" + rest + query, None)
         exchange.route = "body"
+        _refuse_dot_segments(path)
         target = path + query
         length = request.length
         cap = table.config.max_body_bytes
@@ -1872,9 +1942,12 @@ class ClientConnection(asyncio.Protocol):
         ]
         lines += request.headers.without(dropped)
         lines += [n + b": " + v for n, v in model.headers]
+        # Whatever the client claimed in these is replaced by what the router saw.
+        client_host = request.header(b"host")
+        lines.append(b"Forwarded: " + forwarded_value(self.client_ip, client_host))
         if self.forwarded_for:
             lines.append(self.forwarded_for)
-        if client_host := request.header(b"host"):
+        if client_host:
             lines.append(b"X-Forwarded-Host: " + client_host)
         lines.append(b"X-Forwarded-Proto: http")
         lines.append(b"X-Request-Id: " + exchange.request_id)
@@ -2550,11 +2623,15 @@ def activated_sockets(
 SD_LISTEN_FDS_START = 3
 
 
+class NotifyError(Exception):
+    """systemd's notification socket is unreachable, so the service could never become ready."""
+
+
 class Notifier:
     """sd_notify(3): readiness and status for systemd; silent when not run by it."""
 
     def __init__(self, environ: MutableMapping[str, str]):
-        address = environ.get("NOTIFY_SOCKET", "")
+        self.name = address = environ.get("NOTIFY_SOCKET", "")
         self.address = "\0" + address[1:] if address.startswith("@") else address
         self.socket: socket.socket | None = None
         if self.address:
@@ -2566,7 +2643,7 @@ class Notifier:
         try:
             self.socket.sendto("\n".join(fields).encode(), self.address)
         except OSError as exc:
-            log(f"cannot notify systemd at {self.address!r}: {exc.strerror}")
+            log(f"cannot notify systemd at {self.name}: {exc.strerror}")
             return False
         return True
 
@@ -2644,7 +2721,12 @@ class Server:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        self.notifier.send("READY=1", f"STATUS={self.status()}")
+        if not self.notifier.send("READY=1", f"STATUS={self.status()}"):
+            # Left running, the service would wait out its start timeout and be restarted.
+            await self.shutdown()
+            raise NotifyError(
+                f"systemd cannot be told the router is ready (NOTIFY_SOCKET={self.notifier.name})"
+            )
         background = [loop.create_task(self._report_status())]
         if self.watchdog_interval is not None:
             background.append(loop.create_task(self._pet_watchdog(self.watchdog_interval)))
@@ -2903,6 +2985,9 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(server.run())
     except OSError as exc:
         log(f"cannot listen: {exc}")
+        return 1
+    except NotifyError as exc:
+        log(f"exiting: {exc}")
         return 1
     return 0
 

@@ -1,4 +1,4 @@
-"""The sample files the README points to stay valid."""
+"""The sample files the README points to stay valid, and the project's files agree."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,17 @@ needs_systemd_analyze = pytest.mark.skipif(
 )
 
 
-def test_example_config_is_the_seed_config() -> None:
+def test_example_config_loads() -> None:
     config = llmhop.load_config(str(ROOT / "examples" / "config.json"), check_only=True)
     assert config.listener == llmhop.Listener("", 8080)
     assert sorted(config.models) == ["openai-gpt-4o", "qwen3-8b"]
+
+
+def test_the_router_and_the_package_have_one_version() -> None:
+    """The router is one file run from anywhere, so it carries its version; the Nix package
+    takes its own from pyproject.toml."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["version"] == llmhop.VERSION
 
 
 @needs_systemd_analyze

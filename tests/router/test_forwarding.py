@@ -54,6 +54,7 @@ def test_request_reaches_upstream_byte_for_byte(
         b"X-Custom: padded\r\n"
         b"x-lower: kept\r\n"
         b"Content-Type: application/json\r\n"
+        b'Forwarded: for=127.0.0.1;host="router.test:8080";proto=http\r\n'
         b"X-Forwarded-For: 127.0.0.1\r\n"
         b"X-Forwarded-Host: router.test:8080\r\n"
         b"X-Forwarded-Proto: http\r\n"
@@ -74,6 +75,7 @@ def test_hop_by_hop_and_forwarded_headers_are_replaced(
         "TE": "trailers",
         "Proxy-Authorization": "Basic x",
         "Proxy-Connection": "keep-alive",
+        "Forwarded": "for=6.6.6.6;proto=https;host=bank.example",
         "X-Forwarded-For": "6.6.6.6",
         "X-Forwarded-Host": "evil",
         "X-Forwarded-Proto": "https",
@@ -90,6 +92,7 @@ def test_hop_by_hop_and_forwarded_headers_are_replaced(
         "proxy-connection",
     ):
         assert name not in received
+    assert received["forwarded"] == "for=127.0.0.1;host=router.test;proto=http"
     assert received["x-forwarded-for"] == "127.0.0.1"
     assert received["x-forwarded-host"] == "router.test"
     assert received["x-forwarded-proto"] == "http"

@@ -78,15 +78,48 @@ def test_upstream_error_statuses_are_not_counted_as_upstream_failures(
     assert "llmhop_upstream_errors_total{" not in exchange(router, "GET", "/metrics").body.decode()
 
 
-def test_metrics_need_no_token_unless_configured(
+def test_metrics_need_a_token_when_auth_is_on(
     router_factory: Factory, upstream: FakeUpstream
 ) -> None:
     models = {"m": {"url": upstream.url}}
-    open_metrics = router_factory({"authTokens": ["t"], "models": models})
-    assert exchange(open_metrics, "GET", "/metrics").status == 200
-    guarded: RunningRouter = router_factory(
-        {"authTokens": ["t"], "metricsAuth": True, "models": models}
-    )
-    assert exchange(guarded, "GET", "/metrics").status == 401
+    guarded: RunningRouter = router_factory({"authTokens": ["t"], "models": models})
+    refused = exchange(guarded, "GET", "/metrics")
+    assert refused.status == 401
+    assert "llmhop_" not in refused.body.decode()
     authorized = exchange(guarded, "GET", "/metrics", headers={"Authorization": "Bearer t"})
     assert authorized.status == 200
+    # Without tokens there is nobody to tell apart: /metrics is open, like every route.
+    assert exchange(router_factory({"models": models}), "GET", "/metrics").status == 200
+
+
+def test_metrics_auth_false_opens_metrics_to_anonymous_scrapers(
+    router_factory: Factory, upstream: FakeUpstream
+) -> None:
+    models = {"m": {"url": upstream.url}}
+    scraped = router_factory({"authTokens": ["t"], "metricsAuth": False, "models": models})
+    assert exchange(scraped, "GET", "/metrics").status == 200
+    assert exchange(scraped, "GET", "/v1/models").status == 401
+
+
+def test_unlisted_models_are_named_only_to_a_caller_with_a_token(
+    router_factory: Factory, upstream: FakeUpstream
+) -> None:
+    models = {
+        "open": {"url": upstream.url},
+        "secret-tenant": {"url": upstream.url, "unlisted": True},
+    }
+    anonymous_ok = router_factory({"authTokens": ["t"], "metricsAuth": False, "models": models})
+    no_auth = router_factory({"models": models})
+    for router in (anonymous_ok, no_auth):
+        token = {"Authorization": "Bearer t"} if router is anonymous_ok else {}
+        for model in ("open", "secret-tenant"):
+            assert exchange(router, "POST", "/v1/x", chat(model), token).status == 200
+        anonymous = exchange(router, "GET", "/metrics").body.decode()
+        assert "secret-tenant" not in anonymous
+        assert 'llmhop_requests_total{model="open",route="body",status="200"} 1' in anonymous
+        # The count is what /health tells anyone.
+        assert samples(anonymous)["llmhop_models"] == 1
+    shown = exchange(anonymous_ok, "GET", "/metrics", headers={"Authorization": "Bearer t"})
+    text = shown.body.decode()
+    assert 'llmhop_requests_total{model="secret-tenant",route="body",status="200"} 1' in text
+    assert samples(text)["llmhop_models"] == 2

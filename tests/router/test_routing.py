@@ -220,3 +220,62 @@ def test_models_api_other_methods_are_body_routed(
 ) -> None:
     assert exchange(open_router, "POST", "/v1/models", chat("a-model")).status == 200
     assert models["a-model"].next_request().request_line == "POST /v1/models HTTP/1.1"
+
+
+# Every spelling of a dot segment an upstream or a CDN might resolve: plain, percent-encoded in
+# either case, half-encoded, and hidden behind encoded slashes or backslashes.
+DOT_SEGMENTS = [
+    "..",
+    ".",
+    "%2e%2e",
+    "%2E%2E",
+    "%2e.",
+    ".%2E",
+    "%2e",
+    "..%2f..",
+    "..%2F%2e%2e",
+    "..%5c..",
+    "..\\..",
+    "x\\..\\..",
+]
+
+
+@pytest.fixture
+def tenant_router(router_factory: Factory, upstream: FakeUpstream) -> RunningRouter:
+    """A model under a base path with the provider's key injected, as a hosted tenant is."""
+    model = {"url": upstream.url + "/tenant-a/v1", "headers": {"Authorization": "Bearer key-a"}}
+    return router_factory({"models": {"m": model}})
+
+
+@pytest.mark.parametrize("dots", DOT_SEGMENTS)
+@pytest.mark.parametrize("routing", ["path", "body"])
+def test_dot_segments_never_reach_the_upstream(
+    tenant_router: RunningRouter, upstream: FakeUpstream, dots: str, routing: str
+) -> None:
+    escape = f"/{dots}/{dots}/tenant-b/v1/chat/completions"
+    path = "/route/m" + escape if routing == "path" else escape
+    error = assert_error(exchange(tenant_router, "POST", path, chat("m")), 400, "invalid_path")
+    assert '".."' in error["message"]
+    # The next request is the first the upstream sees.
+    assert exchange(tenant_router, "POST", "/route/m/chat/completions", chat("m")).status == 200
+    assert upstream.next_request().request_line == ("POST /tenant-a/v1/chat/completions HTTP/1.1")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/models/qwen2.5-7b",
+        "/files/.well-known",
+        "/a..b/c...",
+        "/x/%2e%2ex",
+        "/v1/%2E...",
+        "/v1/a%2Fb.c",
+    ],
+)
+def test_dots_inside_segments_are_forwarded_as_sent(
+    tenant_router: RunningRouter, upstream: FakeUpstream, path: str
+) -> None:
+    assert exchange(tenant_router, "POST", "/route/m" + path, chat("m")).status == 200
+    assert upstream.next_request().request_line == f"POST /tenant-a/v1{path} HTTP/1.1"
+    assert exchange(tenant_router, "POST", path, chat("m")).status == 200
+    assert upstream.next_request().request_line == f"POST /tenant-a/v1{path} HTTP/1.1"

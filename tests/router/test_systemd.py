@@ -329,6 +329,24 @@ def test_abstract_notify_socket(tmp_path: Path, upstream: FakeUpstream, services
         assert sock.recv(4096).startswith(b"READY=1\n")
 
 
+@pytest.mark.parametrize("notify", ["missing.sock", "@llmhop-test-nobody-listens"])
+def test_unreachable_notify_socket_fails_the_start(
+    tmp_path: Path, upstream: FakeUpstream, services: Factory, notify: str
+) -> None:
+    """Ignored, it would leave systemd waiting out the start timeout, then restarting."""
+    address = notify if notify.startswith("@") else str(tmp_path / notify)
+    service, listening, _ = start_plain(
+        tmp_path, {"models": {"m": {"url": upstream.url}}}, services, {"NOTIFY_SOCKET": address}
+    )
+    assert service.exit_status() == 1
+    assert f"exiting: systemd cannot be told the router is ready (NOTIFY_SOCKET={address})" in (
+        service.log
+    )
+    assert "Traceback" not in service.log
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(listening, timeout=WAIT).close()
+
+
 def test_watchdog_is_fed_at_half_the_interval(
     tmp_path: Path, upstream: FakeUpstream, services: Factory, notify_socket: NotifySocket
 ) -> None:
