@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Prepare this machine for the Nix harness (tests/nix): Nix 2.8 from Debian, the systemd tools,
-# and the flake inputs pinned in flake.lock, added to /nix/store from local git snapshots.
+# the flake inputs pinned in flake.lock, added to /nix/store from local git snapshots, and
+# Podman's Quadlet generator, built from its snapshot (setup-quadlet.sh).
 # Idempotent: does nothing that is already done. Usage:
 #
-#   bash tests/nix/setup.sh
+#   LLMHOP_MIRROR=/path/to/snapshots bash tests/nix/setup.sh
 #
 # Environment:
 #   LLMHOP_SHARED  folder holding tools/nix-offline-inputs.sh and nix-pins.json
-#                  (default: ../shared beside the repository, else /work/shared)
-#   LLMHOP_MIRROR  folder of the git snapshots OWNER+NAME/repo (default: /work/.mirror)
+#                  (default: ../shared beside the repository)
+#   LLMHOP_MIRROR  folder of the git snapshots OWNER+NAME/repo (no default)
 #
-# Without snapshots the inputs cannot be had offline; the script then says so and exits 0,
-# and the tests that need them skip, naming this script.
+# Without snapshots the inputs cannot be had offline; the script then says what to set and
+# exits 0, and the tests that need them skip, naming this script.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -50,25 +51,27 @@ for name, node in lock["nodes"].items():
 PY
 }
 
-if inputs_present && [ -d "$HOME/.cache/llmhop/nixpkgs-lib/lib" ]; then
-  echo "setup: flake inputs already in /nix/store"
-  exit 0
-fi
+prepare_inputs() {
+  if inputs_present && [ -d "$HOME/.cache/llmhop/nixpkgs-lib/lib" ]; then
+    echo "setup: flake inputs already in /nix/store"
+    return
+  fi
+  local shared=${LLMHOP_SHARED:-}
+  if [ -z "$shared" ] && [ -f "$repo/../shared/tools/nix-offline-inputs.sh" ]; then
+    shared=$(cd "$repo/../shared" && pwd)
+  fi
+  if [ -z "$shared" ] || [ ! -f "$shared/tools/nix-offline-inputs.sh" ]; then
+    echo "setup: WARNING no shared/tools/nix-offline-inputs.sh (set LLMHOP_SHARED); the Nix tests will skip"
+    return
+  fi
+  if [ -z "${LLMHOP_MIRROR:-}" ] || [ ! -d "$LLMHOP_MIRROR" ]; then
+    echo "setup: WARNING no snapshots (set LLMHOP_MIRROR to the folder of OWNER+NAME/repo git" \
+      "snapshots); the Nix tests will skip"
+    return
+  fi
+  # The tool reads nix-pins.json beside its own folder; it may be read-only, which is fine.
+  bash "$shared/tools/nix-offline-inputs.sh" "$LLMHOP_MIRROR"
+}
 
-shared=${LLMHOP_SHARED:-}
-if [ -z "$shared" ]; then
-  for cand in "$repo/../shared" /work/shared; do
-    if [ -f "$cand/tools/nix-offline-inputs.sh" ]; then shared=$(cd "$cand" && pwd); break; fi
-  done
-fi
-mirror=${LLMHOP_MIRROR:-/work/.mirror}
-if [ -z "$shared" ] || [ ! -f "$shared/tools/nix-offline-inputs.sh" ]; then
-  echo "setup: WARNING no shared/tools/nix-offline-inputs.sh (set LLMHOP_SHARED); the Nix tests will skip"
-  exit 0
-fi
-if [ ! -d "$mirror" ]; then
-  echo "setup: WARNING no snapshots at $mirror (set LLMHOP_MIRROR); the Nix tests will skip"
-  exit 0
-fi
-# The tool reads nix-pins.json beside its own folder; it may be read-only, which is fine.
-bash "$shared/tools/nix-offline-inputs.sh" "$mirror"
+prepare_inputs
+bash "$repo/tests/nix/setup-quadlet.sh"
