@@ -287,8 +287,10 @@ class SystemdNamespace:
         env_args = " ".join(f"{k}={v}" for k, v in env.items())
         return f"""set -eu
 # PID 1 of the new PID namespace, in the new mount/cgroup/net/uts/ipc namespaces.
-mount --make-rprivate /
-mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
+# Until /run is our own tmpfs, no mtab bookkeeping (-n): libmount would create /run/mount on
+# the host's /run.
+mount -n --make-rprivate /
+mount -n -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
 mkdir -p /run/systemd/journald.conf.d
 cp {work}/journald.conf /run/systemd/journald.conf.d/llmhop-test.conf
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /var

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -23,11 +24,13 @@ class Notify:
         self.sock.bind(self.socket_path)
         self.sock.settimeout(WAIT)
         command = argv0 or [sys.executable, str(ROUTER_SCRIPT), "notify"]
+        # A session of its own, so the worker it starts can be stopped with it.
         self.process = subprocess.Popen(
             [*command, *args],
             env={"PATH": os.environ["PATH"], "NOTIFY_SOCKET": self.socket_path},
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,
         )
 
     def message(self) -> str:
@@ -46,9 +49,10 @@ class Notify:
         return self.process.wait(WAIT * 2)
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(WAIT)
+        """Kill llmhop-notify and its worker, whether or not the test got to stop them."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(WAIT)
         self.sock.close()
 
 
