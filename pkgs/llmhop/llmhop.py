@@ -136,7 +136,7 @@ class SecretResolver:
         if self.check_only:
             return "checked"
         if not os.path.isabs(path):
-            # The seed's rule: a relative path names a file among systemd's credentials.
+            # As in the Go project: a relative path names a file among systemd's credentials.
             path = os.path.join(self._credentials_directory(f"relative path {path!r}"), path)
         return _read_secret_file(path)
 
@@ -980,7 +980,7 @@ _DOT_SEGMENTS = frozenset((b".", b".."))
 
 
 def has_dot_segment(path: bytes) -> bool:
-    """Whether a path has a "." or ".." segment, percent-encoded or not (RFC 3986 §3.3).
+    """Whether a path has a "." or ".." segment (RFC 3986), percent-encoded or not.
 
     Such a path is refused rather than cleaned: appended to an upstream's base path, a ".."
     that an upstream or a CDN resolves would leave that base path, carrying the headers the

@@ -267,8 +267,8 @@ def test_default_config_path_is_config_json(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_seed_example_config_runs_as_written() -> None:
-    """The announcement's config.json, unchanged: listens on :8080 and answers /health."""
+def test_example_config_runs_as_written() -> None:
+    """examples/config.json, unchanged: listens on :8080 and answers /health."""
     example = ROOT / "examples" / "config.json"
     process = subprocess.Popen(
         [sys.executable, str(ROUTER_SCRIPT), "--config", str(example)],
@@ -284,4 +284,10 @@ def test_seed_example_config_runs_as_written() -> None:
             assert json.load(response) == {"status": "ok", "models": 2}
     finally:
         process.terminate()
-        assert process.wait(WAIT) == 0
+        try:
+            status = process.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(WAIT)
+            raise
+    assert status == 0
