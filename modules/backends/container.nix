@@ -276,7 +276,9 @@ rec {
 
   # A virtualisation.quadlet.containers entry. `containerConfig`, `serviceConfig` and
   # `unitConfig` are the caller's (health, network, exec…); the layers of the backend and the
-  # model go over them key by key, except `Volume` (appended to) and credential directives.
+  # model go over them key by key, except `Volume` (the module's mounts after the user's),
+  # `PodmanArgs` (the module's flags before the user's, so that a repeated flag is the user's)
+  # and credential directives.
   quadletContainer =
     {
       layers,
@@ -295,10 +297,20 @@ rec {
       inherit uid;
       containerConfig =
         containerConfig
-        // removeAttrs userContainer [ "Volume" ]
+        // removeAttrs userContainer [
+          "Volume"
+          "PodmanArgs"
+        ]
         // {
           Volume = lib.toList (userContainer.Volume or [ ]) ++ volumes;
-        };
+        }
+        // (
+          let
+            podmanArgs =
+              lib.toList (containerConfig.PodmanArgs or [ ]) ++ lib.toList (userContainer.PodmanArgs or [ ]);
+          in
+          lib.optionalAttrs (podmanArgs != [ ]) { PodmanArgs = podmanArgs; }
+        );
       serviceConfig =
         let
           merged = llmhopLib.withCredentials credentials (serviceConfig // over "serviceConfig");

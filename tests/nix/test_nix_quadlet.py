@@ -1,0 +1,326 @@
+"""Every container file the module renders, through Podman's own Quadlet generator.
+
+quadlet-nix writes the `.container` files and, at build time, runs Podman's generator on them
+(`podman-system-generator` for rootful ones, `podman-user-generator` for rootless ones, each
+over all of them at once). The generator refuses a file with a key it does not know, and then
+no unit exists: these tests run the real generator, built from Podman's source at the version
+the locked nixpkgs packages (tests/nix/setup-quadlet.sh), in the same two batches, on the
+complete example, on every backend's port and socket models, rootless and rootful, and on the
+SGL Model Gateway. A rejected key, any warning, or a missing service fails.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nix_harness import REPO, evaluate, temp_dir
+
+pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
+
+QUADLET_VERSION = "5.8.2"
+SETUP = "bash tests/nix/setup-quadlet.sh (with LLMHOP_PODMAN_SRC or LLMHOP_MIRROR set)"
+EXAMPLES = REPO / "examples" / "nixos"
+
+C_ESCAPE = re.compile(r"\\x([0-9a-fA-F]{2})")
+# In -dryrun mode the generator logs at debug level; these lines say nothing about a file.
+DEBUG_LINE = re.compile(r"quadlet-generator\[\d+\]: Loading source unit file \S+\n")
+
+
+def generator_path() -> Path:
+    override = os.environ.get("LLMHOP_QUADLET")
+    if override:
+        return Path(override)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "llmhop" / f"quadlet-v{QUADLET_VERSION}" / "bin" / "quadlet"
+
+
+@pytest.fixture(scope="session")
+def generator() -> Path:
+    path = generator_path()
+    if os.access(path, os.X_OK):
+        return path
+    reason = (
+        f"Podman's Quadlet generator is not at {path}: build it with {SETUP},"
+        " or point LLMHOP_QUADLET at a Podman's libexec/podman/quadlet"
+    )
+    if os.environ.get("CI") == "true" or os.environ.get("LLMHOP_REQUIRE_E2E") == "1":
+        pytest.fail(f"{reason} (CI=true or LLMHOP_REQUIRE_E2E=1: failing, not skipping)")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = temp_dir("quadlet-")
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=True)
+
+
+@dataclass
+class Generated:
+    """One generator run: its exit status, its stderr without debug lines, and the services it
+    printed, by name (`vllm-m.service`), as {section: {key: [values]}} and as text."""
+
+    returncode: int
+    stderr: str
+    texts: dict[str, str]
+
+    def section(self, service: str, name: str) -> dict[str, list[str]]:
+        sections: dict[str, dict[str, list[str]]] = {}
+        current: dict[str, list[str]] = {}
+        for line in self.texts[service].splitlines():
+            if line.startswith("[") and line.endswith("]"):
+                current = sections.setdefault(line[1:-1], {})
+            elif "=" in line:
+                key, value = line.split("=", 1)
+                current.setdefault(key, []).append(value)
+        return sections.get(name, {})
+
+    def exec_start(self, service: str) -> list[str]:
+        """ExecStart= as words, with systemd's C escapes (`\\x20`) decoded; `%%` and `$$`
+        stay as systemd reads them."""
+        [line] = self.section(service, "Service")["ExecStart"]
+        return [C_ESCAPE.sub(lambda m: chr(int(m[1], 16)), word) for word in shlex.split(line)]
+
+
+def run_generator(
+    generator: Path, files: dict[str, str], directory: Path, *, user: bool
+) -> Generated:
+    """`quadlet -dryrun` over `files` (name -> text) as the only unit directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (directory / name).write_text(text)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "QUADLET_UNIT_DIRS": str(directory)}
+    proc = subprocess.run(
+        [str(generator), "-dryrun", *(["-user"] if user else [])],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    texts = dict(re.findall(r"^---(\S+)---\n(.*?)(?=^---\S+---\n|\Z)", proc.stdout, re.M | re.S))
+    return Generated(proc.returncode, DEBUG_LINE.sub("", proc.stderr), texts)
+
+
+def generate(generator: Path, result: dict[str, Any], workdir: Path) -> dict[str, Generated]:
+    """Run the generator on an evaluation's container files as quadlet-nix does: the rootful
+    ones in system mode, the rootless ones (user units) with -user. Fails on any rejection."""
+    scopes = {
+        "system": {n: t for n, t in result["quadlet"].items() if n in result["services"]},
+        "user": {n: t for n, t in result["quadlet"].items() if n in result["userServices"]},
+    }
+    # quadlet-nix installs every container as a drop-in of a system or a user service.
+    assert sorted(scopes["system"].keys() | scopes["user"].keys()) == sorted(result["quadlet"])
+    runs = {}
+    for scope, containers in scopes.items():
+        if not containers:
+            continue
+        files = {f"{name}.container": text for name, text in containers.items()}
+        run = run_generator(generator, files, workdir / scope, user=scope == "user")
+        assert (run.returncode, run.stderr) == (0, ""), f"{scope} generator:\n{run.stderr}"
+        assert sorted(run.texts) == sorted(f"{name}.service" for name in containers)
+        runs[scope] = run
+    return runs
+
+
+def service(runs: dict[str, Generated], name: str) -> tuple[Generated, str]:
+    [run] = [run for run in runs.values() if f"{name}.service" in run.texts]
+    return run, f"{name}.service"
+
+
+def podman_run(runs: dict[str, Generated], name: str) -> list[str]:
+    run, unit = service(runs, name)
+    argv = run.exec_start(unit)
+    assert argv[:2] == ["/usr/bin/podman", "run"], argv
+    return argv
+
+
+# --- the configurations ---------------------------------------------------------------------
+
+
+def every_backend(*, rootless: bool) -> dict[str, Any]:
+    """Each backend with a port model and (all but SGLang, which needs a port) a socket model,
+    the gateway, credentials, a digest, a shm size, extra devices, and the user's own layers."""
+    user = {} if rootless else {"quadlet": {"user": None}}
+    digest = "sha256:" + "ab" * 32
+    return {
+        "services": {
+            "llmhop": {
+                "enable": True,
+                "llama-cpp": {
+                    **user,
+                    "runtime": "container",
+                    "models": {
+                        "l-port": {"port": 18001, "settings": {"hf-repo": "org/m-GGUF:Q4_K_M"}},
+                        "l-sock": {
+                            "settings": {
+                                "hf-repo": "org/s-GGUF:Q4_K_M",
+                                "api-key-file": "${cred:k}",
+                            },
+                            "credentials": {"k": "/run/secrets/k"},
+                            "devices": ["/dev/dri/renderD128"],
+                        },
+                    },
+                },
+                "vllm": {
+                    **user,
+                    "quadlet": {
+                        **user.get("quadlet", {}),
+                        # vLLM's docs run it with --ipc=host; the module's own flags stay.
+                        "containerConfig": {
+                            "Volume": ["/srv/models:/models:ro"],
+                            "PodmanArgs": ["--ipc=host"],
+                        },
+                        "serviceConfig": {"MemoryMax": "64G"},
+                    },
+                    "models": {
+                        "v-port": {"port": 20001, "model": "org/p", "digest": digest},
+                        "v-sock": {
+                            "model": "/models/s",
+                            "shmSize": "16g",
+                            "credentials": {"hf": {}},
+                            "environment": {"NOTE": "100% $HOME"},
+                            "settings": {"chat-template": "/models/%s-$x.jinja"},
+                            "quadlet": {
+                                "containerConfig": {"UserNS": "auto"},
+                                "unitConfig": {"DefaultDependencies": False},
+                                "quadletConfig": {"DefaultDependencies": False},
+                                "extraConfig": {"Install": {"WantedBy": "gpu.target"}},
+                            },
+                        },
+                    },
+                },
+                "sglang": {
+                    **user,
+                    "models": {
+                        "a": {"port": 30001, "model": "org/a"},
+                        "b": {"port": 30002, "model": "org/b", "tag": "v0.5.5"},
+                    },
+                    "gateway": {"enable": True, "port": 19000, "route": "sglang"},
+                },
+            }
+        }
+    }
+
+
+def tls_gateway(*, rootless: bool) -> dict[str, Any]:
+    user = {} if rootless else {"quadlet": {"user": None}}
+    gateway = {
+        "enable": True,
+        "port": 19000,
+        "bindAddress": "::",
+        "enableMetrics": False,
+        "credentials": {"tls.key": "/run/secrets/tls.key"},
+        "settings": {"tls-cert-path": "/etc/ssl/gw.pem", "tls-key-path": "${cred:tls.key}"},
+    }
+    models = {"a": {"port": 30001, "model": "org/a"}}
+    return {
+        "services": {
+            "llmhop": {"enable": True, "sglang": {**user, "models": models, "gateway": gateway}}
+        }
+    }
+
+
+# --- the tests ------------------------------------------------------------------------------
+
+
+def test_the_generator_is_the_version_nixpkgs_packages(generator: Path) -> None:
+    if os.environ.get("LLMHOP_QUADLET"):
+        pytest.skip("LLMHOP_QUADLET names another build of the generator")
+    proc = subprocess.run(
+        [str(generator), "-version"], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert proc.stdout.strip() == QUADLET_VERSION
+
+
+def test_the_examples(generator: Path, workdir: Path) -> None:
+    containers = {}
+    for example in sorted(EXAMPLES.glob("*.nix")):
+        result = evaluate(module=example)
+        generate(generator, result, workdir / example.stem)
+        containers[example.name] = sorted(result["quadlet"])
+    assert containers["complete.nix"] == [
+        "sglang-gateway",
+        "sglang-gemma-3-27b",
+        "sglang-mistral-small",
+        "vllm-llama-3-8b",
+        "vllm-qwen3-32b",
+    ]
+
+
+@pytest.mark.parametrize("rootless", [True, False], ids=["rootless", "rootful"])
+def test_every_backend_port_and_socket(generator: Path, workdir: Path, rootless: bool) -> None:
+    result = evaluate(every_backend(rootless=rootless))
+    runs = generate(generator, result, workdir)
+    assert list(runs) == (["user"] if rootless else ["system"])
+    assert len(result["quadlet"]) == 7
+
+    # Sockets: group-accessible for the router through podman's --umask (Quadlet has no Umask=).
+    for name in ("llama-cpp-l-sock", "vllm-v-sock"):
+        argv = podman_run(runs, name)
+        assert "--umask=0007" in argv
+        assert not any(a.startswith("--publish") for a in argv)
+    # Ports: published on loopback, the default umask.
+    published = {
+        "llama-cpp-l-port": "127.0.0.1:18001:8080",
+        "vllm-v-port": "127.0.0.1:20001:8000",
+        "sglang-a": "127.0.0.1:30001:30000",
+        "sglang-b": "127.0.0.1:30002:30000",
+    }
+    for name, publish in published.items():
+        argv = podman_run(runs, name)
+        assert argv[argv.index("--publish") + 1] == publish
+        assert not any(a.startswith("--umask") for a in argv)
+
+    vllm = podman_run(runs, "vllm-v-sock")
+    assert "--ipc=host" in vllm
+    assert "--ipc=host" in podman_run(runs, "vllm-v-port")
+    assert "--uds=/run/llmhop/socket/http.sock" in vllm
+    assert vllm[vllm.index("--shm-size") + 1] == "16g"
+    assert vllm[vllm.index("--userns") + 1] == "auto"
+    # What the module escaped for Quadlet reaches systemd's ExecStart= escaped for systemd.
+    assert "--chat-template=/models/%%s-$$x.jinja" in vllm
+    assert "NOTE=100%% $$HOME" in vllm
+    run, unit = service(runs, "vllm-v-sock")
+    assert run.section(unit, "Install")["WantedBy"] == ["gpu.target"]
+    assert "-v" in vllm and "/srv/models:/models:ro" in vllm
+
+    digest = podman_run(runs, "vllm-v-port")
+    assert any(a.startswith("docker.io/vllm/vllm-openai@sha256:") for a in digest)
+
+    llama = podman_run(runs, "llama-cpp-l-sock")
+    assert "--api-key-file=/run/llmhop/credentials/k" in llama
+    assert "%d:/run/llmhop/credentials:ro" in llama
+    assert llama[llama.index("--device") + 1] == "/dev/dri/renderD128"
+
+    gateway = podman_run(runs, "sglang-gateway")
+    assert gateway[gateway.index("--network") + 1] == "host"
+    assert "--worker-urls" in gateway
+
+
+@pytest.mark.parametrize("rootless", [True, False], ids=["rootless", "rootful"])
+def test_the_gateway_with_tls(generator: Path, workdir: Path, rootless: bool) -> None:
+    runs = generate(generator, evaluate(tls_gateway(rootless=rootless)), workdir)
+    gateway = podman_run(runs, "sglang-gateway")
+    assert "--tls-key-path=/run/llmhop/credentials/tls.key" in gateway
+    assert "%d:/run/llmhop/credentials:ro" in gateway
+
+
+def test_a_rejected_key_fails(generator: Path, workdir: Path) -> None:
+    # The container file of a socket model as the module wrote it before: Umask= in [Container].
+    result = evaluate(every_backend(rootless=True))
+    new = result["quadlet"]["vllm-v-sock"]
+    assert "PodmanArgs=--umask=0007\n" in new
+    old = new.replace("PodmanArgs=--umask=0007\n", "Umask=0007\n")
+    run = run_generator(generator, {"vllm-sock.container": old}, workdir, user=True)
+    assert run.returncode == 1
+    assert "unsupported key 'Umask' in group 'Container'" in run.stderr
+    assert run.texts == {}
