@@ -101,8 +101,8 @@ let
       expr = base.quadlet == { } && base.userServices == { };
       expected = true;
     };
-    # The seed's example, as written.
-    testSeedExample = {
+    # The quickstart's llama.cpp model (examples/nixos/quickstart.nix).
+    testQuickstartLlamaModel = {
       expr =
         let
           result = router {
@@ -140,8 +140,8 @@ let
         "services.llmhop: port 8080 is claimed more than once, by llama-cpp.models.a, llmhop.listen.default."
       ];
     };
-    # The seed's vLLM model: a rootless container under its lingering user, routed.
-    testSeedVllmContainer = {
+    # The quickstart's vLLM model: a rootless container under its lingering user, routed.
+    testQuickstartVllmContainer = {
       expr =
         let
           result = router {
@@ -163,6 +163,39 @@ let
         user = true;
         published = true;
         route = "http://127.0.0.1:20001";
+      };
+    };
+    # A GPU container without a device, and an image that moves, are warned about; a device and
+    # a pinned image are not.
+    testContainerWarnings = {
+      expr =
+        let
+          warned =
+            model:
+            map (w: lib.head (lib.splitString " " w))
+              (router {
+                services.llmhop.vllm.models.m = {
+                  port = 20001;
+                  model = "org/m";
+                }
+                // model;
+              }).warnings;
+        in
+        {
+          bare = warned { };
+          pinned = warned { tag = "v0.11.0"; };
+          ready = warned {
+            digest = "sha256:${lib.fixedWidthString 64 "0" ""}";
+            devices = [ "nvidia.com/gpu=0" ];
+          };
+        };
+      expected = {
+        bare = [
+          "services.llmhop.vllm.models.m:"
+          "services.llmhop.vllm.models.m"
+        ];
+        pinned = [ "services.llmhop.vllm.models.m:" ];
+        ready = [ ];
       };
     };
     # A native vLLM beside vLLM containers; NCCL follows tensor-parallel-size.

@@ -107,7 +107,7 @@ let
   unitFile = config: name: "${config.systemd.units.${name}.unit}/${name}";
 
   # What docs/module.md shows; no assertion of the module or NixOS may fail on them.
-  examples = lib.genAttrs [ "seed" "complete" "native-vllm" ] (
+  examples = lib.genAttrs [ "quickstart" "complete" "native-vllm" ] (
     name: evalNode { imports = [ module ../examples/nixos/${name}.nix ]; }
   );
 in

@@ -10,7 +10,7 @@ let
   # `${cred:NAME}` in a string; builtins.split yields the NAME of each match.
   credentialRefRegex = "\\$\\{cred:([^}]*)}";
 
-  # How each server family spells flags (§3.11 of the reference).
+  # How each server family spells flags.
   dialects = {
     # llama-server: `--no-x`; a list repeats the flag (`--lora a --lora b`).
     llama-cpp = {
@@ -290,7 +290,7 @@ rec {
       lib.concatMapStringsSep " " escapeExecArg args
     );
 
-  # The sandbox shared by the router and every native worker (§3.6).
+  # The sandbox shared by the router and every native worker.
   hardening = {
     # Capabilities and privileges
     CapabilityBoundingSet = "";

@@ -148,8 +148,8 @@ def upstream_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# SGLang's launchers: `python -m sglang.launch_server` (the module's native runtime) and
-# `sglang serve` (the entrypoint it gives containers).
+# SGLang's launchers: `python -m sglang.launch_server` (what the module runs, natively and in
+# containers) and `sglang serve` (the newer CLI).
 SGLANG_LAUNCHERS = (["-m", "sglang.launch_server"], ["serve"])
 
 

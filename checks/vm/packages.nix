@@ -48,19 +48,29 @@ let
     programs.llmhop-vm-client = [ ];
   };
 
+  # bin/python3 alone, pointing at `target`: the module starts SGLang containers with
+  # `python3 -m sglang.launch_server`, and the gateway's health check runs python3.
+  python3As =
+    target:
+    pkgs.runCommand "llmhop-python3" { } ''
+      mkdir -p $out/bin
+      ln -s ${target} $out/bin/python3
+    '';
+
   # `podman load` names them localhost/llmhop-fake-engine:<role>, which quadlet-nix's
   # imageStream sets as Image= (checks/vm/containers-config.nix sets the same).
   image =
-    role: entrypoint:
+    role: entrypoint: extraContents:
     pkgs.dockerTools.streamLayeredImage {
       name = "llmhop-fake-engine";
       tag = role;
-      # bash gives /bin/sh, which podman runs HealthCmd= with; curl is what it runs.
+      # bash gives /bin/sh, which podman runs HealthCmd= with; curl is what the workers' run.
       contents = [
         fakeEngine
         (lib.getBin pkgs.curl)
         pkgs.bash
-      ];
+      ]
+      ++ extraContents;
       extraCommands = ''
         mkdir -p etc
         echo "hosts: files dns" > etc/nsswitch.conf
@@ -74,13 +84,18 @@ in
 {
   inherit fakeEngine client;
   images = {
-    llama-cpp = image "llama-cpp" [ "/bin/llama-server" ];
+    llama-cpp = image "llama-cpp" [ "/bin/llama-server" ] [ ];
     vllm = image "vllm" [
       "/bin/vllm"
       "serve"
+    ] [ ];
+    # The module replaces this entrypoint with `python3 -m sglang.launch_server`.
+    sglang = image "sglang" [ "/bin/sglang-must-be-replaced" ] [
+      (python3As "${fakeEngine}/bin/python")
     ];
-    # The module replaces this entrypoint with `sglang serve`.
-    sglang = image "sglang" [ "/bin/sglang-must-be-replaced" ];
-    gateway = image "gateway" [ "/bin/sgl-model-gateway" ];
+    # The real gateway image has python3 and no curl: so has this one's health check.
+    gateway = image "gateway" [ "/bin/sgl-model-gateway" ] [
+      (python3As (lib.getExe' pkgs.python3Minimal "python3"))
+    ];
   };
 }

@@ -26,8 +26,8 @@
       };
     };
 
-    # vLLM in rootless containers (the default runtime) of the user `vllm`, on the GPUs the
-    # NVIDIA container toolkit exposes through CDI, and one model natively.
+    # vLLM in rootless containers (the default runtime) of the user `vllm`, on the GPUs whose
+    # CDI names hardware.nvidia-container-toolkit provides, and one model natively.
     vllm = {
       tag = "v0.11.0";
       models = {
@@ -61,6 +61,7 @@
     # SGLang containers (always on a port), started after one another, behind the SGL Model
     # Gateway, which llmhop routes to as `sglang`.
     sglang = {
+      tag = "v0.5.10.post1-cu130"; # a release, not the moving `latest`
       devices = [ "nvidia.com/gpu=2" ];
       models = {
         gemma-3-27b = {
@@ -75,6 +76,7 @@
       };
       gateway = {
         enable = true;
+        tag = "v0.3.2";
         port = 30000;
         route = "sglang";
         settings.policy = "cache_aware";
@@ -85,7 +87,7 @@
       enable = true;
       modelSettings.ctx-size = 8192; # every model
       models = {
-        # The announcement's example, as written: a loopback port.
+        # On a loopback port, as in the quickstart.
         "qwen3-8b" = {
           port = 18001;
           settings.hf-repo = "unsloth/Qwen3-8B-GGUF:UD-Q4_K_XL";

@@ -63,7 +63,7 @@ let
         name = mkOption {
           type = types.strMatching llmhopLib.modelNamePattern;
           default = name;
-          defaultText = lib.literalExpression "<name>";
+          defaultText = lib.literalMD "the attribute name";
           description = "The routing key of the model and the `<name>` in its unit `${backend}-<name>`.";
         };
         port =
@@ -90,7 +90,7 @@ let
               "${socketDirectory}/${backend}-${config.name}/http.sock"
             else
               null;
-          defaultText = lib.literalExpression ''"''${socketDirectory}/${backend}-<name>/http.sock" or null'';
+          defaultText = lib.literalMD "{file}`<socketDirectory>/${backend}-<name>/http.sock` while `port` is `null`, else `null`";
           readOnly = true;
           description = "The unix socket of the server while `port` is `null`.";
         };
@@ -135,7 +135,7 @@ let
             "container"
           ];
           default = backendCfg.runtime;
-          defaultText = lib.literalExpression "<backend>.runtime";
+          defaultText = lib.literalMD "the backend's `runtime`";
           description = "How this model runs (a native vLLM beside vLLM containers, say).";
         };
         nccl = mkOption {
@@ -147,7 +147,7 @@ let
             in
             lib.isInt value && value > 1
           ) parallelFlags;
-          defaultText = lib.literalExpression "whether the settings ask for more than one GPU";
+          defaultText = lib.literalMD "whether a parallelism flag in the settings exceeds 1";
           description = ''
             Whether a native model talks NCCL between its GPU processes: netlink, binds on any
             TCP port (the ephemeral rendezvous), `NCCL_SOCKET_IFNAME=lo` and no InfiniBand.
@@ -158,9 +158,10 @@ let
           type = types.bool;
           default = gpuDefault;
           description = ''
-            Whether the model runs on a GPU: device nodes, the `render` and `video` groups
-            (`PrivateUsers=identity`, systemd ≥ 257), JIT, unlimited locked memory, all of
-            {file}`/proc`. Pick devices with `CUDA_VISIBLE_DEVICES` and friends in `environment`.
+            Whether the model runs on a GPU. Natively: device nodes, the `render` and `video`
+            groups (`PrivateUsers=identity`, systemd ≥ 257), JIT, unlimited locked memory, all
+            of {file}`/proc`; pick devices with `CUDA_VISIBLE_DEVICES` and friends in
+            `environment`. In a container: a warning when `devices` gives it none.
           '';
         };
       };
@@ -207,15 +208,16 @@ rec {
         default = cfg.models != { };
         defaultText = lib.literalExpression "models != { }";
         description = ''
-          Whether to run the ${displayName} workers; on as soon as `models` has an entry (as
-          in the announcement's example), so `false` turns declared models off.
+          Whether to run the ${displayName} workers; on as soon as `models` has an entry, so a
+          model alone is enough and `false` turns declared models off.
         '';
       };
 
       startupOrdering = mkOption {
         type = types.bool;
         default = cfg.runtime == "container" || gpuDefault;
-        defaultText = lib.literalExpression ''runtime == "container"${lib.optionalString gpuDefault " || true"}'';
+        defaultText =
+          if gpuDefault then lib.literalExpression "true" else lib.literalExpression ''runtime == "container"'';
         description = ''
           Whether the models start one after another, sorted by `name` (`After=` the previous
           one of the same runtime: containers and native units have separate managers). Units
@@ -312,9 +314,9 @@ rec {
       container = chain "container";
     };
 
-  # A native model's systemd.services entry, hardened as §3.6 of the reference. `command` is
-  # the server's argv before its flags; `managedFlags` win over the model's settings, which
-  # win over the backend's modelSettings.
+  # A native model's systemd.services entry, in the sandbox shared with the router
+  # (llmhopLib.hardening). `command` is the server's argv before its flags; `managedFlags` win
+  # over the model's settings, which win over the backend's modelSettings.
   nativeService =
     {
       cfg,
@@ -424,7 +426,7 @@ rec {
         // fixed;
     };
 
-  # A container model's virtualisation.quadlet.containers entry (§3.5 of the reference).
+  # A container model's virtualisation.quadlet.containers entry.
   # `positional` are the arguments before the flags; `managedFlags` (the listener inside the
   # container, the served name) win over the settings; the model's `socket` is mounted at
   # containerLib.socketMount.
@@ -729,6 +731,8 @@ rec {
       containersWanted ? false,
       # What native models add to the system besides their units (their account).
       nativeSystem ? { },
+      # The backend's own tags that move between releases (besides `latest`).
+      movingTags ? [ ],
     }:
     let
       w = workloads backend cfg;
@@ -770,6 +774,18 @@ rec {
               }
             ]
           ) w.all;
+
+        warnings = lib.concatMap (
+          workload:
+          let
+            args = {
+              optionPath = optionPath workload;
+              backendCfg = cfg;
+              inherit (workload) model;
+            };
+          in
+          containerLib.gpuWarning args ++ containerLib.unpinnedWarning (args // { inherit movingTags; })
+        ) w.container;
 
         services.llmhop = {
           portsRegistry = lib.listToAttrs (

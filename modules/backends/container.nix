@@ -49,6 +49,9 @@ let
 
   digestType = types.strMatching "sha256:[0-9a-f]{64}";
 
+  # An OCI tag: no empty one (which Podman reads as `latest`), no `@digest` smuggled in.
+  tagType = types.strMatching "[[:alnum:]_][[:alnum:]_.-]{0,127}";
+
   # The account rootless containers run under (`quadlet.user`).
   userModule =
     { backend, defaultUid }:
@@ -76,19 +79,19 @@ let
         group = mkOption {
           type = types.str;
           default = config.name;
-          defaultText = lib.literalExpression "name";
+          defaultText = lib.literalMD "`name`";
           description = "Its group.";
         };
         gid = mkOption {
           type = types.ints.positive;
           default = config.uid;
-          defaultText = lib.literalExpression "uid";
+          defaultText = lib.literalMD "`uid`";
           description = "The GID of its group.";
         };
         home = mkOption {
           type = types.str;
           default = "/var/lib/${config.name}";
-          defaultText = lib.literalExpression ''"/var/lib/''${name}"'';
+          defaultText = lib.literalMD "{file}`/var/lib/<name>`";
           description = "Its home, holding the rootless container storage.";
         };
       };
@@ -118,7 +121,7 @@ rec {
     sglang = 60603;
   };
 
-  inherit quadletLayers digestType;
+  inherit quadletLayers digestType tagType;
 
   # `image` and `tag` of a whole backend, or of the gateway: the defaults for what they run.
   imageOptions =
@@ -134,13 +137,73 @@ rec {
         description = "The image of ${what}, without tag or digest.";
       };
       tag = mkOption {
-        type = types.str;
+        type = tagType;
         default = tag;
-        description = "The image tag of ${what}, pulled when newer.";
+        example = "v0.11.0";
+        description = ''
+          The image tag of ${what}, pulled again whenever the registry has a newer image
+          under it (`Pull=newer`). Pin a release tag, or a `digest`, so that a restart never
+          starts another engine version.
+        '';
       };
     };
 
-  # A HealthCmd= probing `url` (through `unixSocket` if given).
+  # Whether a model (or the gateway) runs a tag that a registry moves from release to release:
+  # `latest` or one of `movingTags`, the backend's own floating defaults.
+  unpinned =
+    {
+      backendCfg,
+      model,
+      movingTags ? [ ],
+    }:
+    let
+      tag = if model.tag != null then model.tag else backendCfg.tag;
+    in
+    model.digest == null && lib.elem tag ([ "latest" ] ++ movingTags);
+
+  # The warning of a model (or the gateway) that runs an unpinned image, naming the fix.
+  unpinnedWarning =
+    {
+      optionPath,
+      backendCfg,
+      model,
+      movingTags ? [ ],
+    }:
+    lib.optional (unpinned { inherit backendCfg model movingTags; }) ''
+      ${optionPath} runs ${(imageOf { inherit backendCfg model; }).Image}, a tag that moves: with
+      Pull=newer a restart may start another engine version. Pin it with
+      `digest = "sha256:…"` (podman image inspect --format '{{.Digest}}' <image>) or a release `tag`.
+    '';
+
+  # The devices a model's container gets: `AddDevice=` of its raw Quadlet layers, else its
+  # `devices`, else the backend's.
+  devicesOf =
+    { backendCfg, model }:
+    let
+      raw = backendCfg.quadlet.containerConfig // model.quadlet.containerConfig;
+    in
+    lib.toList (
+      raw.AddDevice or (if model.devices != null then model.devices else backendCfg.devices)
+    );
+
+  # The warning of a GPU model whose container gets no device: it would run without a GPU.
+  # Not an assertion: CPU images (`gpu` is on by default for vLLM and SGLang) and devices
+  # added by other means (PodmanArgs=) are legitimate, and the message names the switch.
+  gpuWarning =
+    {
+      optionPath,
+      backendCfg,
+      model,
+    }:
+    lib.optional (model.gpu && devicesOf { inherit backendCfg model; } == [ ]) ''
+      ${optionPath}: gpu = true, but its container gets no device, so it runs without a GPU.
+      Enable hardware.nvidia-container-toolkit (whose CDI specs make `devices` default to
+      [ "nvidia.com/gpu=all" ]), or set `devices` to the CDI names or /dev paths of another
+      provider (e.g. [ "amd.com/gpu=all" ]); set gpu = false for a model meant to run on the CPU.
+    '';
+
+  # A HealthCmd= probing `url` (through `unixSocket` if given) with curl, which the llama.cpp,
+  # vLLM and SGLang images install.
   healthCheck =
     {
       unixSocket ? null,
@@ -161,6 +224,20 @@ rec {
       ]
       ++ [ url ]
     );
+
+  # A HealthCmd= probing `url` with the image's python3, for images without curl: the SGL
+  # Model Gateway's image removes curl once it has built, and runs python3 itself.
+  pythonHealthCheck =
+    {
+      url,
+      insecure ? false,
+    }:
+    let
+      # Certificate checks off, as curl's --insecure: the address is a loopback or bind address.
+      context = lib.optionalString insecure "c = ssl.create_default_context(); c.check_hostname = False; c.verify_mode = ssl.CERT_NONE; ";
+      open = "urllib.request.urlopen(sys.argv[1], timeout=4${lib.optionalString insecure ", context=c"})";
+    in
+    "python3 -c 'import ${lib.optionalString insecure "ssl, "}sys, urllib.request; ${context}${open}' ${url}";
 
   # Options of services.llmhop.<backend> for the container runtime.
   backendOptions =
@@ -214,11 +291,11 @@ rec {
       image = mkOption {
         type = types.str;
         default = backendCfg.image;
-        defaultText = lib.literalExpression "<backend>.image";
+        defaultText = lib.literalMD "the backend's `image`";
         description = "The image of this model, without tag or digest.";
       };
       tag = mkOption {
-        type = types.nullOr types.str;
+        type = types.nullOr tagType;
         default = null;
         description = "The image tag (pulled when newer); `null` takes the backend's `tag` unless `digest` is set.";
       };
@@ -226,12 +303,19 @@ rec {
         type = types.nullOr digestType;
         default = null;
         example = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-        description = "The image digest, instead of a tag: never pulls newer (`Pull=missing`).";
+        description = ''
+          The image digest, instead of a tag: `image@digest` is the same image on every
+          start and is never pulled again (`Pull=missing`).
+        '';
       };
       devices = mkOption {
         type = types.nullOr (types.listOf types.str);
         default = null;
-        description = "Devices of this container (`AddDevice=`), replacing the backend's `devices`.";
+        defaultText = lib.literalMD "the backend's `devices`";
+        description = ''
+          Devices of this container (`AddDevice=`), replacing the backend's `devices`. A
+          `gpu` model with none runs without a GPU (a warning says so).
+        '';
       };
       shmSize = mkOption {
         type = types.nullOr (types.strMatching "[0-9]+[bkmg]?");

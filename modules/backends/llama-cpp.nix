@@ -34,8 +34,8 @@ in
     image = "ghcr.io/ggml-org/llama.cpp";
     tag = if nvidiaToolkit then "server-cuda" else "server";
     extraOptions = {
-      package = lib.mkPackageOption pkgs "llama-cpp" { } // {
-        description = "The llama.cpp package; it provides {command}`bin/llama-server`.";
+      package = lib.mkPackageOption pkgs "llama-cpp" {
+        extraDescription = "It provides {command}`bin/llama-server`.";
       };
       user = mkOption {
         type = types.nullOr types.str;
@@ -64,6 +64,15 @@ in
           routerCfg
           ;
         socketGroup = cfg.group;
+        # Rebuilt from every commit; `server-b<build>` and `server-cuda-b<build>` stay put.
+        movingTags = [
+          "server"
+          "server-cuda"
+          "server-rocm"
+          "server-vulkan"
+          "server-intel"
+          "server-musa"
+        ];
         native =
           { model, cacheDirectory, ... }:
           {

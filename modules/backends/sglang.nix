@@ -49,7 +49,8 @@ let
       digest = mkOption {
         type = types.nullOr containerLib.digestType;
         default = null;
-        description = "The image digest, instead of `tag`: never pulls newer.";
+        example = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        description = "The image digest, instead of `tag`: the same image on every start, never pulled again.";
       };
       bindAddress = mkOption {
         type = types.str;
@@ -145,7 +146,7 @@ let
           DropCapability = "all";
           Tmpfs = "/tmp";
           Notify = "healthy";
-          HealthCmd = containerLib.healthCheck {
+          HealthCmd = containerLib.pythonHealthCheck {
             url = "${gatewayUrl}/health";
             insecure = gatewayTls;
           };
@@ -192,7 +193,7 @@ in
         type = types.nullOr (types.either types.package types.path);
         default =
           if (pkgs.python3Packages or { }) ? sglang then pkgs.python3.withPackages (ps: [ ps.sglang ]) else null;
-        defaultText = lib.literalExpression "python3.withPackages (ps: [ ps.sglang ]) if nixpkgs has it, else null";
+        defaultText = lib.literalMD "`python3.withPackages (ps: [ ps.sglang ])` where nixpkgs has SGLang, else `null`";
         description = ''
           SGLang for the native runtime: a Python environment providing the `sglang` module
           (its {command}`bin/python` runs `-m sglang.launch_server`).
@@ -242,7 +243,8 @@ in
             dialect = "sglang";
             containerPort = 30000;
             cacheDirectory = "/root/.cache/huggingface";
-            entrypoint = ''["sglang","serve"]'';
+            # Every SGLang image has the module; `sglang serve` only the releases after 0.5.1.
+            entrypoint = ''["python3","-m","sglang.launch_server"]'';
             managedFlags = servedFlags model // {
               host = "0.0.0.0";
               port = 30000;
@@ -254,6 +256,11 @@ in
           assertion = false;
           message = ''services.llmhop.sglang.gateway.credentials."${name}": a credential name is one path component matching ${llmhopLib.credentialNamePattern}.'';
         }) (llmhopLib.invalidCredentialNames gateway.credentials);
+        warnings = containerLib.unpinnedWarning {
+          optionPath = "services.llmhop.sglang.gateway";
+          backendCfg = gateway;
+          model = gateway;
+        };
         virtualisation.quadlet = {
           enable = true;
           containers.sglang-gateway = gatewayContainer;

@@ -40,10 +40,10 @@ in
     ];
     modelOptions = common.modelOption;
     extraOptions = {
-      package = lib.mkPackageOption pkgs "vllm" { } // {
-        description = ''
-          vLLM for the native runtime: any package or Python environment with
-          {command}`bin/vllm`, e.g. `python3.withPackages (ps: [ ps.vllm ])`.
+      package = lib.mkPackageOption pkgs "vllm" {
+        extraDescription = ''
+          For the native runtime: any package or Python environment with {command}`bin/vllm`,
+          e.g. `python3.withPackages (ps: [ ps.vllm ])`.
         '';
       };
     }
@@ -88,6 +88,8 @@ in
           dialect = "vllm";
           containerPort = 8000;
           cacheDirectory = "/root/.cache/huggingface";
+          # Older images start the API server module, which takes no positional model.
+          entrypoint = ''["vllm","serve"]'';
           positional = [ model.model ];
           managedFlags = {
             served-model-name = model.name;

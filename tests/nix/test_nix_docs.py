@@ -29,11 +29,11 @@ def test_the_docs_show_the_example_files(name: str) -> None:
     assert shown(name) == (EXAMPLES / name).read_text().rstrip("\n")
 
 
-def test_the_docs_show_the_seed_as_announced() -> None:
-    """The announcement wrote the option block alone; the file wraps it in a module."""
-    lines = (EXAMPLES / "seed.nix").read_text().splitlines()
+def test_the_docs_show_the_quickstart_block() -> None:
+    """The docs show the option block alone; the file wraps it in a module."""
+    lines = (EXAMPLES / "quickstart.nix").read_text().splitlines()
     body = lines[lines.index("{") + 1 : lines.index("}")]
-    assert shown("seed.nix") == "\n".join(line.removeprefix("  ") for line in body)
+    assert shown("quickstart.nix") == "\n".join(line.removeprefix("  ") for line in body)
 
 
 def test_the_complete_example() -> None:
@@ -90,6 +90,8 @@ def test_the_complete_example() -> None:
     assert "--worker-urls http://127.0.0.1:30001 http://127.0.0.1:30002" in gateway
     assert "'--policy=cache_aware'" in gateway
     assert result["users"]["sglang"]["linger"] is True
+    # Every image pinned, every GPU container given its device: nothing to warn about.
+    assert result["warnings"] == []
 
 
 def test_the_native_vllm_example() -> None:

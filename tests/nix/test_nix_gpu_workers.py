@@ -4,6 +4,13 @@ ordering, registries, the SGL Model Gateway, native vLLM/SGLang units and reject
 from __future__ import annotations
 
 import json
+import shutil
+import ssl
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +74,12 @@ def assertions(config: dict[str, Any]) -> list[str]:
     return info.value.messages
 
 
-# --- the announcement's example ---------------------------------------------------------------
+# --- the quickstart example ------------------------------------------------------------------
 
 
-def test_the_seed_example_as_written() -> None:
-    # docs/module.md shows it as announced (tests/nix/test_nix_docs.py).
-    result = evaluate(module=REPO / "examples" / "nixos" / "seed.nix")
+def test_the_quickstart_example() -> None:
+    # docs/module.md shows it (tests/nix/test_nix_docs.py).
+    result = evaluate(module=REPO / "examples" / "nixos" / "quickstart.nix")
     # llama.cpp: a native system unit.
     assert "llama-cpp-qwen3-8b" in result["services"]
     assert "--hf-repo" in result["services"]["llama-cpp-qwen3-8b"]["serviceConfig"]["ExecStart"]
@@ -100,6 +107,13 @@ def test_the_seed_example_as_written() -> None:
         "qwen3-8b": {"url": "http://127.0.0.1:18001"},
         "llama-3-8b": {"url": "http://127.0.0.1:20001"},
     }
+    # It evaluates, and says what a production machine needs: a GPU for vLLM, a pinned image.
+    found = [" ".join(w.split()) for w in result["warnings"]]
+    assert len(found) == 2
+    assert found[0].startswith("services.llmhop.vllm.models.llama-3-8b: gpu = true, but")
+    assert found[1].startswith(
+        "services.llmhop.vllm.models.llama-3-8b runs docker.io/vllm/vllm-openai:latest,"
+    )
 
 
 # --- the container --------------------------------------------------------------------------
@@ -131,6 +145,8 @@ def test_container_hardening_health_and_mounts() -> None:
     assert c["Notify"] == ["healthy"]
     assert c["HealthCmd"] == ["curl --fail --silent --show-error http://localhost:8000/health"]
     assert c["HealthStartPeriod"] == ["30m"]
+    # Older images' entrypoint (the API server module) takes no positional model.
+    assert c["Entrypoint"] == ['["vllm","serve"]']
     assert c["ShmSize"] == ["32g"]
     assert c["Ulimit"] == ["host"]
     assert c["Volume"] == ["/var/cache/vllm:/root/.cache/huggingface"]
@@ -196,7 +212,8 @@ def test_tag_digest_and_image() -> None:
     assert image["c"]["Pull"] == ["missing"]
     assert image["a"]["Pull"] == ["newer"]
     assert image["d"]["Image"] == ["registry.example/sglang:v0.5.0-cu129"]
-    assert image["a"]["Entrypoint"] == ['["sglang","serve"]']
+    # Every SGLang image has the module; `sglang serve` only releases after 0.5.1.
+    assert image["a"]["Entrypoint"] == ['["python3","-m","sglang.launch_server"]']
     assert image["a"]["Exec"] == [
         "'--host=0.0.0.0' '--model-path=org/a' '--port=30000' '--served-model-name=a'"
     ]
@@ -210,6 +227,103 @@ def test_tag_and_digest_together_are_rejected() -> None:
     assert messages == ["services.llmhop.vllm.models.m: set either tag or digest, not both."]
     with pytest.raises(NixEvalError, match=r"models\.m\.digest.*not of type"):
         evaluate(llmhop(vllm={"models": {"m": {"port": 1, "model": "x", "digest": "latest"}}}))
+
+
+# --- what a configuration gets warned about ----------------------------------------------
+
+
+def warnings(config: dict[str, Any]) -> list[str]:
+    return [" ".join(w.split()) for w in evaluate(config)["warnings"]]
+
+
+def test_a_gpu_container_without_devices_warns() -> None:
+    model = {"port": 20001, "model": "org/m", "tag": "v0.11.0"}
+    [message] = warnings(llmhop(vllm={"models": {"m": model}}))
+    assert message.startswith(
+        "services.llmhop.vllm.models.m: gpu = true, but its container gets no device,"
+        " so it runs without a GPU. Enable hardware.nvidia-container-toolkit"
+    )
+    assert "set gpu = false for a model meant to run on the CPU" in message
+    # Each way of giving it a device, or saying it needs none, silences it.
+    for config in [
+        {
+            **llmhop(vllm={"models": {"m": model}}),
+            "hardware": {"nvidia-container-toolkit": {"enable": True}},
+        },
+        llmhop(vllm={"devices": ["amd.com/gpu=all"], "models": {"m": model}}),
+        llmhop(vllm={"models": {"m": {**model, "devices": ["/dev/dri/renderD128"]}}}),
+        llmhop(vllm={"models": {"m": {**model, "gpu": False}}}),
+        llmhop(
+            vllm={
+                "quadlet": {"containerConfig": {"AddDevice": "nvidia.com/gpu=0"}},
+                "models": {"m": model},
+            }
+        ),
+        # Natively, `gpu` relaxes the sandbox; there is no device list to miss.
+        llmhop(vllm={"models": {"m": {**model, "runtime": "native"}}}),
+    ]:
+        assert warnings(config) == [], config
+    # A raw AddDevice= that empties the list counts as none.
+    emptied = {**model, "quadlet": {"containerConfig": {"AddDevice": []}}}
+    config = llmhop(vllm={"devices": ["nvidia.com/gpu=0"], "models": {"m": emptied}})
+    assert len(warnings(config)) == 1
+
+
+def test_unpinned_images_warn() -> None:
+    models = {
+        "latest": {"port": 30001, "model": "org/a"},
+        "tagged": {"port": 30002, "model": "org/b", "tag": "v0.5.5"},
+        "digest": {"port": 30003, "model": "org/c", "digest": DIGEST},
+        "mine": {"port": 30004, "model": "org/d", "image": "registry.example/sglang"},
+    }
+    config = llmhop(
+        sglang={
+            "devices": ["nvidia.com/gpu=0"],
+            "models": models,
+            "gateway": {"enable": True, "port": 19000},
+        },
+        **{
+            "llama-cpp": {
+                "runtime": "container",
+                "models": {"l": {"port": 18001}, "b": {"port": 18002, "tag": "server-b6000"}},
+            }
+        },
+    )
+    found = {w.split(" runs ")[0].removeprefix("services.llmhop."): w for w in warnings(config)}
+    assert sorted(found) == [
+        "llama-cpp.models.l",
+        "sglang.gateway",
+        "sglang.models.latest",
+        "sglang.models.mine",
+    ]
+    assert found["sglang.models.latest"] == (
+        "services.llmhop.sglang.models.latest runs docker.io/lmsysorg/sglang:latest, a tag that"
+        " moves: with Pull=newer a restart may start another engine version. Pin it with"
+        " `digest = \"sha256:…\"` (podman image inspect --format '{{.Digest}}' <image>) or a"
+        " release `tag`."
+    )
+    # llama.cpp's default tags are rebuilt from every commit too.
+    assert found["llama-cpp.models.l"].startswith(
+        "services.llmhop.llama-cpp.models.l runs ghcr.io/ggml-org/llama.cpp:server,"
+    )
+    assert "registry.example/sglang:latest" in found["sglang.models.mine"]
+    assert "docker.io/lmsysorg/sgl-model-gateway:latest" in found["sglang.gateway"]
+    pinned = llmhop(
+        sglang={
+            "tag": "v0.5.5",
+            "devices": ["nvidia.com/gpu=0"],
+            "models": models,
+            "gateway": {"enable": True, "port": 19000, "digest": DIGEST},
+        }
+    )
+    assert warnings(pinned) == []
+
+
+def test_an_empty_tag_is_refused() -> None:
+    """Podman reads `image:` as `image:latest`; a tag cannot smuggle in a digest either."""
+    for tag in ["", "v1@sha256:00"]:
+        with pytest.raises(NixEvalError, match=r"models\.m\.tag.*not of type"):
+            evaluate(llmhop(vllm={"models": {"m": {"port": 1, "model": "x", "tag": tag}}}))
 
 
 def test_sglang_needs_a_port() -> None:
@@ -448,7 +562,11 @@ def test_gateway_in_front_of_the_workers() -> None:
         "--enable-igw '--host=127.0.0.1' '--port=19000' '--prometheus-host=127.0.0.1'"
         " '--prometheus-port=29000' --worker-urls http://127.0.0.1:30001 http://127.0.0.1:30002"
     ]
-    assert c["HealthCmd"] == ["curl --fail --silent --show-error http://127.0.0.1:19000/health"]
+    # The gateway's image removes curl after its build; python3 is what it runs.
+    assert c["HealthCmd"] == [
+        "python3 -c 'import sys, urllib.request;"
+        " urllib.request.urlopen(sys.argv[1], timeout=4)' http://127.0.0.1:19000/health"
+    ]
     assert c["Notify"] == ["healthy"]
     assert unit["Unit"]["After"] == ["sglang-a.service", "sglang-b.service"]
     assert unit["Unit"]["Requires"] == ["sglang-a.service", "sglang-b.service"]
@@ -473,7 +591,9 @@ def test_gateway_route_tls_and_wildcard() -> None:
     )
     c = container(result, "sglang-gateway")["Container"]
     assert c["HealthCmd"] == [
-        "curl --fail --silent --show-error --insecure https://[::1]:19000/health"
+        "python3 -c 'import ssl, sys, urllib.request; c = ssl.create_default_context();"
+        " c.check_hostname = False; c.verify_mode = ssl.CERT_NONE;"
+        " urllib.request.urlopen(sys.argv[1], timeout=4, context=c)' https://[::1]:19000/health"
     ]
     assert "'--tls-key-path=/run/llmhop/credentials/tls.key'" in c["Exec"][0]
     assert "prometheus" not in c["Exec"][0]
@@ -492,6 +612,74 @@ def test_gateway_port_clash_and_bad_credential_names_are_rejected() -> None:
         'services.llmhop.sglang.gateway.credentials."tls/key": a credential name is one path'
         " component matching [[:alnum:]_][[:alnum:]_.-]{0,254}."
     ]
+
+
+class Health(BaseHTTPRequestHandler):
+    """/health answers `status` (of the server); anything else 404."""
+
+    def do_GET(self) -> None:
+        status = self.server.status if self.path == "/health" else 404  # type: ignore[attr-defined]
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def health_server(tls: ssl.SSLContext | None = None) -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    server.status = 200  # type: ignore[attr-defined]
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def probe(command: str) -> int:
+    """Run a HealthCmd= as podman does (`/bin/sh -c`), here with the host's python3."""
+    return subprocess.run(
+        ["/bin/sh", "-c", command], capture_output=True, timeout=30, check=False
+    ).returncode
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_the_gateway_health_check_runs(tls: bool, tmp_path: Path) -> None:
+    """The gateway's probe is python3 (its image has no curl): run it against a server that is
+    healthy, then unhealthy, then gone."""
+    if shutil.which("python3") is None or (tls and shutil.which("openssl") is None):
+        pytest.skip("LOUD SKIP: the probe needs python3 (and openssl for the TLS case) here")
+    context = None
+    settings: dict[str, Any] = {}
+    if tls:
+        key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+        openssl = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        subprocess.run(
+            [*openssl, "-subj", "/CN=gateway", "-keyout", str(key), "-out", str(cert)],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        settings = {"tls-cert-path": str(cert), "tls-key-path": str(key)}
+    with health_server(context) as server:
+        port = server.server_address[1]
+        result = evaluate(gateway(port=port, settings=settings))
+        [command] = container(result, "sglang-gateway")["Container"]["HealthCmd"]
+        scheme = "https" if tls else "http"
+        assert command.endswith(f" {scheme}://127.0.0.1:{port}/health")
+        assert probe(command) == 0
+        server.status = 503  # type: ignore[attr-defined]
+        assert probe(command) != 0
+    assert probe(command) != 0
 
 
 @pytest.mark.parametrize("rootless", [True, False])

@@ -272,11 +272,13 @@ def test_router_hardening() -> None:
 # --- llama.cpp workers ------------------------------------------------------------------------
 
 
-SEED = {"qwen3-8b": {"port": 18001, "settings": {"hf-repo": "unsloth/Qwen3-8B-GGUF:UD-Q4_K_XL"}}}
+QUICKSTART = {
+    "qwen3-8b": {"port": 18001, "settings": {"hf-repo": "unsloth/Qwen3-8B-GGUF:UD-Q4_K_XL"}}
+}
 
 
-def test_the_seed_example_evaluates_as_written() -> None:
-    result = evaluate(llama(SEED))
+def test_the_quickstart_llama_model() -> None:
+    result = evaluate(llama(QUICKSTART))
     args = argv(result, "llama-cpp-qwen3-8b")
     assert args[0].endswith("-llmhop/bin/llmhop-notify")
     assert args[1:6] == ["-url", "http://127.0.0.1:18001", "-health-path", "/health", "--"]
@@ -522,7 +524,7 @@ def test_disabled_models_and_backends_write_nothing() -> None:
 
 
 def test_workers_run_without_the_router() -> None:
-    result = evaluate(llama(SEED, router=False))
+    result = evaluate(llama(QUICKSTART, router=False))
     assert "llama-cpp-qwen3-8b" in result["services"]
     assert "llmhop" not in result["services"]
 
@@ -569,7 +571,7 @@ def test_unit_and_routing_key_claimed_twice() -> None:
 
 
 def test_hand_written_route_claiming_a_worker_key() -> None:
-    config = llama(SEED)
+    config = llama(QUICKSTART)
     config["services"]["llmhop"]["settings"] = {
         "models": {"qwen3-8b": {"url": "https://api.example.com"}}
     }
@@ -580,7 +582,7 @@ def test_hand_written_route_claiming_a_worker_key() -> None:
 
 
 def test_hand_written_headers_extend_a_worker_route() -> None:
-    config = llama(SEED)
+    config = llama(QUICKSTART)
     config["services"]["llmhop"]["settings"] = {
         "models": {
             "qwen3-8b": {"headers": {"Authorization": "Bearer ${cred:k}"}, "unlisted": True},

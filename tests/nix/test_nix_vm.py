@@ -321,7 +321,8 @@ def test_packages_build_runnable_wrappers_and_images(tmp_path: Path) -> None:
     assert entrypoints["vllm"] == ["/bin/vllm", "serve"]
     assert entrypoints["llama-cpp"] == ["/bin/llama-server"]
     assert entrypoints["gateway"] == ["/bin/sgl-model-gateway"]
-    # The module must replace SGLang's entrypoint (with `sglang serve`): this one does not exist.
+    # The module must replace SGLang's entrypoint (with `python3 -m sglang.launch_server`): this
+    # one does not exist.
     assert not (engine / Path(entrypoints["sglang"][0]).name).exists()
 
 

@@ -112,9 +112,10 @@ with subtest("containers get the module's flags, credentials and CDI devices"):
     llama = get("/route/llama-root/fake/info")
     assert llama["options"]["host"] == "/run/llmhop/socket/http.sock", llama
     assert llama["credentials"]["api-key-file"]["path"] == "/run/llmhop/credentials/api-keys"
-    # The module replaced the image's entrypoint with `sglang serve`.
+    # The module replaced the image's entrypoint with `python3 -m sglang.launch_server`.
     sglang = get("/route/sglang-b/fake/info")
-    assert sglang["argv"][0] == "serve" and sglang["options"]["mem_fraction_static"] == 0.5
+    assert sglang["argv"][:2] == ["-m", "sglang.launch_server"], sglang
+    assert sglang["options"]["mem_fraction_static"] == 0.5, sglang
     # The rootful container's API key: without llmhop's header the server refuses.
     machine.fail(
         "curl --silent --fail --unix-socket /run/llmhop/llama-cpp-llama-root/http.sock "

@@ -1,4 +1,5 @@
-# The announcement's example, as written (docs/module.md shows it).
+# The shortest useful configuration: one llama.cpp model natively, one vLLM model in a container,
+# both routed (docs/module.md shows it).
 {
   services.llmhop = {
     enable = true;
