@@ -281,7 +281,8 @@ def test_every_backend_port_and_socket(generator: Path, workdir: Path, rootless:
         assert not any(a.startswith("--umask") for a in argv)
 
     vllm = podman_run(runs, "vllm-v-sock")
-    assert "--ipc=host" in vllm
+    # The user's flags come last: podman takes the last of a repeated flag.
+    assert vllm.index("--umask=0007") < vllm.index("--ipc=host")
     assert "--ipc=host" in podman_run(runs, "vllm-v-port")
     assert "--uds=/run/llmhop/socket/http.sock" in vllm
     assert vllm[vllm.index("--shm-size") + 1] == "16g"
