@@ -283,3 +283,246 @@ def llmhop_package(root: Path) -> Path:
 
 def temp_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+# --- pkgs.llmhop built as its build sandbox builds it --------------------------------------
+
+# stdenv puts these on every build's PATH (nixpkgs' pkgs/stdenv/common-path.nix): coreutils,
+# linked whole from the host's package, and the programs of the others.
+STDENV_PROGRAMS = (
+    *("find", "xargs", "diff", "cmp", "sed", "grep", "awk", "tar", "gzip", "gunzip"),
+    *("bzip2", "make", "bash", "sh", "patch", "xz", "file"),
+)
+
+# What nixpkgs' python setup hook exports in every build that has python3 as an input.
+PYTHON_HOOK_ENV = {"PYTHONHASHSEED": "0", "PYTHONNOUSERSITE": "1", "DETERMINISTIC_BUILD": "1"}
+
+PHASES = ("checkPhase", "installPhase", "installCheckPhase")
+
+
+def sandbox_unavailable() -> str | None:
+    """Why a build cannot be run here as Nix's sandbox runs it (loopback-only network), or None."""
+    for tool in ("unshare", "ip", "env", "bash", "dpkg-query"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed; the sandboxed build needs it"
+    probe = subprocess.run(
+        [*_network_isolation(), "true"], capture_output=True, text=True, timeout=30, check=False
+    )
+    if probe.returncode != 0:
+        return f"cannot create a network namespace: {probe.stderr.strip()}"
+    return None
+
+
+def _network_isolation() -> list[str]:
+    if os.geteuid() == 0:
+        return ["unshare", "--net"]
+    return ["unshare", "--user", "--map-root-user", "--net"]
+
+
+def flake_source(root: Path) -> Path:
+    """The checkout as a flake sees it: only the files git tracks, as they are in the work
+    tree. A checkout that is not a git repository is a `path:` flake: every file."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        return REPO
+    listed = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-z", "--cached"],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        source = REPO / name
+        if not source.exists() and not source.is_symlink():
+            continue  # deleted in the work tree, not yet in the index: a flake skips it too
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target, follow_symlinks=False)
+    return root
+
+
+def package_derivation(package_nix: Path, python: Path) -> dict[str, Any]:
+    """package.nix evaluated with the nixpkgs lib the flake checks use: its phases, its
+    nativeCheckInputs by name, and its `src` realised in the store (a plain copy of the
+    filtered source, as the builder gets it)."""
+    expression = f"""
+      let
+        input = name: {{ inherit name; outPath = "/nonexistent/${{name}}"; }};
+        package = import {package_nix} {{
+          lib = import {NIXPKGS_LIB_CACHE}/lib;
+          stdenvNoCC.mkDerivation = attrs: attrs;
+          python3 = input "python3" // {{
+            interpreter = "{python}";
+            pkgs.pytest = input "pytest";
+          }};
+          runtimeShell = "/bin/sh";
+        }};
+      in
+      {{
+        src = "${{package.src}}";
+        nativeCheckInputs = map (input: input.name) package.nativeCheckInputs;
+        inherit (package) version doCheck doInstallCheck {" ".join(PHASES)};
+      }}"""
+    return eval_expression(expression, timeout=120)
+
+
+def _distribution_closure(name: str) -> list[Any]:
+    """The installed distribution `name` and those it requires here, recursively."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    found: dict[str, Any] = {}
+    pending = [name]
+    while pending:
+        distribution = metadata.distribution(pending.pop())
+        key = distribution.metadata["Name"].lower().replace("_", "-")
+        if key in found:
+            continue
+        found[key] = distribution
+        for text in distribution.requires or []:
+            requirement = Requirement(text)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                pending.append(requirement.name)
+    return list(found.values())
+
+
+def _link_stdenv_programs(bin_dir: Path) -> None:
+    bin_dir.mkdir(parents=True)
+    coreutils = subprocess.run(
+        ["dpkg-query", "-L", "coreutils"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.split()
+    programs = {Path(p).name: Path(p) for p in coreutils if Path(p).parent.name == "bin"}
+    for name in STDENV_PROGRAMS:
+        found = shutil.which(name)
+        if found:
+            programs[name] = Path(found)
+    for name, path in programs.items():
+        if path.is_file() and os.access(path, os.X_OK):
+            (bin_dir / name).symlink_to(path)
+
+
+def _python3_input(directory: Path) -> dict[str, str]:
+    # A venv without pip is the bare interpreter nixpkgs' python3 is: nothing installed, not
+    # even the distribution's own site-packages (Debian's would be on a plain python3's path).
+    import venv
+
+    venv.EnvBuilder(symlinks=True, with_pip=False).create(directory)
+    return dict(PYTHON_HOOK_ENV)
+
+
+def _pytest_input(directory: Path, python: Path) -> dict[str, str]:
+    from importlib import metadata
+
+    # pytest and what it requires, each linked from this venv into a site directory of its
+    # own that goes on PYTHONPATH, as the python setup hook adds a Python input's
+    # site-packages: nothing else of this venv (ruff, say) comes along.
+    site = directory / "site-packages"
+    site.mkdir(parents=True)
+    for distribution in _distribution_closure("pytest"):
+        for top in {Path(f).parts[0] for f in distribution.files or []} - {"..", "__pycache__"}:
+            if not (site / top).exists():
+                (site / top).symlink_to(Path(distribution.locate_file(top)).resolve())
+    (script,) = metadata.entry_points(group="console_scripts", name="pytest")
+    module, _, function = script.value.partition(":")
+    (directory / "bin").mkdir()
+    pytest_bin = directory / "bin" / "pytest"
+    pytest_bin.write_text(
+        f"#!{python}\nimport sys\nfrom {module} import {function}\nsys.exit({function}())\n"
+    )
+    pytest_bin.chmod(0o755)
+    return {"PYTHONPATH": str(site)}
+
+
+@dataclass
+class SandboxBuild:
+    derivation: dict[str, Any]
+    out: Path
+    # The phases that ran, in order; the last one failed when the build did.
+    phases: dict[str, subprocess.CompletedProcess[str]]
+
+
+def build_in_sandbox(root: Path, build_top: Path, *, timeout: float = 600) -> SandboxBuild:
+    """pkgs.llmhop built from the flake's source as Nix's sandbox builds it: package.nix
+    evaluated with the real nixpkgs lib, its `src` realised in the store and unpacked into
+    `build_top`, then its check, install and install-check phases run by bash in an empty
+    environment (HOME=/homeless-shelter, TMPDIR=$NIX_BUILD_TOP) whose PATH holds stdenv's
+    tools and the host's counterparts of nativeCheckInputs, in a network namespace with only
+    loopback. `build_top` should be short: unix socket paths under TMPDIR are limited."""
+    inputs = root / "inputs"
+    python = inputs / "python3" / "bin" / "python3"
+    derivation = package_derivation(
+        flake_source(root / "flake") / "pkgs" / "llmhop" / "package.nix", python
+    )
+    # Built whatever the inputs: the install phase names the interpreter, and Nix brings what a
+    # phase names into the sandbox. Only nativeCheckInputs go on PATH.
+    python_env = _python3_input(inputs / "python3")
+    env: dict[str, str] = {}
+    path = [inputs / "stdenv" / "bin"]
+    for name in derivation["nativeCheckInputs"]:
+        if name == "python3":
+            env |= python_env
+        elif name == "pytest":
+            env |= _pytest_input(inputs / name, python)
+        else:
+            raise ValueError(f"nativeCheckInputs: no counterpart here for {name}")
+        path.insert(-1, inputs / name / "bin")
+    _link_stdenv_programs(inputs / "stdenv" / "bin")
+
+    # unpackPhase: a writable copy named as the store path without its hash.
+    store_path = Path(derivation["src"])
+    source = build_top / store_path.name.split("-", 1)[1]
+    shutil.copytree(store_path, source, symlinks=True)
+    for directory, _, files in os.walk(source):
+        for name in [directory, *(os.path.join(directory, f) for f in files)]:
+            os.chmod(name, os.stat(name).st_mode | 0o200)
+
+    out = root / "out"
+    env |= {
+        "PATH": ":".join(map(str, path)),
+        "HOME": "/homeless-shelter",
+        "NIX_BUILD_TOP": str(build_top),
+        **{name: str(build_top) for name in ("TMPDIR", "TEMPDIR", "TMP", "TEMP")},
+        "NIX_STORE": "/nix/store",
+        "NIX_BUILD_CORES": "1",
+        "SOURCE_DATE_EPOCH": "315532800",
+        "out": str(out),
+    }
+    wanted = {
+        "checkPhase": derivation["doCheck"],
+        "installPhase": True,
+        "installCheckPhase": derivation["doInstallCheck"],
+    }
+    ip = shutil.which("ip") or "ip"
+    phases: dict[str, subprocess.CompletedProcess[str]] = {}
+    for phase in PHASES:
+        if not wanted[phase]:
+            continue
+        script = "runHook() { :; }\n" + derivation[phase]
+        command = [
+            *_network_isolation(),
+            "sh",
+            "-c",
+            f'{ip} link set lo up && exec "$@"',
+            "sh",
+            shutil.which("env") or "env",
+            "-i",
+            *(f"{key}={value}" for key, value in env.items()),
+            shutil.which("bash") or "bash",
+            "-eu",
+            "-o",
+            "pipefail",
+            "-c",
+            script,
+        ]
+        phases[phase] = subprocess.run(
+            command,
+            cwd=source,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if phases[phase].returncode != 0:
+            break
+    return SandboxBuild(derivation, out, phases)

@@ -1,14 +1,73 @@
-"""pkgs/llmhop/package.nix's install: its own phases run here with the host's python3."""
+"""pkgs/llmhop/package.nix: built from the source set Nix gives it, as its build sandbox runs
+its phases; and its install, run here with the host's python3, starting from bytecode."""
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nix_harness import llmhop_package
+from nix_harness import build_in_sandbox, llmhop_package, sandbox_unavailable
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
+
+
+@pytest.fixture
+def build_top() -> Iterator[Path]:
+    """The build directory, as short as can be had: the router's tests bind unix sockets below
+    TMPDIR, and a socket's path is limited to 107 bytes (the sandbox's is /build)."""
+    reason = sandbox_unavailable()
+    if reason:
+        pytest.skip(reason)
+    path = Path(tempfile.mkdtemp(prefix="llmhop-build-"))
+    yield path
+    shutil.rmtree(path)
+
+
+def pytest_counts(output: str) -> dict[str, int]:
+    """The counts of pytest's final summary line ("=== 3 passed, 1 skipped in 0.5s ===")."""
+    lines = [line for line in output.splitlines() if re.match(r"=+ .* in [\d.]+s", line)]
+    assert lines, f"no pytest summary in:\n{output[-3000:]}"
+    return {kind: int(n) for n, kind in re.findall(r"(\d+) (\w+)", lines[-1])}
+
+
+def test_the_package_checks_and_installs_in_its_build_sandbox(
+    tmp_path: Path, build_top: Path
+) -> None:
+    """Only what the filtered source holds, only nativeCheckInputs and stdenv's tools on
+    PATH, no HOME, no network but loopback: what breaks here breaks `nix build`."""
+    build = build_in_sandbox(tmp_path, build_top)
+    check = build.phases["checkPhase"]
+    log = check.stdout[-6000:] + check.stderr[-2000:]
+    assert check.returncode == 0, log
+    counts = pytest_counts(check.stdout)
+    assert counts.get("passed", 0) > 0, log
+    assert counts.keys() <= {"passed", "skipped"}, log
+    assert list(build.phases) == ["checkPhase", "installPhase", "installCheckPhase"]
+    for phase in ("installPhase", "installCheckPhase"):
+        done = build.phases[phase]
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    version = subprocess.run(
+        [build.out / "bin" / "llmhop", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert version.stdout == f"llmhop {build.derivation['version']}\n"
+    usage = subprocess.run(
+        [build.out / "bin" / "llmhop-notify", "-h"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert usage.stderr.startswith("usage: llmhop-notify"), usage.stderr
 
 
 def test_the_router_starts_from_the_bytecode_built_with_it(tmp_path: Path) -> None:
