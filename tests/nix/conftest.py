@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -13,6 +16,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import nix_harness as harness
 import systemd_ns
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip for want of a tool, except in CI (or when asked), where a missing tool fails."""
+    if os.environ.get("CI") == "true" or os.environ.get("LLMHOP_REQUIRE_E2E") == "1":
+        pytest.fail(f"{reason} (CI=true or LLMHOP_REQUIRE_E2E=1: failing, not skipping)", False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def ruff() -> Path:
+    """The venv's ruff (the version tests/requirements.txt pins), else the one on PATH (a
+    Nix devShell's)."""
+    beside = Path(sys.executable).parent / "ruff"
+    found = beside if beside.is_file() else shutil.which("ruff")
+    if found is None:
+        skip_or_fail(
+            "ruff is not installed: pip install -r tests/requirements.txt (tests/run does)"
+        )
+    return Path(found)
+
+
+@pytest.fixture(scope="session")
+def openai_client() -> None:
+    """The official client, which checks/vm/client.py imports, under this interpreter."""
+    if importlib.util.find_spec("openai") is None:
+        skip_or_fail(
+            "the openai client is not installed: pip install -r tests/requirements-e2e.txt"
+            " (tests/e2e/setup.sh does)"
+        )
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,6 @@ from nix_harness import HERE, REPO, eval_expression, evaluate, locked_store_path
 
 VM = REPO / "checks" / "vm"
 SCRIPTS = {name: VM / "scripts" / f"{name}.py" for name in ("native", "containers")}
-RUFF = Path(sys.executable).parent / "ruff"
 DRIVER_GLOBALS = {"machine", "start_all", "subtest"}
 
 # The Machine methods the scripts may call, with their keyword parameters, as in nixpkgs'
@@ -117,10 +116,10 @@ def test_script_compiles_as_the_driver_runs_it(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_script_passes_ruff(name: str) -> None:
+def test_script_passes_ruff(name: str, ruff: Path) -> None:
     for command in (["check"], ["format", "--check"]):
         proc = subprocess.run(
-            [str(RUFF), *command, str(SCRIPTS[name])],
+            [str(ruff), *command, str(SCRIPTS[name])],
             capture_output=True,
             text=True,
             cwd=REPO,
@@ -130,7 +129,7 @@ def test_script_passes_ruff(name: str) -> None:
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_ruff_still_catches_undefined_names_in_scripts(tmp_path: Path) -> None:
+def test_ruff_still_catches_undefined_names_in_scripts(tmp_path: Path, ruff: Path) -> None:
     """The driver's globals are declared as builtins (checks/vm/scripts/ruff.toml), nothing more."""
     scripts = tmp_path / "checks" / "vm" / "scripts"
     scripts.mkdir(parents=True)
@@ -140,7 +139,7 @@ def test_ruff_still_catches_undefined_names_in_scripts(tmp_path: Path) -> None:
         'start_all()\nmachine.succeed("true")\nmachin.succeed("x")\n'
     )
     proc = subprocess.run(
-        [str(RUFF), "check", str(scripts / "broken.py")],
+        [str(ruff), "check", str(scripts / "broken.py")],
         capture_output=True,
         text=True,
         cwd=tmp_path,

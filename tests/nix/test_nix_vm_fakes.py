@@ -476,7 +476,9 @@ class Stack:
 
 
 @pytest.fixture
-def stack(spawn: Callable[..., Process], fake: Callable[..., Process], tmp_path: Path) -> Stack:
+def stack(
+    openai_client: None, spawn: Callable[..., Process], fake: Callable[..., Process], tmp_path: Path
+) -> Stack:
     return Stack(spawn, fake, tmp_path)
 
 
