@@ -1,4 +1,4 @@
-"""Figures, their ratios, the issue's targets, and how they are printed and written down."""
+"""Figures, their ratios, the performance targets, and how they are printed and written down."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class Figure:
 
 @dataclass
 class Target:
-    """A goal of issue 5 and whether this run met it (None: not measured)."""
+    """A performance target and whether this run met it (None: not measured)."""
 
     goal: str
     measured: str
@@ -126,7 +126,7 @@ def text_table(results: Results) -> str:
             cells += [cell.rjust(width) for cell, width in zip(row[2:], widths[2:], strict=True)]
             lines.append("  ".join(cells))
         blocks.append("\n".join(lines))
-    target_lines = ["== targets of issue 5"]
+    target_lines = ["== performance targets"]
     target_lines += [f"[{t.verdict.strip('*')}] {t.goal}: {t.measured}" for t in results.targets]
     return "\n\n".join([*blocks, "\n".join(target_lines)])
 
@@ -145,7 +145,7 @@ def markdown(results: Results, machine: list[tuple[str, str]], setup: list[str])
     parts += ["### Setup", "", *(f"- {line}" for line in setup), ""]
     if results.notes:
         parts += ["### Notes on this run", "", *(f"- {note}" for note in results.notes), ""]
-    parts += ["### Targets of issue 5", ""]
+    parts += ["### Performance targets", ""]
     target_rows = [(t.goal, t.measured, t.verdict) for t in results.targets]
     parts += [_markdown_table(("target", "measured", "verdict"), target_rows), ""]
     for section, figures in sections(results.figures).items():

@@ -529,7 +529,7 @@ class Bench:
     # -- targets -----------------------------------------------------------------------------
 
     def evaluate_targets(self) -> None:
-        """Issue 5's targets against this run's figures (met, missed, or not measured)."""
+        """The performance targets against this run's figures (met, missed, or not measured)."""
         results = self.results
 
         def check(goal: str, section: str, name: str, limit: float, versus_nginx: bool) -> None:
