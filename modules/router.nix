@@ -222,8 +222,12 @@ in
           };
           metricsAuth = mkOption {
             type = types.bool;
-            default = false;
-            description = "Whether {file}`/metrics` needs a token too.";
+            default = cfg.settings.authTokens != [ ];
+            defaultText = lib.literalExpression "config.services.llmhop.settings.authTokens != [ ]";
+            description = ''
+              Whether {file}`/metrics` needs a token. `false` opens it to anonymous scrapers,
+              which are shown only the models {file}`/v1/models` lists.
+            '';
           };
           maxBodyBytes = mkOption {
             type = types.ints.unsigned;

@@ -190,9 +190,7 @@ def test_invalid_credential_name_is_rejected() -> None:
 
 
 def test_settings_defaults_and_freeform_keys() -> None:
-    written = config_file(
-        evaluate(llmhop(settings={"metricsAuth": True, "authTokens": ["${cred:t}"]}))
-    )
+    written = config_file(evaluate(llmhop(settings={"authTokens": ["${cred:t}"]})))
     assert written == {
         "authTokens": ["${cred:t}"],
         "connectTimeout": 30,
@@ -202,6 +200,16 @@ def test_settings_defaults_and_freeform_keys() -> None:
         "models": {},
         "shutdownTimeout": 30,
     }
+
+
+@pytest.mark.parametrize(
+    ("settings", "metrics_auth"),
+    [({}, False), ({"authTokens": ["${cred:t}"], "metricsAuth": False}, False)],
+)
+def test_metrics_need_a_token_exactly_when_auth_is_on(
+    settings: dict[str, object], metrics_auth: bool
+) -> None:
+    assert config_file(evaluate(llmhop(settings=settings)))["metricsAuth"] is metrics_auth
 
 
 def test_settings_are_typed() -> None:

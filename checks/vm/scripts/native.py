@@ -70,7 +70,7 @@ def info(model: str) -> dict:
 
 def metric(sample: str) -> float:
     """The value of one sample of the router's /metrics, e.g. `llmhop_models`."""
-    status, text = curl("/metrics", token=None)
+    status, text = curl("/metrics")
     assert status == 200, text
     for line in text.splitlines():
         name, _, value = line.rpartition(" ")
@@ -81,7 +81,8 @@ def metric(sample: str) -> float:
 
 def wait_for_metric(sample: str, value: float) -> None:
     machine.wait_until_succeeds(
-        f"curl --silent {ROUTER}/metrics | grep -Fx {shlex.quote(f'{sample} {value:g}')}",
+        f"curl --silent --header 'Authorization: Bearer {TOKEN}' {ROUTER}/metrics"
+        f" | grep -Fx {shlex.quote(f'{sample} {value:g}')}",
         timeout=60,
     )
 
@@ -195,6 +196,8 @@ with subtest("/v1/models"):
     assert status == 200 and json.loads(body)["id"] == "vllm-sock", body
 
 with subtest("/metrics"):
+    # With auth on, /metrics needs a token like every route but /health.
+    assert curl("/metrics", token=None)[0] == 401
     assert metric("llmhop_models") == len(MODELS)
     for model in WORKERS:
         assert metric(f'llmhop_requests_total{{model="{model}",route="body",status="200"}}') >= 2
