@@ -5,17 +5,23 @@ The router reads the ``model`` of each request (the top-level JSON field of the 
 ``/route/{model}/...`` prefix of the path), finds that model's upstream in its JSON config and
 forwards the request byte for byte, streaming the answer back.
 
-The file is laid out bottom-up, each part depending only on those above it:
+The file follows a request's way through the router; nothing is used above its definition:
 
-1. secrets     -- ``${env:...}``, ``${file:...}``, ``${cred:...}`` references
-2. config      -- the strict JSON config and the routing table built from it
-3. protocol    -- HTTP/1.1 message rules (RFC 9112) on bytes, without any I/O
-4. upstreams   -- connections to the model servers, pooled for keep-alive; while one carries
-                  a request, its events go to the exchange's ``Forward`` (part 5)
-5. exchange    -- one client connection: read, route, forward, relay, log, count
-6. server      -- listeners (socket activation too), sd_notify, reload, drain
-7. notify      -- ``llmhop-notify``: sd_notify readiness for workers that lack it
-8. command line
+1. protocol      -- HTTP/1.1 vocabulary and messages (RFC 9110, RFC 9112) on bytes, no I/O
+2. secrets       -- ``${env:...}``, ``${file:...}``, ``${cred:...}`` references
+3. config        -- the strict JSON config
+4. routing       -- the routing table and ``route``: what a request gets, from its head alone;
+                    the ``model`` of a JSON body
+5. header rules  -- how a request head is rewritten for the upstream, and a response head for
+                    the client (RFC 9110 §7.6)
+6. errors        -- the OpenAI error shape of the router's own answers
+7. observability -- the record of an exchange, metrics, request ids, the access log
+8. upstreams     -- connections to the model servers, pooled for keep-alive
+9. client        -- one client connection: its phase, keep-alive, request bodies, answers
+10. forward      -- one proxied request and its response; the tunnel after 101
+11. server       -- listeners (socket activation too), sd_notify, reload, drain
+12. notify       -- ``llmhop-notify``: sd_notify readiness for workers that lack it
+13. command line
 
 Standard library only, Python 3.11 or newer.
 """
@@ -39,16 +45,18 @@ import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 VERSION = "0.1.0"
+
 
 DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY_BYTES = 100 * 1024 * 1024
 DEFAULT_MAX_CONCURRENT_REQUESTS = 8
 DEFAULT_CONNECT_TIMEOUT = 30.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADER_FIELDS = 256
@@ -71,11 +79,442 @@ def log(message: str) -> None:
     sys.stderr.write(f"llmhop: {message}\n")
 
 
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode() + b"\n"
+
+
 # ---------------------------------------------------------------------------------------------
-# 1. Secrets
+# 1. Protocol: HTTP/1.1 vocabulary and messages (RFC 9110, RFC 9112), on bytes; no I/O
 # ---------------------------------------------------------------------------------------------
 
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+# Header value octets: VCHAR, obs-text, SP and HTAB (RFC 9110 §5.5); used to delete valid bytes.
+_FIELD_VALUE_OCTETS = bytes([9, *range(0x20, 0x7F), *range(0x80, 0x100)])
+
+
+def is_valid_field_value(value: bytes) -> bool:
+    return not value.translate(None, _FIELD_VALUE_OCTETS)
+
+
+HOP_BY_HOP = frozenset(
+    b"connection keep-alive proxy-connection te transfer-encoding upgrade "
+    b"proxy-authenticate proxy-authorization".split()
+)
+
+
+# Request headers a proxy sets itself, whatever the client sent.
+REPLACED_REQUEST_HEADERS = frozenset(
+    b"host content-length expect x-request-id forwarded x-forwarded-for x-forwarded-host "
+    b"x-forwarded-proto".split()
+)
+
+
+# Framing and connection management stay the proxy's: a model may not set them.
+_MANAGED_HEADERS = frozenset(
+    b"connection content-length expect keep-alive proxy-connection te trailer "
+    b"transfer-encoding upgrade".split()
+)
+
+
+class ProtocolError(Exception):
+    """A message that breaks HTTP/1.1; the connection it came on cannot be trusted further."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+# A valid request line; when it does not match, the looser one tells what is wrong with it.
+_REQUEST_LINE = re.compile(rb"(%s) ([\x21-\x7e\x80-\xff]+) (HTTP/[0-9]\.[0-9])" % _TOKEN.pattern)
+
+
+_ANY_REQUEST_LINE = re.compile(rb"([^ ]+) ([^ ]+) (HTTP/[0-9]\.[0-9])")
+
+
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n]*))?")
+
+
+class Fields(list[tuple[bytes, bytes]]):
+    """Header fields in order as received, (name, value), indexed once by lower-cased name."""
+
+    __slots__ = ("lowered",)
+
+    def __init__(self, fields: list[tuple[bytes, bytes]]) -> None:
+        super().__init__(fields)
+        # A message has a handful of fields: a search of this list, in C, beats building an
+        # index of them for every message.
+        self.lowered = [name.lower() for name, _ in fields]
+
+    def values(self, lower_name: bytes) -> list[bytes]:
+        """The values of every field of that name, in order."""
+        lowered = self.lowered
+        count = lowered.count(lower_name)
+        if count < 2:  # the usual answers, so the quickest
+            return [self[lowered.index(lower_name)][1]] if count else []
+        return [
+            value
+            for (_, value), lower in zip(self, self.lowered, strict=True)
+            if lower == lower_name
+        ]
+
+    def first(self, lower_name: bytes) -> bytes | None:
+        """The value of the first field of that name."""
+        lowered = self.lowered
+        return self[lowered.index(lower_name)][1] if lower_name in lowered else None
+
+    def without(self, dropped: frozenset[bytes] | set[bytes]) -> list[bytes]:
+        """``Name: value`` lines of the fields not named in ``dropped``."""
+        return [
+            name + b": " + value
+            for (name, value), lower in zip(self, self.lowered, strict=True)
+            if lower not in dropped
+        ]
+
+
+# A valid field line (RFC 9110 §5.5): token ":" OWS value OWS CRLF, the value without its OWS.
+_FIELD_NAME = _TOKEN.pattern
+
+
+_FIELD_VALUE = rb"(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?"
+
+
+_FIELD_LINE = re.compile(rb"(?m)^(%s):[ \t]*(%s)[ \t]*\r\n" % (_FIELD_NAME, _FIELD_VALUE))
+
+
+def parse_fields(block: bytes) -> Fields:
+    """The fields of a block of field lines, each line ending with CRLF."""
+    lines = block.count(b"\r\n")
+    if lines > MAX_HEADER_FIELDS:
+        raise ProtocolError(431, f"more than {MAX_HEADER_FIELDS} header fields")
+    # One pass in C instead of one in Python over the lines. A match starts at a line's start
+    # and takes its CRLF, so as many matches as lines (and no bare LF) means every line
+    # matched whole; the lines are walked only to tell what is wrong.
+    fields = _FIELD_LINE.findall(block)
+    if len(fields) != lines or block.count(b"\n") != lines:
+        raise _field_error(block)
+    return Fields(fields)
+
+
+def _field_error(block: bytes) -> ProtocolError:
+    """What is wrong with the first invalid line of a field block."""
+    for line in block.split(b"\r\n")[:-1]:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name):
+            if line[:1] in (b" ", b"\t"):
+                return ProtocolError(400, "obsolete line folding is not allowed")
+            return ProtocolError(400, "malformed header field")
+        if not is_valid_field_value(value.strip(b" \t")):
+            break
+    return ProtocolError(400, "invalid character in header value")
+
+
+def header_tokens(headers: Fields, lower_name: bytes) -> list[bytes]:
+    """The comma-separated elements of every field of that name, lower-cased."""
+    return [
+        element.strip(b" \t").lower()
+        for value in headers.values(lower_name)
+        for element in value.split(b",")
+        if element.strip(b" \t")
+    ]
+
+
+CHUNKED = -1  # a body length meaning "chunked transfer coding"
+
+
+UNTIL_CLOSE = -2  # a response body delimited by the connection closing
+
+
+def body_length(headers: Fields) -> int:
+    """The framing of a request body (RFC 9112 §6.3): its length (0 for none) or CHUNKED."""
+    codings = header_tokens(headers, b"transfer-encoding")
+    lengths = headers.values(b"content-length")
+    if codings:
+        if lengths:
+            raise ProtocolError(400, "both Content-Length and Transfer-Encoding")
+        if codings[-1] != b"chunked":
+            raise ProtocolError(400, "chunked must be the final transfer coding")
+        if len(codings) > 1:
+            raise ProtocolError(501, "transfer codings other than chunked are not supported")
+        return CHUNKED
+    if not lengths:
+        return 0
+    if len(lengths) == 1 and lengths[0].isdigit() and len(lengths[0]) <= 18:
+        return int(lengths[0])  # the usual case, in short
+    elements = {element.strip(b" \t") for value in lengths for element in value.split(b",")}
+    if len(elements) != 1:
+        raise ProtocolError(400, "conflicting Content-Length values")
+    (length,) = elements
+    if not length.isdigit() or len(length) > 18:
+        raise ProtocolError(400, "invalid Content-Length")
+    return int(length)
+
+
+def split_target(target: bytes) -> tuple[bytes, bytes]:
+    """(path, query) of an origin-form or absolute-form request target; query keeps its '?'."""
+    if not target.startswith(b"/"):
+        scheme, sep, rest = target.partition(b"://")
+        if not sep or scheme.lower() not in (b"http", b"https"):
+            raise ProtocolError(400, "request target must be a path")
+        slash = rest.find(b"/")
+        target = rest[slash:] if slash >= 0 else b"/"
+    question = target.find(b"?")
+    if question < 0:
+        return target, b""
+    return target[:question], target[question:]
+
+
+class HTTPError(Exception):
+    """A request the router refuses or answers in the upstream's place (section 6 shapes it)."""
+
+    def __init__(
+        self, status: int, message: str, code: str, *, headers: tuple[bytes, ...] = ()
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.headers = headers
+
+
+class Request(NamedTuple):
+    """A parsed request head; how far its body has been read is the connection's to track."""
+
+    method: bytes
+    target: bytes  # in origin form: the path and the query, as received
+    path: bytes
+    query: bytes  # with its "?", or empty
+    http_minor: int  # 0 or 1
+    headers: Fields
+    length: int  # bytes of body as declared, or CHUNKED
+    keep_alive: bool  # whether the client allows another request on its connection
+    expect_continue: bool
+    upgrade: bytes | None  # the protocol asked for, when the client asks to switch
+    connection: tuple[bytes, ...]  # the Connection options, lower-cased
+
+    def header(self, lower_name: bytes) -> bytes | None:
+        return self.headers.first(lower_name)
+
+
+def parse_request_head(head: bytes) -> Request:
+    """Parse a request head (without its final blank line); raise ProtocolError if invalid."""
+    request_line, _, fields = head.partition(b"\r\n")
+    match = _REQUEST_LINE.fullmatch(request_line)
+    if match is None:
+        raise _request_line_error(request_line)
+    method, target, version = match.groups()
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise ProtocolError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+    http_minor = version[-1] - ord("0")
+    path, query = split_target(target)
+    headers = parse_fields(fields + b"\r\n" if fields else b"")
+    hosts = headers.values(b"host")
+    if http_minor == 1 and len(hosts) != 1:
+        raise ProtocolError(400, "an HTTP/1.1 request needs exactly one Host header")
+    if http_minor == 0 and headers.values(b"transfer-encoding"):
+        raise ProtocolError(400, "Transfer-Encoding is not defined for HTTP/1.0")
+    length = body_length(headers)
+    connection = header_tokens(headers, b"connection")
+    expectations = header_tokens(headers, b"expect")
+    if expectations and expectations != [b"100-continue"]:
+        raise ProtocolError(417, "only Expect: 100-continue is supported")
+    upgrade = headers.values(b"upgrade")
+    return Request(
+        method,
+        target if target[:1] == b"/" else path + query,
+        path,
+        query,
+        http_minor,
+        headers,
+        length,
+        # HTTP/1.1 is persistent unless "close" is asked for; we do not keep HTTP/1.0
+        # connections alive (RFC 9112 §9.3).
+        http_minor == 1 and b"close" not in connection,
+        bool(expectations) and http_minor == 1,
+        upgrade[0] if upgrade and b"upgrade" in connection else None,
+        tuple(connection),
+    )
+
+
+def _request_line_error(request_line: bytes) -> ProtocolError:
+    match = _ANY_REQUEST_LINE.fullmatch(request_line)
+    if match is None or not _TOKEN.fullmatch(match[1]):
+        return ProtocolError(400, "malformed request line")
+    return ProtocolError(400, "invalid character in request target")
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    reason: bytes
+    headers: Fields
+    length: int  # bytes of body, CHUNKED or UNTIL_CLOSE
+    keep_alive: bool
+    connection: tuple[bytes, ...] = ()  # the Connection options, lower-cased
+
+
+def parse_response_head(head: bytes, request_method: bytes) -> Response:
+    status_line, _, fields = head.partition(b"\r\n")
+    match = _STATUS_LINE.fullmatch(status_line)
+    if match is None:
+        raise ProtocolError(502, "malformed status line from upstream")
+    headers = parse_fields(fields + b"\r\n" if fields else b"")
+    status = int(match[2])
+    connection = header_tokens(headers, b"connection")
+    keep_alive = match[1] == b"1" and b"close" not in connection
+    if request_method == b"HEAD" or status < 200 or status in (204, 304):
+        length = 0
+    else:
+        length = body_length(headers)
+        if length == 0 and not headers.values(b"content-length"):
+            length, keep_alive = UNTIL_CLOSE, False
+    return Response(status, match[3] or b"", headers, length, keep_alive, tuple(connection))
+
+
+class ChunkedDecoder:
+    """Follows chunked framing (RFC 9112 §7.1) over raw bytes, which callers forward unchanged.
+
+    ``feed`` returns how much of the data belongs to the message; the rest, if any, follows it.
+    Payload pieces are appended to ``payload`` when one is given.
+    """
+
+    __slots__ = ("_line", "_remaining", "_state", "done", "size", "trailer_fields")
+
+    _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
+    _MAX_LINE = 8 * 1024
+
+    def __init__(self) -> None:
+        self._state = self._SIZE
+        self._line = b""
+        self._remaining = 0
+        self.size = 0  # payload bytes so far
+        self.done = False
+        self.trailer_fields = 0
+
+    def feed(self, data: bytes, payload: list[bytes] | None = None) -> int:
+        position = 0
+        end = len(data)
+        while position < end and not self.done:
+            if self._state == self._DATA:
+                take = min(self._remaining, end - position)
+                if payload is not None:
+                    payload.append(data[position : position + take])
+                position += take
+                self.size += take
+                self._remaining -= take
+                if not self._remaining:
+                    self._state = self._DATA_END
+                continue
+            newline = data.find(b"\n", position)
+            if newline < 0:
+                self._line += data[position:]
+                if len(self._line) > self._MAX_LINE:
+                    raise ProtocolError(400, "chunked framing line too long")
+                return end
+            line = self._line + data[position:newline]
+            self._line = b""
+            position = newline + 1
+            if not line.endswith(b"\r"):
+                raise ProtocolError(400, "chunked framing lines must end with CRLF")
+            self._line_complete(line[:-1])
+        return position
+
+    def _line_complete(self, line: bytes) -> None:
+        if self._state == self._SIZE:
+            size, _, extension = line.partition(b";")
+            size = size.rstrip(b" \t")
+            if not size or len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
+                raise ProtocolError(400, "invalid chunk size")
+            if not is_valid_field_value(extension):
+                raise ProtocolError(400, "invalid chunk extension")
+            self._remaining = int(size, 16)
+            self._state = self._DATA if self._remaining else self._TRAILER
+        elif self._state == self._DATA_END:
+            if line:
+                raise ProtocolError(400, "chunk data longer than its size")
+            self._state = self._SIZE
+        elif not line:
+            self.done = True
+        else:
+            self.trailer_fields += 1
+            parse_fields(line + b"\r\n")
+            if self.trailer_fields > MAX_HEADER_FIELDS:
+                raise ProtocolError(431, "too many trailer fields")
+
+
+def take_head(buffer: bytearray, max_bytes: int = MAX_HEAD_BYTES) -> bytes | None:
+    """Remove the next message head from ``buffer`` and return it without its blank line.
+
+    None while the head is still incomplete; ProtocolError when it grows past ``max_bytes``.
+    """
+    while buffer.startswith(b"\r\n"):  # RFC 9112 §2.2: blank lines may precede a message
+        del buffer[:2]
+    end = buffer.find(b"\r\n\r\n")
+    if end > max_bytes or (end < 0 and len(buffer) > max_bytes):
+        raise ProtocolError(431, f"header block larger than {max_bytes} bytes")
+    if end < 0:
+        return None
+    head = bytes(buffer[:end])
+    del buffer[: end + 4]
+    return head
+
+
+class Framing:
+    """Where one message body ends (RFC 9112 §6.3), over its bytes as they arrive.
+
+    ``feed`` returns how many of the bytes belong to the body, framing included, and sets
+    ``done`` at its end; the content is appended to ``payload`` when one is given. A body
+    delimited by the connection closing is never done: its reader ends it at the close.
+    """
+
+    __slots__ = ("_chunks", "_remaining", "done", "length")
+
+    def __init__(self, length: int) -> None:
+        self.length = length  # bytes, CHUNKED or UNTIL_CLOSE
+        self._remaining = max(length, 0)
+        self._chunks = ChunkedDecoder() if length == CHUNKED else None
+        self.done = length == 0
+
+    @property
+    def content_size(self) -> int:
+        """Chunked content so far, for a cap on bodies without a declared length."""
+        return self._chunks.size if self._chunks is not None else 0
+
+    def feed(self, data: bytes, payload: list[bytes] | None = None) -> int:
+        if self._chunks is not None:
+            end = self._chunks.feed(data, payload)
+            self.done = self._chunks.done
+            return end
+        if self.length == UNTIL_CLOSE:
+            take = len(data)
+        else:
+            take = min(self._remaining, len(data))
+            self._remaining -= take
+            self.done = not self._remaining
+        if payload is not None and take:
+            payload.append(data[:take])
+        return take
+
+
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
+def response_head(status: int, headers: list[bytes], reason: bytes | None = None) -> bytes:
+    """A response head; ``headers`` are complete ``Name: value`` lines without CRLF."""
+    if reason is None:
+        reason = _REASONS.get(status, b"")
+    return b"\r\n".join([b"HTTP/1.1 %d %s" % (status, reason), *headers, b"", b""])
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Secrets
+# ---------------------------------------------------------------------------------------------
+
+
 SECRET_SCHEMES = ("env", "file", "cred")
+
+
 _BARE_REFERENCE = re.compile(r"[A-Za-z0-9_]+|[*#@!?-]")
 
 
@@ -189,7 +628,7 @@ def _not_a_reference(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Config
+# 3. Config
 # ---------------------------------------------------------------------------------------------
 
 
@@ -299,29 +738,6 @@ class Config:
     models: dict[str, Model]
 
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-# Header value octets: VCHAR, obs-text, SP and HTAB (RFC 9110 §5.5); used to delete valid bytes.
-_FIELD_VALUE_OCTETS = bytes([9, *range(0x20, 0x7F), *range(0x80, 0x100)])
-HOP_BY_HOP = frozenset(
-    b"connection keep-alive proxy-connection te transfer-encoding upgrade "
-    b"proxy-authenticate proxy-authorization".split()
-)
-# Request headers a proxy sets itself, whatever the client sent.
-REPLACED_REQUEST_HEADERS = frozenset(
-    b"host content-length expect x-request-id forwarded x-forwarded-for x-forwarded-host "
-    b"x-forwarded-proto".split()
-)
-# Framing and connection management stay the proxy's: a model may not set them.
-_MANAGED_HEADERS = frozenset(
-    b"connection content-length expect keep-alive proxy-connection te trailer "
-    b"transfer-encoding upgrade".split()
-)
-
-
-def is_valid_field_value(value: bytes) -> bool:
-    return not value.translate(None, _FIELD_VALUE_OCTETS)
-
-
 _CONFIG_KEYS = {
     "host": str,
     "port": int,
@@ -334,7 +750,11 @@ _CONFIG_KEYS = {
     "metricsAuth": bool,
     "models": dict,
 }
+
+
 _MODEL_KEYS = {"url": str, "headers": dict, "unlisted": bool}
+
+
 _TYPE_NAMES = {
     str: "a string",
     int: "an integer",
@@ -556,424 +976,9 @@ def load_config(path: str, *, check_only: bool = False) -> Config:
     return parse_config(text, SecretResolver(check_only=check_only))
 
 
-class RoutingTable:
-    """A config with its answers prepared; replaced whole, never changed, so a reload is atomic."""
-
-    def __init__(self, config: Config, created: int | None = None):
-        self.config = config
-        self.models = config.models
-        created = int(time.time()) if created is None else created
-        listed = sorted(name for name, model in config.models.items() if not model.unlisted)
-        self.listed = frozenset(listed)
-        objects = {
-            name: {"id": name, "object": "model", "created": created, "owned_by": "llmhop"}
-            for name in listed
-        }
-        self.model_objects = {name: _json_bytes(obj) for name, obj in objects.items()}
-        self.models_list = _json_bytes({"object": "list", "data": list(objects.values())})
-        self.health = _json_bytes({"status": "ok", "models": len(listed)})
-
-    def authorized(self, authorization: bytes | None) -> bool:
-        """Whether a request's Authorization header passes; always true when auth is off."""
-        tokens = self.config.auth_tokens
-        if not tokens:
-            return True
-        if authorization is None:
-            return False
-        scheme, _, credentials = authorization.partition(b" ")
-        if scheme.lower() != b"bearer":
-            return False
-        import hmac  # loaded only with tokens configured: it costs 0.7 MiB of memory
-
-        # Compare against every token so the time taken does not tell which one matched.
-        matched = False
-        for token in tokens:
-            matched |= hmac.compare_digest(credentials, token)
-        return matched
-
-
-def _json_bytes(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode() + b"\n"
-
-
 # ---------------------------------------------------------------------------------------------
-# 3. HTTP/1.1 protocol rules (RFC 9110, RFC 9112), on bytes; nothing here does I/O
+# 4. Routing: what a request gets, decided from its head; the model a JSON body names
 # ---------------------------------------------------------------------------------------------
-
-
-class ProtocolError(Exception):
-    """A message that breaks HTTP/1.1; the connection it came on cannot be trusted further."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-# A valid request line; when it does not match, the looser one tells what is wrong with it.
-_REQUEST_LINE = re.compile(rb"(%s) ([\x21-\x7e\x80-\xff]+) (HTTP/[0-9]\.[0-9])" % _TOKEN.pattern)
-_ANY_REQUEST_LINE = re.compile(rb"([^ ]+) ([^ ]+) (HTTP/[0-9]\.[0-9])")
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n]*))?")
-_RESPONSE_DROPS = HOP_BY_HOP | {b"content-length"}
-
-
-class Fields(list[tuple[bytes, bytes]]):
-    """Header fields in order as received, (name, value), indexed once by lower-cased name."""
-
-    __slots__ = ("lowered",)
-
-    def __init__(self, fields: list[tuple[bytes, bytes]]) -> None:
-        super().__init__(fields)
-        # A message has a handful of fields: a search of this list, in C, beats building an
-        # index of them for every message.
-        self.lowered = [name.lower() for name, _ in fields]
-
-    def values(self, lower_name: bytes) -> list[bytes]:
-        """The values of every field of that name, in order."""
-        lowered = self.lowered
-        count = lowered.count(lower_name)
-        if count < 2:  # the usual answers, so the quickest
-            return [self[lowered.index(lower_name)][1]] if count else []
-        return [
-            value
-            for (_, value), lower in zip(self, self.lowered, strict=True)
-            if lower == lower_name
-        ]
-
-    def first(self, lower_name: bytes) -> bytes | None:
-        """The value of the first field of that name."""
-        lowered = self.lowered
-        return self[lowered.index(lower_name)][1] if lower_name in lowered else None
-
-    def without(self, dropped: frozenset[bytes] | set[bytes]) -> list[bytes]:
-        """``Name: value`` lines of the fields not named in ``dropped``."""
-        return [
-            name + b": " + value
-            for (name, value), lower in zip(self, self.lowered, strict=True)
-            if lower not in dropped
-        ]
-
-
-# A valid field line (RFC 9110 §5.5): token ":" OWS value OWS CRLF, the value without its OWS.
-_FIELD_NAME = _TOKEN.pattern
-_FIELD_VALUE = rb"(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?"
-_FIELD_LINE = re.compile(rb"(?m)^(%s):[ \t]*(%s)[ \t]*\r\n" % (_FIELD_NAME, _FIELD_VALUE))
-
-
-def parse_fields(block: bytes) -> Fields:
-    """The fields of a block of field lines, each line ending with CRLF."""
-    lines = block.count(b"\r\n")
-    if lines > MAX_HEADER_FIELDS:
-        raise ProtocolError(431, f"more than {MAX_HEADER_FIELDS} header fields")
-    # One pass in C instead of one in Python over the lines. A match starts at a line's start
-    # and takes its CRLF, so as many matches as lines (and no bare LF) means every line
-    # matched whole; the lines are walked only to tell what is wrong.
-    fields = _FIELD_LINE.findall(block)
-    if len(fields) != lines or block.count(b"\n") != lines:
-        raise _field_error(block)
-    return Fields(fields)
-
-
-def _field_error(block: bytes) -> ProtocolError:
-    """What is wrong with the first invalid line of a field block."""
-    for line in block.split(b"\r\n")[:-1]:
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.fullmatch(name):
-            if line[:1] in (b" ", b"\t"):
-                return ProtocolError(400, "obsolete line folding is not allowed")
-            return ProtocolError(400, "malformed header field")
-        if not is_valid_field_value(value.strip(b" \t")):
-            break
-    return ProtocolError(400, "invalid character in header value")
-
-
-def header_tokens(headers: Fields, lower_name: bytes) -> list[bytes]:
-    """The comma-separated elements of every field of that name, lower-cased."""
-    return [
-        element.strip(b" \t").lower()
-        for value in headers.values(lower_name)
-        for element in value.split(b",")
-        if element.strip(b" \t")
-    ]
-
-
-CHUNKED = -1  # a body length meaning "chunked transfer coding"
-UNTIL_CLOSE = -2  # a response body delimited by the connection closing
-
-
-def body_length(headers: Fields) -> int:
-    """The framing of a request body (RFC 9112 §6.3): its length (0 for none) or CHUNKED."""
-    codings = header_tokens(headers, b"transfer-encoding")
-    lengths = headers.values(b"content-length")
-    if codings:
-        if lengths:
-            raise ProtocolError(400, "both Content-Length and Transfer-Encoding")
-        if codings[-1] != b"chunked":
-            raise ProtocolError(400, "chunked must be the final transfer coding")
-        if len(codings) > 1:
-            raise ProtocolError(501, "transfer codings other than chunked are not supported")
-        return CHUNKED
-    if not lengths:
-        return 0
-    if len(lengths) == 1 and lengths[0].isdigit() and len(lengths[0]) <= 18:
-        return int(lengths[0])  # the usual case, in short
-    elements = {element.strip(b" \t") for value in lengths for element in value.split(b",")}
-    if len(elements) != 1:
-        raise ProtocolError(400, "conflicting Content-Length values")
-    (length,) = elements
-    if not length.isdigit() or len(length) > 18:
-        raise ProtocolError(400, "invalid Content-Length")
-    return int(length)
-
-
-@dataclass(slots=True)
-class Request:
-    method: bytes
-    target: bytes
-    http_minor: int  # 0 or 1
-    headers: Fields
-    length: int  # bytes of body, or CHUNKED
-    keep_alive: bool
-    expect_continue: bool
-    upgrade: bytes | None  # the protocol asked for, when the client asks to switch
-    connection: tuple[bytes, ...] = ()  # the Connection options, lower-cased
-    # ``length`` becomes 0 once the body is read; a body read in part spoils keep_alive.
-
-    def header(self, lower_name: bytes) -> bytes | None:
-        return self.headers.first(lower_name)
-
-
-def parse_request_head(head: bytes) -> Request:
-    """Parse a request head (without its final blank line); raise ProtocolError if invalid."""
-    request_line, _, fields = head.partition(b"\r\n")
-    match = _REQUEST_LINE.fullmatch(request_line)
-    if match is None:
-        raise _request_line_error(request_line)
-    method, target, version = match.groups()
-    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
-        raise ProtocolError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
-    http_minor = version[-1] - ord("0")
-    headers = parse_fields(fields + b"\r\n" if fields else b"")
-    hosts = headers.values(b"host")
-    if http_minor == 1 and len(hosts) != 1:
-        raise ProtocolError(400, "an HTTP/1.1 request needs exactly one Host header")
-    if http_minor == 0 and headers.values(b"transfer-encoding"):
-        raise ProtocolError(400, "Transfer-Encoding is not defined for HTTP/1.0")
-    length = body_length(headers)
-    connection = header_tokens(headers, b"connection")
-    expectations = header_tokens(headers, b"expect")
-    if expectations and expectations != [b"100-continue"]:
-        raise ProtocolError(417, "only Expect: 100-continue is supported")
-    upgrade = headers.values(b"upgrade")
-    return Request(
-        method=method,
-        target=target,
-        http_minor=http_minor,
-        headers=headers,
-        length=length,
-        keep_alive=http_minor == 1 and b"close" not in connection,
-        expect_continue=bool(expectations) and http_minor == 1,
-        upgrade=upgrade[0] if upgrade and b"upgrade" in connection else None,
-        connection=tuple(connection),
-    )
-
-
-def _request_line_error(request_line: bytes) -> ProtocolError:
-    match = _ANY_REQUEST_LINE.fullmatch(request_line)
-    if match is None or not _TOKEN.fullmatch(match[1]):
-        return ProtocolError(400, "malformed request line")
-    return ProtocolError(400, "invalid character in request target")
-
-
-@dataclass(slots=True)
-class Response:
-    status: int
-    reason: bytes
-    headers: Fields
-    length: int  # bytes of body, CHUNKED or UNTIL_CLOSE
-    keep_alive: bool
-    connection: tuple[bytes, ...] = ()  # the Connection options, lower-cased
-
-
-def parse_response_head(head: bytes, request_method: bytes) -> Response:
-    status_line, _, fields = head.partition(b"\r\n")
-    match = _STATUS_LINE.fullmatch(status_line)
-    if match is None:
-        raise ProtocolError(502, "malformed status line from upstream")
-    headers = parse_fields(fields + b"\r\n" if fields else b"")
-    status = int(match[2])
-    connection = header_tokens(headers, b"connection")
-    keep_alive = match[1] == b"1" and b"close" not in connection
-    if request_method == b"HEAD" or status < 200 or status in (204, 304):
-        length = 0
-    else:
-        length = body_length(headers)
-        if length == 0 and not headers.values(b"content-length"):
-            length, keep_alive = UNTIL_CLOSE, False
-    return Response(status, match[3] or b"", headers, length, keep_alive, tuple(connection))
-
-
-class ChunkedDecoder:
-    """Follows chunked framing (RFC 9112 §7.1) over raw bytes, which callers forward unchanged.
-
-    ``feed`` returns how much of the data belongs to the message; the rest, if any, follows it.
-    Payload pieces are appended to ``payload`` when one is given.
-    """
-
-    __slots__ = ("_line", "_remaining", "_state", "done", "size", "trailer_fields")
-
-    _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
-    _MAX_LINE = 8 * 1024
-
-    def __init__(self) -> None:
-        self._state = self._SIZE
-        self._line = b""
-        self._remaining = 0
-        self.size = 0  # payload bytes so far
-        self.done = False
-        self.trailer_fields = 0
-
-    def feed(self, data: bytes, payload: list[bytes] | None = None) -> int:
-        position = 0
-        end = len(data)
-        while position < end and not self.done:
-            if self._state == self._DATA:
-                take = min(self._remaining, end - position)
-                if payload is not None:
-                    payload.append(data[position : position + take])
-                position += take
-                self.size += take
-                self._remaining -= take
-                if not self._remaining:
-                    self._state = self._DATA_END
-                continue
-            newline = data.find(b"\n", position)
-            if newline < 0:
-                self._line += data[position:]
-                if len(self._line) > self._MAX_LINE:
-                    raise ProtocolError(400, "chunked framing line too long")
-                return end
-            line = self._line + data[position:newline]
-            self._line = b""
-            position = newline + 1
-            if not line.endswith(b"\r"):
-                raise ProtocolError(400, "chunked framing lines must end with CRLF")
-            self._line_complete(line[:-1])
-        return position
-
-    def _line_complete(self, line: bytes) -> None:
-        if self._state == self._SIZE:
-            size, _, extension = line.partition(b";")
-            size = size.rstrip(b" \t")
-            if not size or len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
-                raise ProtocolError(400, "invalid chunk size")
-            if not is_valid_field_value(extension):
-                raise ProtocolError(400, "invalid chunk extension")
-            self._remaining = int(size, 16)
-            self._state = self._DATA if self._remaining else self._TRAILER
-        elif self._state == self._DATA_END:
-            if line:
-                raise ProtocolError(400, "chunk data longer than its size")
-            self._state = self._SIZE
-        elif not line:
-            self.done = True
-        else:
-            self.trailer_fields += 1
-            parse_fields(line + b"\r\n")
-            if self.trailer_fields > MAX_HEADER_FIELDS:
-                raise ProtocolError(431, "too many trailer fields")
-
-
-def take_head(buffer: bytearray, max_bytes: int = MAX_HEAD_BYTES) -> bytes | None:
-    """Remove the next message head from ``buffer`` and return it without its blank line.
-
-    None while the head is still incomplete; ProtocolError when it grows past ``max_bytes``.
-    """
-    while buffer.startswith(b"\r\n"):  # RFC 9112 §2.2: blank lines may precede a message
-        del buffer[:2]
-    end = buffer.find(b"\r\n\r\n")
-    if end > max_bytes or (end < 0 and len(buffer) > max_bytes):
-        raise ProtocolError(431, f"header block larger than {max_bytes} bytes")
-    if end < 0:
-        return None
-    head = bytes(buffer[:end])
-    del buffer[: end + 4]
-    return head
-
-
-class Framing:
-    """Where one message body ends (RFC 9112 §6.3), over its bytes as they arrive.
-
-    ``feed`` returns how many of the bytes belong to the body, framing included, and sets
-    ``done`` at its end; the content is appended to ``payload`` when one is given. A body
-    delimited by the connection closing is never done: its reader ends it at the close.
-    """
-
-    __slots__ = ("_chunks", "_remaining", "done", "length")
-
-    def __init__(self, length: int) -> None:
-        self.length = length  # bytes, CHUNKED or UNTIL_CLOSE
-        self._remaining = max(length, 0)
-        self._chunks = ChunkedDecoder() if length == CHUNKED else None
-        self.done = length == 0
-
-    @property
-    def content_size(self) -> int:
-        """Chunked content so far, for a cap on bodies without a declared length."""
-        return self._chunks.size if self._chunks is not None else 0
-
-    def feed(self, data: bytes, payload: list[bytes] | None = None) -> int:
-        if self._chunks is not None:
-            end = self._chunks.feed(data, payload)
-            self.done = self._chunks.done
-            return end
-        if self.length == UNTIL_CLOSE:
-            take = len(data)
-        else:
-            take = min(self._remaining, len(data))
-            self._remaining -= take
-            self.done = not self._remaining
-        if payload is not None and take:
-            payload.append(data[:take])
-        return take
-
-
-_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
-
-
-def response_head(status: int, headers: list[bytes], reason: bytes | None = None) -> bytes:
-    """A response head; ``headers`` are complete ``Name: value`` lines without CRLF."""
-    if reason is None:
-        reason = _REASONS.get(status, b"")
-    return b"\r\n".join([b"HTTP/1.1 %d %s" % (status, reason), *headers, b"", b""])
-
-
-ERROR_TYPES = {401: "authentication_error", 502: "upstream_error", 503: "server_error"}
-ERROR_TYPES[504] = ERROR_TYPES[502]
-
-
-def error_body(status: int, message: str, code: str) -> bytes:
-    """An OpenAI-shaped error object."""
-    error = {
-        "message": message,
-        "type": ERROR_TYPES.get(status, "invalid_request_error"),
-        "param": None,
-        "code": code,
-    }
-    return _json_bytes({"error": error})
-
-
-def split_target(target: bytes) -> tuple[bytes, bytes]:
-    """(path, query) of an origin-form or absolute-form request target; query keeps its '?'."""
-    if not target.startswith(b"/"):
-        scheme, sep, rest = target.partition(b"://")
-        if not sep or scheme.lower() not in (b"http", b"https"):
-            raise ProtocolError(400, "request target must be a path")
-        slash = rest.find(b"/")
-        target = rest[slash:] if slash >= 0 else b"/"
-    question = target.find(b"?")
-    if question < 0:
-        return target, b""
-    return target[:question], target[question:]
 
 
 _DOT_SEGMENTS = frozenset((b".", b".."))
@@ -999,1429 +1004,160 @@ def has_dot_segment(path: bytes) -> bool:
     return False
 
 
-def forwarded_value(client_ip: str | None, host: bytes | None) -> bytes:
-    """The RFC 7239 Forwarded element for a request the router received over plain HTTP."""
-    elements = []
-    if client_ip is not None:
-        node = client_ip.encode()
-        elements.append(b'for="[%s]"' % node if b":" in node else b"for=" + node)
-    if host is not None:
-        elements.append(b"host=" + (host if _TOKEN.fullmatch(host) else _quoted(host)))
-    elements.append(b"proto=http")
-    return b";".join(elements)
+JSON = b"application/json"
 
 
-def _quoted(value: bytes) -> bytes:
-    return b'"%s"' % value.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+class Answer(NamedTuple):
+    """An answer of the router's own, the same for every request that gets it."""
+
+    kind: str  # the route, as metrics and the access log name it
+    body: bytes
+    content_type: bytes = JSON
 
 
-def join_query(upstream_query: str, client_query: bytes) -> bytes:
-    """The upstream's own query, then the client's, both verbatim."""
-    if not upstream_query:
-        return client_query
-    if len(client_query) <= 1:
-        return b"?" + upstream_query.encode()
-    return b"?" + upstream_query.encode() + b"&" + client_query[1:]
+class Scrape(NamedTuple):
+    """GET /metrics; ``shown`` limits which models it names (None: all)."""
+
+    shown: frozenset[str] | None
+    kind: str = "metrics"
 
 
-# ---------------------------------------------------------------------------------------------
-# 4. Upstream connections
-# ---------------------------------------------------------------------------------------------
+class ByPath(NamedTuple):
+    """Path routing: forward to ``model`` as ``target``; the body streams through unread."""
+
+    model: Model
+    target: bytes
+    kind: str = "path"
 
 
-class UpstreamError(Exception):
-    """The upstream could not be reached, or broke HTTP; the request gets a 502 or 504."""
+class ByBody(NamedTuple):
+    """Body routing: read the body whole, then forward to the model its JSON names."""
 
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+    kind: str = "body"
 
 
-class BodyTooLarge(Exception):
-    pass
+BY_BODY = ByBody()
 
 
-class UpstreamConnection(asyncio.Protocol):
-    """A connection to one upstream; between exchanges it waits, silent, in the pool.
+class Refusal(NamedTuple):
+    """The request is refused with ``error``; ``model`` is the name asked for, if one was."""
 
-    While it carries an exchange, every event goes to that exchange's ``Forward``.
-    """
-
-    __slots__ = ("buffer", "closed", "forward", "transport")
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()  # received, not yet relayed: a head in the making, say
-        self.closed = False
-        self.forward: Forward | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(WRITE_HIGH_WATER)
-
-    def data_received(self, data: bytes) -> None:
-        forward = self.forward
-        if forward is None:
-            self.close()  # an idle upstream that speaks cannot be trusted with a request
-            return
-        try:
-            forward.upstream_data(data)
-        except Exception as exc:  # a bug must cost one connection, never the server
-            forward.client._internal_error(exc)
-
-    def eof_received(self) -> bool:
-        # Only a tunnel keeps the other direction open; otherwise the transport closes.
-        return self.forward is not None and self.forward.upstream_eof()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        forward = self.forward
-        if forward is not None:
-            try:
-                forward.upstream_closed(exc)
-            except Exception as error:
-                forward.client._internal_error(error)
-
-    def pause_writing(self) -> None:
-        if self.forward is not None:
-            self.forward.client.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.forward is not None:
-            self.forward.client.resume_reading()
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
-
-
-class UpstreamPool:
-    """Idle keep-alive connections per upstream, reused most-recent first."""
-
-    def __init__(self) -> None:
-        self.idle: dict[tuple[str, str, int], list[UpstreamConnection]] = {}
-        self.opened = 0  # connections opened since start, for metrics and benchmarks
-        self._ssl: ssl.SSLContext | None = None
-
-    def take(self, upstream: Upstream) -> UpstreamConnection | None:
-        """An idle connection to the upstream that is still open, if there is one."""
-        idle = self.idle.get(upstream.pool_key)
-        while idle:
-            connection = idle.pop()
-            if not connection.closed:
-                return connection
-        return None
-
-    def release(self, upstream: Upstream, connection: UpstreamConnection) -> None:
-        connection.forward = None
-        idle = self.idle.setdefault(upstream.pool_key, [])
-        if len(idle) < MAX_IDLE_UPSTREAM_CONNECTIONS and not connection.closed:
-            assert connection.transport is not None
-            connection.transport.resume_reading()  # to notice the upstream closing it
-            idle.append(connection)
-        else:
-            connection.close()
-
-    def close(self) -> None:
-        for idle in self.idle.values():
-            for connection in idle:
-                connection.close()
-        self.idle.clear()
-
-    async def open(self, upstream: Upstream, timeout: float) -> UpstreamConnection:
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                if upstream.scheme == "unix":
-                    _, connection = await loop.create_unix_connection(
-                        UpstreamConnection, upstream.host
-                    )
-                else:
-                    _, connection = await loop.create_connection(
-                        UpstreamConnection,
-                        upstream.host,
-                        upstream.port,
-                        ssl=self._ssl_context() if upstream.scheme == "https" else None,
-                    )
-        except TimeoutError:
-            raise UpstreamError(504, f"connecting to the upstream took over {timeout:g}s") from None
-        except (OSError, ssl.SSLError) as exc:
-            reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
-            raise UpstreamError(502, f"cannot connect to the upstream: {reason}") from None
-        self.opened += 1
-        return connection
-
-    def _ssl_context(self) -> ssl.SSLContext:
-        if self._ssl is None:
-            self._ssl = ssl.create_default_context()
-        return self._ssl
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. The exchange: one client connection, request after request
-# ---------------------------------------------------------------------------------------------
-
-
-class HTTPError(Exception):
-    """A request the router answers itself, with an OpenAI-shaped error."""
-
-    def __init__(
-        self, status: int, message: str, code: str, *, headers: tuple[bytes, ...] = ()
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.headers = headers
-
-
-def _refuse_dot_segments(path: bytes) -> None:
-    if has_dot_segment(path):
-        raise HTTPError(400, 'the path may not contain "." or ".." segments', "invalid_path")
-
-
-class ClientGone(Exception):
-    pass
-
-
-@dataclass(slots=True)
-class Exchange:
-    """What one request did, for the access log and the metrics."""
-
-    started: float
-    method: str = "-"
-    path: str = "-"
-    route: str = "-"  # health, models, path, body, error
+    kind: str
+    error: HTTPError
     model: str = "-"
-    status: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    upstream_seconds: float | None = None  # until the upstream's response head
-    upstream_failure: str | None = None  # connect, timeout, protocol: the upstream's fault
-    request_id: bytes = b"-"
 
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+Route = Answer | Scrape | ByPath | ByBody | Refusal
 
 
-class Histogram:
-    __slots__ = ("counts", "total")
+class RoutingTable:
+    """A config with its answers prepared; replaced whole, never changed, so a reload is atomic."""
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.total = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.total += seconds
-
-    def lines(self, name: str, labels: str) -> list[str]:
-        result = []
-        cumulative = 0
-        for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), self.counts, strict=True):
-            cumulative += count
-            result.append(f'{name}_bucket{{{labels},le="{bound}"}} {cumulative}')
-        result.append(f"{name}_sum{{{labels}}} {self.total:.6f}")
-        result.append(f"{name}_count{{{labels}}} {cumulative}")
-        return result
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-class Metrics:
-    """Counters of what the router did, rendered in the Prometheus text format.
-
-    Only configured model names become label values, so clients cannot grow the label set.
-    """
-
-    def __init__(self) -> None:
-        self.requests: collections.Counter[tuple[str, str, int]] = collections.Counter()
-        self.in_flight: collections.Counter[str] = collections.Counter()
-        self.duration: collections.defaultdict[str, Histogram] = collections.defaultdict(Histogram)
-        self.first_byte: collections.defaultdict[str, Histogram] = collections.defaultdict(
-            Histogram
-        )
-        self.bytes_in: collections.Counter[str] = collections.Counter()
-        self.bytes_out: collections.Counter[str] = collections.Counter()
-        self.upstream_errors: collections.Counter[tuple[str, str]] = collections.Counter()
-        self.reloads: collections.Counter[str] = collections.Counter()
-
-    def observe(self, exchange: Exchange, model: str) -> None:
-        self.requests[model, exchange.route, exchange.status] += 1
-        self.duration[model].observe(time.monotonic() - exchange.started)
-        if exchange.upstream_seconds is not None:
-            self.first_byte[model].observe(exchange.upstream_seconds)
-        self.bytes_in[model] += exchange.bytes_in
-        self.bytes_out[model] += exchange.bytes_out
-        if exchange.upstream_failure is not None:
-            self.upstream_errors[model, exchange.upstream_failure] += 1
-
-    def render(self, router: Router, shown: frozenset[str] | None = None) -> bytes:
-        """The metrics text; with ``shown``, only those models are named (and ``-``)."""
-        if shown is None:
-            model_count = len(router.table.models)
-
-            def named(model: str) -> bool:
-                return True
-        else:
-            model_count = len(shown)
-
-            def named(model: str) -> bool:
-                return model == "-" or model in shown
-
-        lines = [
-            "# HELP llmhop_info The running llmhop.",
-            "# TYPE llmhop_info gauge",
-            f'llmhop_info{{version="{VERSION}"}} 1',
-            "# HELP llmhop_models Models in the routing table.",
-            "# TYPE llmhop_models gauge",
-            f"llmhop_models {model_count}",
-            "# HELP llmhop_requests_total Requests answered, by model, route kind and status.",
-            "# TYPE llmhop_requests_total counter",
-        ]
-        for (model, route, status), count in sorted(self.requests.items()):
-            if not named(model):
-                continue
-            labels = f'model="{_label(model)}",route="{route}",status="{status}"'
-            lines.append(f"llmhop_requests_total{{{labels}}} {count}")
-        lines += [
-            "# HELP llmhop_requests_in_flight Proxied requests in flight, by model.",
-            "# TYPE llmhop_requests_in_flight gauge",
-        ]
-        for model in sorted(filter(named, set(self.in_flight) | set(router.table.models))):
-            lines.append(
-                f'llmhop_requests_in_flight{{model="{_label(model)}"}} {self.in_flight[model]}'
-            )
-        for name, help_text, histograms in (
-            (
-                "llmhop_request_duration_seconds",
-                "Time from request head to the end of the response.",
-                self.duration,
-            ),
-            (
-                "llmhop_time_to_first_byte_seconds",
-                "Time from forwarding until the upstream's response head.",
-                self.first_byte,
-            ),
-        ):
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-            for model, histogram in sorted(histograms.items()):
-                if named(model):
-                    lines += histogram.lines(name, f'model="{_label(model)}"')
-        for name, help_text, counter in (
-            ("llmhop_request_body_bytes_total", "Request body bytes received.", self.bytes_in),
-            ("llmhop_response_body_bytes_total", "Response body bytes sent.", self.bytes_out),
-        ):
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
-            lines += [
-                f'{name}{{model="{_label(m)}"}} {n}' for m, n in sorted(counter.items()) if named(m)
-            ]
-        lines += [
-            "# HELP llmhop_upstream_errors_total Upstreams unreachable, slow to connect or broken.",
-            "# TYPE llmhop_upstream_errors_total counter",
-        ]
-        for (model, kind), count in sorted(self.upstream_errors.items()):
-            if named(model):
-                lines.append(
-                    f'llmhop_upstream_errors_total{{model="{_label(model)}",kind="{kind}"}} {count}'
-                )
-        lines += [
-            "# HELP llmhop_upstream_connections_opened_total Connections opened to upstreams.",
-            "# TYPE llmhop_upstream_connections_opened_total counter",
-            f"llmhop_upstream_connections_opened_total {router.pool.opened}",
-            "# HELP llmhop_config_reloads_total Config reloads, by result.",
-            "# TYPE llmhop_config_reloads_total counter",
-        ]
-        for result in ("success", "failure"):
-            lines.append(f'llmhop_config_reloads_total{{result="{result}"}} {self.reloads[result]}')
-        return ("\n".join(lines) + "\n").encode()
-
-
-PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
-_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
-
-
-def request_id_for(request: Request) -> bytes:
-    given = request.header(b"x-request-id")
-    if given is not None and _REQUEST_ID.fullmatch(given):
-        return given
-    return b"%s%012x" % (_REQUEST_ID_PREFIX, next(_request_counter))
-
-
-def _request_id_prefix() -> bytes:
-    """A random UUID (version 4) without its last 12 digits, which count requests instead.
-
-    UUID-shaped because some servers, llama-cpp-python among them, refuse other request ids;
-    a counter because drawing randomness for every request costs a system call.
-    """
-    digits = os.urandom(16).hex()
-    variant = "89ab"[int(digits[16], 16) & 3]
-    return f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{variant}{digits[17:20]}-".encode()
-
-
-_REQUEST_ID_PREFIX = _request_id_prefix()
-_request_counter = itertools.count(1)
-
-
-class Router:
-    """Shared state: the routing table, the upstream pool, the concurrency count."""
-
-    def __init__(self, table: RoutingTable, *, metrics: Metrics | None = None):
-        self.table = table
-        self.pool = UpstreamPool()
-        self.metrics = metrics or Metrics()
-        self.in_flight = 0
-        self.connections: set[ClientConnection] = set()
-        self.no_connections = asyncio.Event()
-        self.no_connections.set()
-        self.busy_connections = 0
-        self.all_idle = asyncio.Event()  # set whenever no request is being served
-        self.all_idle.set()
-        self.draining = False
-        self.access_log = True
-        self._log_lines: list[str] = []
-        self.head_timeout = HEAD_TIMEOUT
-        self.idle_timeout = IDLE_TIMEOUT
-
-    def new_connection(self) -> ClientConnection:
-        """The protocol factory of the listeners: one per client connection."""
-        return ClientConnection(self)
-
-    def exchange_started(self) -> None:
-        self.busy_connections += 1
-        self.all_idle.clear()
-
-    def exchange_finished(self) -> None:
-        self.busy_connections -= 1
-        if not self.busy_connections:
-            self.all_idle.set()
-
-    def flush_log(self) -> None:
-        if self._log_lines:
-            sys.stderr.write("".join(self._log_lines))
-            self._log_lines.clear()
-
-    def log_exchange(self, exchange: Exchange) -> None:
-        model = exchange.model if exchange.model in self.table.models else "-"
-        self.metrics.observe(exchange, model)
-        if not self.access_log:
-            return
-        total = (time.monotonic() - exchange.started) * 1000
-        upstream = (
-            "-" if exchange.upstream_seconds is None else f"{exchange.upstream_seconds * 1000:.1f}"
-        )
-        if not self._log_lines:
-            # One write per pass of the event loop, however many requests ended in it.
-            asyncio.get_running_loop().call_soon(self.flush_log)
-        self._log_lines.append(
-            f'access: "{exchange.method} {exchange.path}" model={_loggable(exchange.model)} '
-            f"route={exchange.route} status={exchange.status} in={exchange.bytes_in} "
-            f"out={exchange.bytes_out} total_ms={total:.1f} upstream_ms={upstream} "
-            f"id={exchange.request_id.decode('ascii', 'replace')}\n"
-        )
-
-
-def _loggable(text: str, limit: int = 200) -> str:
-    """Client-chosen text made safe for a one-line log: no spaces, controls or runaway length."""
-    if len(text) <= limit and text.isprintable() and " " not in text:
-        return text
-    return json.dumps(text[:limit] + ("..." if len(text) > limit else ""))
-
-
-class BodyReading:
-    """A request body being read: where its pieces go, and what happens at its end."""
-
-    __slots__ = ("cap", "exchange", "framing", "keep_alive", "on_data", "on_done", "payload")
-
-    def __init__(
-        self,
-        request: Request,
-        exchange: Exchange | None,
-        cap: int,
-        on_data: Callable[[bytes], None] | None,
-        on_done: Callable[[], None],
-        payload: list[bytes] | None = None,
-    ) -> None:
-        self.framing = Framing(request.length)
-        self.exchange = exchange  # where received bytes are counted, if anywhere
-        self.cap = cap  # for chunked content; a declared length is refused before reading
-        self.on_data = on_data
-        self.on_done = on_done
-        self.payload = payload
-        # A body read in part spoils the connection: keep-alive is restored at its end.
-        self.keep_alive, request.keep_alive = request.keep_alive, False
-
-
-class ClientConnection(asyncio.Protocol):
-    """One client connection, request after request, driven by the event loop's callbacks.
-
-    Requests are parsed from ``buffer`` as bytes arrive. A request whose answer is the
-    router's own is answered at once; a proxied one is handed to a ``Forward``, which relays
-    the upstream's answer as it comes. At most one exchange is in progress: bytes that
-    arrive meanwhile (a pipelined request) wait in ``buffer``.
-    """
-
-    def __init__(self, router: Router) -> None:
-        self.router = router
-        self.loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # until connected
-        self.buffer = bytearray()
-        self.client_ip: str | None = None  # None for clients on a unix socket
-        self.forwarded_for = b""  # the X-Forwarded-For line, for clients with an IP address
-        self.busy = False  # between the first byte of a request and the end of its response
-        self.closed = False
-        self.eof = False  # the client will send nothing more: it half-closed, or left
-        self.gone = False
-        # The exchange in progress: its request, the table it started with, its forward.
-        self.request: Request | None = None
-        self.exchange: Exchange | None = None
-        self.table: RoutingTable = router.table
-        self.forward: Forward | None = None
-        self.tunnel: Forward | None = None  # after 101 Switching Protocols
-        self.body: BodyReading | None = None
-        self._answer_after_body: Callable[[bool], None] | None = None
-        self._dispatching = False
-        self._leaving: asyncio.TimerHandle | None = None
-        # One timer per connection serves every deadline: moving a deadline later costs no
-        # timer, the timer re-arms itself when it fires early.
-        self._deadline = 0.0
-        self._on_deadline: Callable[[], None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_when = 0.0
-
-    # -- asyncio.Protocol ---------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(WRITE_HIGH_WATER)
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and peer:
-            self.client_ip = peer[0]
-            self.forwarded_for = b"X-Forwarded-For: " + peer[0].encode()
-        router = self.router
-        router.connections.add(self)
-        router.no_connections.clear()
-        if router.draining:
-            self.close_gracefully()
-        else:
-            self._set_deadline(router.idle_timeout, self.close)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            if self.body is not None:
-                self._read_body(data)
-            elif self.tunnel is not None:
-                self.tunnel.send_upstream(data)
-            else:
-                self.buffer += data
-                if self.request is None:
-                    self._next_request()
-                elif len(self.buffer) > MAX_PIPELINED_BYTES:
-                    self.transport.pause_reading()  # pipelined requests wait their turn
-        except Exception as exc:  # a bug must cost one connection, never the server
-            self._internal_error(exc)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        try:
-            if self.tunnel is not None:
-                self.tunnel.client_eof()
-            elif self.body is not None:
-                self._fail(ClientGone())
-            elif self.request is None:
-                self._next_request()  # an incomplete head is an error, none at all the end
-            elif self.forward is not None and not self.buffer and self._leaving is None:
-                # The request is whole, so the client leaving is all this can mean, or a
-                # half-close: answers that come within the grace still reach the latter.
-                grace = self.forward.sent_at + CLIENT_EOF_GRACE - time.monotonic()
-                self._leaving = self.loop.call_later(max(grace, 0.0), self._client_left)
-        except Exception as exc:
-            self._internal_error(exc)
-        return True  # keep the write side open for the answer
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.eof = True
-        router = self.router
-        router.connections.discard(self)
-        if not router.connections:
-            router.no_connections.set()
-        if self._timer is not None:
-            self._timer.cancel()
-        try:
-            if self.exchange is not None:
-                self._client_left()
-            else:
-                self._set_busy(False)
-        except Exception as error:
-            self._internal_error(error)
-
-    def pause_writing(self) -> None:
-        source = self.forward or self.tunnel
-        if source is not None and source.upstream is not None:
-            assert source.upstream.transport is not None
-            source.upstream.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        source = self.forward or self.tunnel
-        if source is not None and source.upstream is not None:
-            assert source.upstream.transport is not None
-            source.upstream.transport.resume_reading()
-
-    # -- the connection -------------------------------------------------------------------------
-
-    def write(self, data: bytes) -> None:
-        if not self.closed:
-            self.transport.write(data)
-
-    def resume_reading(self) -> None:
-        if not self.closed:
-            self.transport.resume_reading()
-
-    def close_gracefully(self) -> None:
-        """Close once what was written has gone out."""
-        if self.transport is not None:
-            self.transport.close()
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-    def _set_busy(self, busy: bool) -> None:
-        if busy != self.busy:
-            self.busy = busy
-            if busy:
-                self.router.exchange_started()
-            else:
-                self.router.exchange_finished()
-
-    def _set_deadline(self, delay: float, action: Callable[[], None]) -> None:
-        when = self.loop.time() + delay
-        self._deadline = when
-        self._on_deadline = action
-        if self._timer is None or self._timer_when > when:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self.loop.call_at(when, self._deadline_passed)
-            self._timer_when = when
-
-    def _deadline_passed(self) -> None:
-        self._timer = None
-        action = self._on_deadline
-        if action is None:
-            return
-        if self._deadline > self._timer_when:  # moved later meanwhile
-            self._timer = self.loop.call_at(self._deadline, self._deadline_passed)
-            self._timer_when = self._deadline
-            return
-        self._on_deadline = None
-        try:
-            action()
-        except Exception as exc:
-            self._internal_error(exc)
-
-    def _internal_error(self, exc: Exception) -> None:
-        log(f"internal error on a client connection: {exc!r}")
-        if self.forward is not None:
-            self.forward.abort()
-        if self.tunnel is not None:
-            self.tunnel.abort()
-        self.close()
-
-    # -- one exchange ---------------------------------------------------------------------------
-
-    def _next_request(self) -> None:
-        """Start serving the requests that have arrived whole, one at a time."""
-        if self._dispatching:
-            return  # an exchange ended inside this loop, which goes on by itself
-        self._dispatching = True
-        try:
-            while self.request is None and not self.closed:
-                if not self.buffer:
-                    if self.eof:
-                        self.close_gracefully()
-                    return
-                if self.router.draining:
-                    self.close_gracefully()
-                    return
-                self._set_busy(True)
-                try:
-                    head = take_head(self.buffer)
-                    if head is None and self.eof:
-                        raise ProtocolError(400, "connection closed inside a message head")
-                except ProtocolError as exc:
-                    self._bad_message(exc, Exchange(time.monotonic()))
-                    return
-                if head is None:
-                    if self._on_deadline != self.close_gracefully:
-                        # The head must arrive whole within this, from its first byte.
-                        self._set_deadline(self.router.head_timeout, self.close_gracefully)
-                    return
-                self._on_deadline = None
-                self._start_exchange(head)
-        finally:
-            self._dispatching = False
-
-    def _start_exchange(self, head: bytes) -> None:
-        exchange = Exchange(time.monotonic())
-        try:
-            request = parse_request_head(head)
-        except ProtocolError as exc:
-            self._bad_message(exc, exchange)
-            return
-        exchange.method = request.method.decode("latin-1")
-        exchange.request_id = request_id_for(request)
-        self.request = request
-        self.exchange = exchange
-        self.table = self.router.table  # this request keeps the table it started with
-        try:
-            self._respond(request, exchange)
-        except Exception as exc:
-            self._fail(exc)
-
-    def _fail(self, exc: Exception) -> None:
-        """End the exchange in progress on an error, as far as it got."""
-        if self._answer_after_body is not None:
-            # Only the unread body before an answer of our own broke: answer, then close.
-            send, self._answer_after_body = self._answer_after_body, None
-            assert self.request is not None
-            self.request.length = 0
-            send(False)
-            return
-        if self.forward is not None:
-            self.forward.abort()
-        if isinstance(exc, BodyTooLarge):
-            cap = self.table.config.max_body_bytes
-            exc = HTTPError(413, _too_large(cap), "request_too_large")
-        if isinstance(exc, HTTPError):
-            self._answer_error(exc)
-        elif isinstance(exc, ProtocolError):
-            assert self.exchange is not None
-            self._bad_message(exc, self.exchange)
-        elif isinstance(exc, ClientGone | ConnectionError):
-            self.gone = True
-            self._finish(False)
-        else:
-            raise exc
-
-    def _client_left(self) -> None:
-        self._leaving = None
-        self.gone = True
-        if self.forward is not None:
-            self.forward.abort()
-        if self.tunnel is not None:
-            self.tunnel.abort()
-        if self.exchange is not None:
-            self._finish(False)
-
-    def _finish(self, keep_alive: bool) -> None:
-        """The exchange is over: log it, then serve the next request or close."""
-        exchange = self.exchange
-        assert exchange is not None
-        if self.gone and exchange.status == 0:
-            exchange.status = 499  # nginx's "client closed request"
-        self.request = self.exchange = self.forward = self.tunnel = self.body = None
-        self._answer_after_body = None
-        if self._leaving is not None:
-            self._leaving.cancel()
-            self._leaving = None
-        self._set_busy(False)
-        self.router.log_exchange(exchange)
-        if not keep_alive or self.gone or self.closed:
-            self.close_gracefully()
-            return
-        self._set_deadline(self.router.idle_timeout, self.close)
-        self.resume_reading()
-        self._next_request()
-
-    # -- routing ------------------------------------------------------------------------------
-
-    def _respond(self, request: Request, exchange: Exchange) -> None:
-        table = self.table
-        path, query = split_target(request.target)
-        exchange.path = path.decode("latin-1")
-        method = request.method
-        if path == b"/health":
-            exchange.route = "health"
-            if method not in (b"GET", b"HEAD"):
-                raise HTTPError(
-                    405, "use GET /health", "method_not_allowed", headers=(b"Allow: GET, HEAD",)
-                )
-            return self._answer(200, table.health, b"application/json")
-        authorized = table.authorized(request.header(b"authorization"))
-        if (
-            path == b"/metrics"
-            and method in (b"GET", b"HEAD")
-            and (authorized or not table.config.metrics_auth)
-        ):
-            exchange.route = "metrics"
-            # Unlisted models are named only to a caller who showed a token: anyone else sees
-            # what /v1/models would show them, and no more.
-            shown = None if authorized and table.config.auth_tokens else table.listed
-            metrics = self.router.metrics.render(self.router, shown)
-            return self._answer(200, metrics, PROMETHEUS_TEXT)
-        if not authorized:
-            exchange.route = "error"
-            raise HTTPError(
-                401,
-                "missing or invalid bearer token",
-                "invalid_api_key",
-                headers=(b'WWW-Authenticate: Bearer realm="llmhop"',),
-            )
-        if method in (b"GET", b"HEAD") and path == b"/v1/models":
-            exchange.route = "models"
-            return self._answer(200, table.models_list, b"application/json")
-        if method in (b"GET", b"HEAD") and path.startswith(b"/v1/models/"):
-            exchange.route = "models"
-            name = unquote(path[len(b"/v1/models/") :].decode("latin-1"), errors="replace")
-            body = table.model_objects.get(name)
-            if body is None:
-                raise HTTPError(404, f"unknown model {json.dumps(name)}", "model_not_found")
-            return self._answer(200, body, b"application/json")
-        if path.startswith(b"/route/"):
-            exchange.route = "path"
-            encoded_name, _, rest = path[len(b"/route/") :].partition(b"/")
-            name = unquote(encoded_name.decode("latin-1"), errors="replace")
-            model = self._model(name)
-            _refuse_dot_segments(rest)
-            return self._proxy(model, b"/" + rest + query, None)
-        exchange.route = "body"
-        _refuse_dot_segments(path)
-        target = path + query
-        length = request.length
-        cap = table.config.max_body_bytes
-        if 0 < length <= len(self.buffer) and not (cap and length > cap):
-            # Small bodies usually arrive with their head: take them as they are.
-            raw = bytes(self.buffer[:length])
-            del self.buffer[:length]
-            exchange.bytes_in += length
-            request.length = 0
-            return self._route_by_body(target, BufferedBody(raw, raw, chunked=False))
-        if length > 0 and cap and length > cap:
-            raise BodyTooLarge
-        wire: list[bytes] = []
-        payload: list[bytes] | None = [] if length == CHUNKED else None
-
-        def whole() -> None:
-            raw = b"".join(wire)
-            body = BufferedBody(
-                raw, raw if payload is None else b"".join(payload), payload is not None
-            )
-            self._route_by_body(target, body)
-
-        self._start_body(BodyReading(request, exchange, cap, wire.append, whole, payload))
-
-    def _route_by_body(self, target: bytes, body: BufferedBody) -> None:
-        try:
-            model = self._model(model_of_body(body.payload))
-            self._proxy(model, target, body)
-        except Exception as exc:
-            self._fail(exc)
-
-    def _model(self, name: str) -> Model:
-        if not name:
-            raise HTTPError(400, "missing model name in /route/{model}/...", "missing_model")
-        assert self.exchange is not None
-        self.exchange.model = name
-        model = self.table.models.get(name)
-        if model is None:
-            raise HTTPError(404, f"unknown model {json.dumps(name)}", "model_not_found")
-        return model
-
-    # -- request bodies -------------------------------------------------------------------------
-
-    def _continue(self, request: Request) -> None:
-        if request.expect_continue:
-            request.expect_continue = False
-            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def _start_body(self, reading: BodyReading) -> None:
-        """Read the request body from here on; what is buffered already goes first."""
-        assert self.request is not None
-        if reading.framing.done:
-            self.request.keep_alive = reading.keep_alive
-            reading.on_done()
-            return
-        self._continue(self.request)
-        self.body = reading
-        if self.buffer:
-            data = bytes(self.buffer)
-            self.buffer.clear()
-            self._read_body(data)
-        if self.body is reading and self.eof:
-            # The client's stream ended before the reading began (an upstream connection was
-            # being opened, say): what is buffered was all there was to read.
-            self._fail(ClientGone())
-
-    def _read_body(self, data: bytes) -> None:
-        reading = self.body
-        assert reading is not None and self.request is not None
-        framing = reading.framing
-        try:
-            end = framing.feed(data, reading.payload)
-            if reading.cap and framing.content_size > reading.cap:
-                raise BodyTooLarge
-        except (ProtocolError, BodyTooLarge) as exc:
-            self.body = None
-            self._fail(exc)
-            return
-        if end < len(data):
-            self.buffer += data[end:]  # the start of the next request
-            data = data[:end]
-        if reading.exchange is not None:
-            reading.exchange.bytes_in += end
-        if framing.done:
-            self.body = None
-            self.request.length = 0
-            self.request.keep_alive = reading.keep_alive
-        if data and reading.on_data is not None:
-            reading.on_data(data)
-        if framing.done:
-            reading.on_done()
-
-    def stream_body(self, forward: Forward) -> None:
-        """Send the request body on to the upstream as it arrives; the forward owns the end."""
-        request = self.request
-        assert request is not None
-        cap = self.table.config.max_body_bytes
-        self._start_body(
-            BodyReading(request, self.exchange, cap, forward.send_upstream, forward.request_sent)
-        )
-
-    def stop_body(self) -> None:
-        """The upstream went away: what the client still sends stays unread."""
-        if self.body is not None:
-            self.body = None
-            assert self.request is not None
-            self.request.keep_alive = False
-
-    # -- forwarding -----------------------------------------------------------------------------
-
-    def _proxy(self, model: Model, target: bytes, body: BufferedBody | None) -> None:
-        """Forward the request; ``body`` is None when it streams from the client as it comes."""
-        request, exchange = self.request, self.exchange
-        assert request is not None and exchange is not None
-        config = self.table.config
-        cap = config.max_body_bytes
-        if body is None and cap and request.length > cap:
-            raise HTTPError(413, _too_large(cap), "request_too_large")
-        limit = config.max_concurrent_requests
-        if limit and self.router.in_flight >= limit:
-            raise HTTPError(
-                503,
-                f"too many concurrent requests (the limit is {limit})",
-                "too_many_concurrent_requests",
-                headers=(b"Retry-After: 1",),
-            )
-        length = request.length if body is None else body.length
-        head = self._upstream_head(request, exchange, model, target, length)
-        self.forward = Forward(self, request, exchange, model, config, head, body)
-        self.forward.start()
-
-    def _upstream_head(
-        self, request: Request, exchange: Exchange, model: Model, target: bytes, length: int
-    ) -> bytes:
-        upstream = model.upstream
-        path, question, query = target.partition(b"?")
-        dropped = model.forwarding_drops
-        if not dropped.issuperset(request.connection):
-            dropped = dropped.union(request.connection)
-        lines = [
-            b"%s %s%s%s HTTP/1.1"
-            % (
-                request.method,
-                upstream.base_path.encode(),
-                path,
-                join_query(upstream.query, question + query),
-            ),
-            b"Host: " + model.host_header,
-        ]
-        lines += request.headers.without(dropped)
-        lines += [n + b": " + v for n, v in model.headers]
-        # Whatever the client claimed in these is replaced by what the router saw.
-        client_host = request.header(b"host")
-        lines.append(b"Forwarded: " + forwarded_value(self.client_ip, client_host))
-        if self.forwarded_for:
-            lines.append(self.forwarded_for)
-        if client_host:
-            lines.append(b"X-Forwarded-Host: " + client_host)
-        lines.append(b"X-Forwarded-Proto: http")
-        lines.append(b"X-Request-Id: " + exchange.request_id)
-        if request.upgrade is not None:
-            lines += [b"Connection: Upgrade", b"Upgrade: " + request.upgrade]
-        if length == CHUNKED:
-            lines.append(b"Transfer-Encoding: chunked")
-        elif length or request.method in (b"POST", b"PUT", b"PATCH"):
-            lines.append(b"Content-Length: %d" % length)
-        lines += [b"", b""]
-        return b"\r\n".join(lines)
-
-    def forward_done(self, keep_alive: bool) -> None:
-        """The response went out whole (or as far as the upstream sent it)."""
-        if self.transport.is_closing():
-            self.gone = True
-        self._finish(keep_alive)
-
-    def forward_failed(self, error: HTTPError) -> None:
-        """No response came from the upstream: the router answers in its place."""
-        self.forward = None
-        self.stop_body()
-        self._answer_error(error)
-
-    def start_tunnel(self, forward: Forward) -> None:
-        """After 101 Switching Protocols the client's bytes go to the upstream unread."""
-        self.forward = None
-        self.tunnel = forward
-        if self.buffer:
-            data = bytes(self.buffer)
-            self.buffer.clear()
-            forward.send_upstream(data)
-        self.resume_reading()
-        if self.eof:
-            forward.client_eof()
-
-    # -- answers of our own ---------------------------------------------------------------------
-
-    def _answer(
-        self, status: int, body: bytes, content_type: bytes, headers: tuple[bytes, ...] = ()
-    ) -> None:
-        """Answer the request; an unread small body is read and dropped first, to keep the
-        connection usable (else the answer closes it)."""
-        request, exchange = self.request, self.exchange
-        assert request is not None and exchange is not None
-        exchange.status = status
-
-        def send(keep_alive: bool) -> None:
-            head = response_head(
-                status,
-                [
-                    b"Content-Type: " + content_type,
-                    b"Content-Length: %d" % len(body),
-                    b"X-Request-Id: " + exchange.request_id,
-                    *headers,
-                    *(() if keep_alive else (b"Connection: close",)),
-                ],
-            )
-            if request.method == b"HEAD":
-                self.write(head)
-            else:
-                self.write(head + body)
-                exchange.bytes_out = len(body)
-            if self.transport.is_closing():
-                keep_alive = False
-            self._finish(keep_alive)
-
-        if not request.keep_alive or self.router.draining:
-            send(False)
-        elif request.length == 0:
-            send(True)
-        elif request.expect_continue or request.length > MAX_DISCARD_BYTES:
-            request.length = 0  # the client waits for 100 or sends too much: close instead
-            send(False)
-        else:
-            self._discard_body(request, send)
-
-    def _discard_body(self, request: Request, send: Callable[[bool], None]) -> None:
-        """Read and drop the unread small body within a second, then answer."""
-
-        def discarded() -> None:
-            self._on_deadline = None
-            send(True)
-
-        def given_up() -> None:
-            self.body = None
-            request.length = 0
-            send(False)
-
-        self._answer_after_body = send
-        self._set_deadline(DISCARD_TIMEOUT, given_up)
-        self._start_body(BodyReading(request, None, MAX_DISCARD_BYTES, None, discarded))
-
-    def _answer_error(self, error: HTTPError) -> None:
-        body = error_body(error.status, str(error), error.code)
-        self._answer(error.status, body, b"application/json", error.headers)
-
-    def _bad_message(self, error: ProtocolError, exchange: Exchange) -> None:
-        """Answer a message that broke HTTP, then give up on the connection."""
-        code = {431: "headers_too_large", 505: "http_version_not_supported"}.get(
-            error.status, "bad_request"
-        )
-        body = error_body(error.status, str(error), code)
-        self.write(
-            response_head(
-                error.status,
-                [
-                    b"Content-Type: application/json",
-                    b"Content-Length: %d" % len(body),
-                    b"Connection: close",
-                ],
-            )
-            + body
-        )
-        exchange.status = error.status
-        exchange.route = "error"
-        exchange.bytes_out = len(body)
-        self.exchange = exchange
-        self._finish(False)
-
-
-class Forward:
-    """One proxied request: sent to the upstream, its response relayed back as it arrives.
-
-    Flow control joins the two connections: when one side's write buffer fills, the other
-    side stops reading until it drains.
-    """
-
-    __slots__ = (
-        "attempts",
-        "body",
-        "client",
-        "client_head",
-        "config",
-        "connecting",
-        "ended",
-        "exchange",
-        "framing",
-        "head",
-        "keep_alive",
-        "model",
-        "payload",
-        "request",
-        "request_done",
-        "reused",
-        "sent_at",
-        "tunnel_eofs",
-        "upstream",
-        "upstream_keep_alive",
-    )
-
-    def __init__(
-        self,
-        client: ClientConnection,
-        request: Request,
-        exchange: Exchange,
-        model: Model,
-        config: Config,
-        head: bytes,
-        body: BufferedBody | None,
-    ) -> None:
-        self.client = client
-        self.request = request
-        self.exchange = exchange
-        self.model = model
+    def __init__(self, config: Config, created: int | None = None):
         self.config = config
-        self.head = head
-        self.body = body
-        self.upstream: UpstreamConnection | None = None
-        self.connecting: asyncio.Task[None] | None = None
-        self.attempts = 0
-        self.reused = False
-        self.request_done = False  # the whole request has gone to the upstream
-        self.framing: Framing | None = None  # of the response body, once its head is in
-        self.client_head = b""  # the response head, until it goes out with the first bytes
-        self.payload: list[bytes] | None = None  # de-chunked content, for HTTP/1.0 clients
-        self.keep_alive = False  # whether the client connection survives the response
-        self.sent_at = 0.0
-        self.upstream_keep_alive = False
-        self.ended = False
-        self.tunnel_eofs = 0
-
-    def start(self) -> None:
-        router = self.client.router
-        router.in_flight += 1
-        router.metrics.in_flight[self.model.name] += 1
-        self.sent_at = time.monotonic()
-        self._attempt()
-
-    def _end(self) -> None:
-        if not self.ended:
-            self.ended = True
-            router = self.client.router
-            router.in_flight -= 1
-            router.metrics.in_flight[self.model.name] -= 1
-
-    def abort(self) -> None:
-        """The exchange ends elsewhere (the client left, say): drop the upstream side.
-
-        A connection still being opened is left to finish: it goes to the pool then.
-        """
-        self._drop_upstream()
-        self._end()
-
-    def _drop_upstream(self) -> None:
-        if self.upstream is not None:
-            self.upstream.forward = None
-            self.upstream.close()
-            self.upstream = None
-
-    # -- the request ----------------------------------------------------------------------------
-
-    def _attempt(self) -> None:
-        connection = self.client.router.pool.take(self.model.upstream)
-        if connection is None:
-            self.connecting = self.client.loop.create_task(self._connect())
-        else:
-            self._send(connection, reused=True)
-
-    async def _connect(self) -> None:
-        pool = self.client.router.pool
-        try:
-            connection = await pool.open(self.model.upstream, self.config.connect_timeout)
-        except UpstreamError as exc:
-            self.connecting = None
-            if self.ended:
-                return
-            timed_out = exc.status == 504
-            self.exchange.upstream_failure = "timeout" if timed_out else "connect"
-            code = "upstream_timeout" if timed_out else "upstream_unavailable"
-            self._failed(HTTPError(exc.status, str(exc), code))
-            return
-        self.connecting = None
-        if self.ended:
-            pool.release(self.model.upstream, connection)
-            return
-        try:
-            self._send(connection, reused=False)
-        except Exception as exc:
-            self.client._internal_error(exc)
-
-    def _send(self, connection: UpstreamConnection, *, reused: bool) -> None:
-        self.upstream = connection
-        connection.forward = self
-        self.reused = reused
-        self.attempts += 1
-        transport = connection.transport
-        assert transport is not None
-        if self.body is not None:
-            raw = self.body.raw
-            # One system call for a small request; a large body is not copied to be joined.
-            if len(raw) <= JOIN_LIMIT:
-                transport.write(self.head + raw)
-            else:
-                transport.write(self.head)
-                transport.write(raw)
-            self.request_done = True
-            return
-        transport.write(self.head)
-        if self.request.length == 0:
-            self.request_done = True
-        else:
-            self.client.stream_body(self)
-
-    def send_upstream(self, data: bytes) -> None:
-        if self.upstream is not None and not self.upstream.closed:
-            assert self.upstream.transport is not None
-            self.upstream.transport.write(data)
-
-    def request_sent(self) -> None:
-        self.request_done = True
-        if self.upstream is not None and self.upstream.buffer:
-            self._read_head()  # the upstream answered before the body was all sent
-
-    # -- the response ---------------------------------------------------------------------------
-
-    def upstream_data(self, data: bytes) -> None:
-        if self.framing is not None:
-            self._relay(data)
-        elif self.client.tunnel is self:
-            self.client.write(data)
-        else:
-            assert self.upstream is not None
-            self.upstream.buffer += data
-            if self.request_done:  # as before: the whole request first, then its answer
-                self._read_head()
-
-    def _read_head(self) -> None:
-        connection = self.upstream
-        assert connection is not None
-        while True:
-            try:
-                head = take_head(connection.buffer)
-                if head is None:
-                    return
-                response = parse_response_head(head, self.request.method)
-            except ProtocolError as exc:
-                self._upstream_failed(f"invalid response from the upstream: {exc}")
-                return
-            if response.status >= 200 or response.status == 101:
-                break  # interim 1xx answers are ours to drop: we sent no Expect
-        exchange = self.exchange
-        exchange.upstream_seconds = time.monotonic() - self.sent_at
-        if response.status == 101:
-            self._start_tunnel(response)
-            return
-        exchange.status = response.status
-        request = self.request
-        dechunk = response.length == CHUNKED and request.http_minor == 0
-        self.keep_alive = (
-            request.keep_alive
-            and response.length != UNTIL_CLOSE
-            and not dechunk
-            and not self.client.router.draining
+        self.models = config.models
+        created = int(time.time()) if created is None else created
+        listed = sorted(name for name, model in config.models.items() if not model.unlisted)
+        self.listed = frozenset(listed)
+        objects = {
+            name: {"id": name, "object": "model", "created": created, "owned_by": "llmhop"}
+            for name in listed
+        }
+        self.model_objects = {
+            name: Answer("models", _json_bytes(obj)) for name, obj in objects.items()
+        }
+        self.models_list = Answer(
+            "models", _json_bytes({"object": "list", "data": list(objects.values())})
         )
-        self.client_head = client_head(response, exchange, self.keep_alive, dechunk)
-        self.framing = Framing(response.length)
-        self.payload = [] if dechunk else None
-        self.upstream_keep_alive = response.keep_alive
-        rest = bytes(connection.buffer)
-        connection.buffer.clear()
-        self._relay(rest)
+        self.health = Answer("health", _json_bytes({"status": "ok", "models": len(listed)}))
+        self.full_scrape = Scrape(None)
+        # Unlisted models are named only to a caller who showed a token: anyone else is told
+        # what /v1/models would tell them, and no more.
+        self.listed_scrape = Scrape(self.listed)
 
-    def _relay(self, data: bytes) -> None:
-        """Send the response on: raw framing, or only the content when de-chunking."""
-        framing = self.framing
-        assert framing is not None and self.upstream is not None
-        try:
-            end = framing.feed(data, self.payload)
-        except ProtocolError as exc:
-            self._broken_response(exc)
-            return
-        if end < len(data):
-            self.upstream.buffer += data[end:]  # bytes beyond the response: never reused
-            data = data[:end]
-        if self.payload is not None:
-            data = b"".join(self.payload)
-            self.payload.clear()
-        self.exchange.bytes_out += len(data)
-        if self.client_head:
-            # The head goes out with the body bytes that came with it, in one write.
-            data = self.client_head + data
-            self.client_head = b""
-        if data:
-            self.client.write(data)
-        if framing.done:
-            self._response_done()
-
-    def _response_done(self) -> None:
-        connection = self.upstream
-        assert connection is not None
-        self.upstream = None
-        if self.upstream_keep_alive and not connection.buffer:
-            self.client.router.pool.release(self.model.upstream, connection)
-        else:
-            connection.forward = None
-            connection.close()
-        self._end()
-        self.client.forward_done(self.keep_alive)
-
-    def _broken_response(self, error: ProtocolError) -> None:
-        # Never pass a cut-off body off as complete: closing the client connection tells.
-        log(f"upstream of model {self.exchange.model} broke its response: {error}")
-        self.exchange.upstream_failure = "protocol"
-        self._drop_upstream()
-        self._end()
-        self.client.forward_done(False)
-
-    def upstream_eof(self) -> bool:
-        if self.client.tunnel is self:
-            self._tunnel_eof(self.client.transport)
+    def authorized(self, authorization: bytes | None) -> bool:
+        """Whether a request's Authorization header passes; always true when auth is off."""
+        tokens = self.config.auth_tokens
+        if not tokens:
             return True
-        return False
+        if authorization is None:
+            return False
+        scheme, _, credentials = authorization.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        import hmac  # loaded only with tokens configured: it costs 0.7 MiB of memory
 
-    def upstream_closed(self, exc: Exception | None) -> None:
-        connection = self.upstream
-        assert connection is not None
-        if self.client.tunnel is self:
-            self.abort()
-            self.client._finish(False)
-            return
-        if not self.request_done:
-            # The upstream stopped taking the body: it may have answered early (its own 413,
-            # say). Whatever the client still sends is unread, so its connection cannot last.
-            self.request_done = True
-            self.client.stop_body()
-        if self.framing is None and connection.buffer:
-            self._read_head()
-            if self.ended:
-                return
-        if self.framing is not None:
-            if self.framing.length == UNTIL_CLOSE:
-                self._response_done()
-            else:
-                error = ProtocolError(502, "the upstream closed the connection mid-body")
-                self._broken_response(error)
-        elif connection.buffer:
-            self._upstream_failed(
-                "invalid response from the upstream: connection closed inside a message head"
-            )
-        elif isinstance(exc, ConnectionError):
-            self._upstream_failed(f"the upstream reset the connection: {exc}", replayable=True)
-        else:
-            self._upstream_failed(
-                "the upstream closed the connection without answering", replayable=True
-            )
-
-    def _upstream_failed(self, message: str, *, replayable: bool = False) -> None:
-        self._drop_upstream()
-        # An idle connection the upstream had just closed: replay once, if we can.
-        if (
-            replayable
-            and self.reused
-            and self.attempts == 1
-            and (self.body is not None or self.request.length == 0)
-        ):
-            self._attempt()
-            return
-        self.exchange.upstream_failure = "protocol"
-        self._failed(HTTPError(502, message, "upstream_error"))
-
-    def _failed(self, error: HTTPError) -> None:
-        self._end()
-        self.client.forward_failed(error)
-
-    # -- after 101 Switching Protocols ----------------------------------------------------------
-
-    def _start_tunnel(self, response: Response) -> None:
-        """Both sides speak another protocol now: copy bytes both ways until both have ended."""
-        lines = [b"HTTP/1.1 101 " + response.reason]
-        lines += [n + b": " + v for n, v in response.headers]
-        client = self.client
-        client.write(b"\r\n".join([*lines, b"", b""]))
-        connection = self.upstream
-        assert connection is not None
-        client.start_tunnel(self)
-        if connection.buffer:
-            client.write(bytes(connection.buffer))
-            connection.buffer.clear()
-
-    def client_eof(self) -> None:
-        if self.upstream is not None:
-            assert self.upstream.transport is not None
-            self._tunnel_eof(self.upstream.transport)
-
-    def _tunnel_eof(self, target: asyncio.Transport) -> None:
-        if target.can_write_eof() and not target.is_closing():
-            target.write_eof()
-        self.tunnel_eofs += 1
-        if self.tunnel_eofs == 2:
-            self.abort()
-            self.client._finish(False)
+        # Compare against every token so the time taken does not tell which one matched.
+        matched = False
+        for token in tokens:
+            matched |= hmac.compare_digest(credentials, token)
+        return matched
 
 
-def client_head(response: Response, exchange: Exchange, keep_alive: bool, dechunk: bool) -> bytes:
-    """The upstream's response head as the client gets it."""
-    dropped = _RESPONSE_DROPS
-    if not dropped.issuperset(response.connection):
-        dropped = dropped.union(response.connection)
-    lines = [b"HTTP/1.1 %d %s" % (response.status, response.reason)]
-    lines += response.headers.without(dropped)
-    if not response.headers.values(b"x-request-id"):
-        lines.append(b"X-Request-Id: " + exchange.request_id)
-    if response.length == CHUNKED and not dechunk:
-        lines.append(b"Transfer-Encoding: chunked")
-    elif response.length > 0:
-        lines.append(b"Content-Length: %d" % response.length)
-    elif response.length == 0 and (lengths := response.headers.values(b"content-length")):
-        # HEAD and 304 answers describe the body they would have had.
-        lines.append(b"Content-Length: " + lengths[0].split(b",")[0].strip())
-    if not keep_alive:
-        lines.append(b"Connection: close")
-    lines += [b"", b""]
-    return b"\r\n".join(lines)
+_READS = (b"GET", b"HEAD")
+_ALLOW_READS = (b"Allow: GET, HEAD",)
+_UNAUTHORIZED = HTTPError(
+    401,
+    "missing or invalid bearer token",
+    "invalid_api_key",
+    headers=(b'WWW-Authenticate: Bearer realm="llmhop"',),
+)
+_DOT_SEGMENT_ERROR = HTTPError(400, 'the path may not contain "." or ".." segments', "invalid_path")
+
+
+def unknown_model(name: str) -> HTTPError:
+    return HTTPError(404, f"unknown model {json.dumps(name)}", "model_not_found")
+
+
+def route(request: Request, table: RoutingTable) -> Route:
+    """What a request gets, decided from its head: the order of these checks is the contract.
+
+    /health answers anyone; then the token is checked (before any model is looked up, so
+    unauthenticated clients learn nothing of the models); then the router's own routes, path
+    routing, and body routing for everything else.
+    """
+    path, method = request.path, request.method
+    if path == b"/health":
+        if method in _READS:
+            return table.health
+        error = HTTPError(405, "use GET /health", "method_not_allowed", headers=_ALLOW_READS)
+        return Refusal("health", error)
+    config = table.config
+    authorized = table.authorized(request.header(b"authorization"))
+    if path == b"/metrics" and method in _READS and (authorized or not config.metrics_auth):
+        return table.full_scrape if authorized and config.auth_tokens else table.listed_scrape
+    if not authorized:
+        return Refusal("error", _UNAUTHORIZED)
+    if method in _READS:
+        if path == b"/v1/models":
+            return table.models_list
+        if path.startswith(b"/v1/models/"):
+            name = unquote(path[len(b"/v1/models/") :].decode("latin-1"), errors="replace")
+            answer = table.model_objects.get(name)
+            return answer if answer is not None else Refusal("models", unknown_model(name))
+    if path.startswith(b"/route/"):
+        encoded_name, _, rest = path[len(b"/route/") :].partition(b"/")
+        name = unquote(encoded_name.decode("latin-1"), errors="replace")
+        if not name:
+            error = HTTPError(400, "missing model name in /route/{model}/...", "missing_model")
+            return Refusal("path", error)
+        model = table.models.get(name)
+        if model is None:
+            return Refusal("path", unknown_model(name), name)
+        if has_dot_segment(rest):
+            return Refusal("path", _DOT_SEGMENT_ERROR, name)
+        return ByPath(model, b"/" + rest + request.query)
+    if has_dot_segment(path):
+        return Refusal("body", _DOT_SEGMENT_ERROR)
+    return BY_BODY
+
+
+def model_named(table: RoutingTable, name: str) -> Model:
+    """The model a JSON body names; HTTPError when there is none of that name."""
+    model = table.models.get(name)
+    if model is None:
+        raise unknown_model(name)
+    return model
 
 
 @dataclass(slots=True)
@@ -2454,9 +1190,17 @@ def model_of_body(payload: bytes) -> str:
 # Bodies from this size on are parsed without the contents of their long strings (a long
 # prompt, say): decoding those whole costs more than all else a request does.
 LONG_BODY = 64 * 1024
+
+
 LONG_STRING = 16 * 1024  # never below len("model"): that key must stay as it is
+
+
 STRING_PIECE = 64 * 1024  # long string contents are checked in pieces this large
+
+
 MAX_QUOTES_WALKED = 256  # past this many strings, json.loads is quicker than the walk
+
+
 ELIDED = b"..."  # what stands in for the contents of a long string
 
 
@@ -2569,7 +1313,1576 @@ def _too_large(cap: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. The server
+# 5. Proxy header rules (RFC 9110 §7.6): the request head upstream, the response head back
+# ---------------------------------------------------------------------------------------------
+
+
+_RESPONSE_DROPS = HOP_BY_HOP | {b"content-length"}
+
+
+class Peer(NamedTuple):
+    """The client of a connection, as the forwarding headers tell the upstream of it."""
+
+    ip: str | None  # None for a client on a unix socket
+    forwarded_for: bytes  # the whole X-Forwarded-For line, or empty without an IP
+
+    @classmethod
+    def of(cls, peername: Any) -> Peer:
+        if isinstance(peername, tuple) and peername:
+            return cls(peername[0], b"X-Forwarded-For: " + peername[0].encode())
+        return _UNIX_PEER
+
+
+_UNIX_PEER = Peer(None, b"")
+
+
+def forwarded_value(client_ip: str | None, host: bytes | None) -> bytes:
+    """The RFC 7239 Forwarded element for a request the router received over plain HTTP."""
+    elements = []
+    if client_ip is not None:
+        node = client_ip.encode()
+        elements.append(b'for="[%s]"' % node if b":" in node else b"for=" + node)
+    if host is not None:
+        elements.append(b"host=" + (host if _TOKEN.fullmatch(host) else _quoted(host)))
+    elements.append(b"proto=http")
+    return b";".join(elements)
+
+
+def _quoted(value: bytes) -> bytes:
+    return b'"%s"' % value.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+
+
+def join_query(upstream_query: str, client_query: bytes) -> bytes:
+    """The upstream's own query, then the client's, both verbatim."""
+    if not upstream_query:
+        return client_query
+    if len(client_query) <= 1:
+        return b"?" + upstream_query.encode()
+    return b"?" + upstream_query.encode() + b"&" + client_query[1:]
+
+
+def upstream_request_head(
+    request: Request,
+    model: Model,
+    target: bytes,
+    length: int,
+    client: Peer,
+    request_id: bytes,
+) -> bytes:
+    """The request head as the upstream gets it (RFC 9110 §7.6).
+
+    Hop-by-hop fields go, with those the client's Connection names; the fields the proxy sets
+    itself, the model's own and (when the router checks tokens) Authorization are replaced.
+    """
+    upstream = model.upstream
+    path, question, query = target.partition(b"?")
+    dropped = model.forwarding_drops
+    if not dropped.issuperset(request.connection):
+        dropped = dropped.union(request.connection)
+    lines = [
+        b"%s %s%s%s HTTP/1.1"
+        % (
+            request.method,
+            upstream.base_path.encode(),
+            path,
+            join_query(upstream.query, question + query),
+        ),
+        b"Host: " + model.host_header,
+    ]
+    lines += request.headers.without(dropped)
+    lines += [n + b": " + v for n, v in model.headers]
+    # Whatever the client claimed in these is replaced by what the router saw.
+    client_host = request.header(b"host")
+    lines.append(b"Forwarded: " + forwarded_value(client.ip, client_host))
+    if client.forwarded_for:
+        lines.append(client.forwarded_for)
+    if client_host:
+        lines.append(b"X-Forwarded-Host: " + client_host)
+    lines.append(b"X-Forwarded-Proto: http")
+    lines.append(b"X-Request-Id: " + request_id)
+    if request.upgrade is not None:
+        lines += [b"Connection: Upgrade", b"Upgrade: " + request.upgrade]
+    if length == CHUNKED:
+        lines.append(b"Transfer-Encoding: chunked")
+    elif length or request.method in (b"POST", b"PUT", b"PATCH"):
+        lines.append(b"Content-Length: %d" % length)
+    lines += [b"", b""]
+    return b"\r\n".join(lines)
+
+
+def client_response_head(
+    response: Response, request_id: bytes, keep_alive: bool, dechunk: bool
+) -> bytes:
+    """The upstream's response head as the client gets it.
+
+    Hop-by-hop fields go; the framing is the router's own: chunked passes as chunked, or, for
+    an HTTP/1.0 client (``dechunk``), the content goes out bare and the connection's end
+    delimits it.
+    """
+    dropped = _RESPONSE_DROPS
+    if not dropped.issuperset(response.connection):
+        dropped = dropped.union(response.connection)
+    lines = [b"HTTP/1.1 %d %s" % (response.status, response.reason)]
+    lines += response.headers.without(dropped)
+    if not response.headers.values(b"x-request-id"):
+        lines.append(b"X-Request-Id: " + request_id)
+    if response.length == CHUNKED and not dechunk:
+        lines.append(b"Transfer-Encoding: chunked")
+    elif response.length > 0:
+        lines.append(b"Content-Length: %d" % response.length)
+    elif response.length == 0 and (lengths := response.headers.values(b"content-length")):
+        # HEAD and 304 answers describe the body they would have had.
+        lines.append(b"Content-Length: " + lengths[0].split(b",")[0].strip())
+    if not keep_alive:
+        lines.append(b"Connection: close")
+    lines += [b"", b""]
+    return b"\r\n".join(lines)
+
+
+def switching_protocols_head(response: Response) -> bytes:
+    """A 101 head as the upstream sent it: its Connection and Upgrade make the switch."""
+    lines = [b"HTTP/1.1 101 " + response.reason]
+    lines += [n + b": " + v for n, v in response.headers]
+    return b"\r\n".join([*lines, b"", b""])
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The OpenAI error shape of the router's own answers
+# ---------------------------------------------------------------------------------------------
+
+
+ERROR_TYPES = {401: "authentication_error", 502: "upstream_error", 503: "server_error"}
+
+
+ERROR_TYPES[504] = ERROR_TYPES[502]
+
+
+def error_body(status: int, message: str, code: str) -> bytes:
+    """An OpenAI-shaped error object."""
+    error = {
+        "message": message,
+        "type": ERROR_TYPES.get(status, "invalid_request_error"),
+        "param": None,
+        "code": code,
+    }
+    return _json_bytes({"error": error})
+
+
+_PROTOCOL_ERROR_CODES = {431: "headers_too_large", 505: "http_version_not_supported"}
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Observability: the record of an exchange, metrics, request ids, the access log
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What one request did, for the access log and the metrics."""
+
+    started: float
+    method: str = "-"
+    path: str = "-"
+    route: str = "-"  # health, models, path, body, error
+    model: str = "-"
+    status: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    upstream_seconds: float | None = None  # until the upstream's response head
+    upstream_failure: str | None = None  # connect, timeout, protocol: the upstream's fault
+    request_id: bytes = b"-"
+
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class Histogram:
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def lines(self, name: str, labels: str) -> list[str]:
+        result = []
+        cumulative = 0
+        for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), self.counts, strict=True):
+            cumulative += count
+            result.append(f'{name}_bucket{{{labels},le="{bound}"}} {cumulative}')
+        result.append(f"{name}_sum{{{labels}}} {self.total:.6f}")
+        result.append(f"{name}_count{{{labels}}} {cumulative}")
+        return result
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    """Counters of what the router did, rendered in the Prometheus text format.
+
+    Only configured model names become label values, so clients cannot grow the label set.
+    """
+
+    def __init__(self) -> None:
+        self.requests: collections.Counter[tuple[str, str, int]] = collections.Counter()
+        self.in_flight: collections.Counter[str] = collections.Counter()
+        self.duration: collections.defaultdict[str, Histogram] = collections.defaultdict(Histogram)
+        self.first_byte: collections.defaultdict[str, Histogram] = collections.defaultdict(
+            Histogram
+        )
+        self.bytes_in: collections.Counter[str] = collections.Counter()
+        self.bytes_out: collections.Counter[str] = collections.Counter()
+        self.upstream_errors: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.reloads: collections.Counter[str] = collections.Counter()
+
+    def observe(self, exchange: Exchange, model: str) -> None:
+        self.requests[model, exchange.route, exchange.status] += 1
+        self.duration[model].observe(time.monotonic() - exchange.started)
+        if exchange.upstream_seconds is not None:
+            self.first_byte[model].observe(exchange.upstream_seconds)
+        self.bytes_in[model] += exchange.bytes_in
+        self.bytes_out[model] += exchange.bytes_out
+        if exchange.upstream_failure is not None:
+            self.upstream_errors[model, exchange.upstream_failure] += 1
+
+    def render(
+        self, table: RoutingTable, connections_opened: int, shown: frozenset[str] | None = None
+    ) -> bytes:
+        """The metrics text; with ``shown``, only those models are named (and ``-``)."""
+        if shown is None:
+            model_count = len(table.models)
+
+            def named(model: str) -> bool:
+                return True
+        else:
+            model_count = len(shown)
+
+            def named(model: str) -> bool:
+                return model == "-" or model in shown
+
+        lines = [
+            "# HELP llmhop_info The running llmhop.",
+            "# TYPE llmhop_info gauge",
+            f'llmhop_info{{version="{VERSION}"}} 1',
+            "# HELP llmhop_models Models in the routing table.",
+            "# TYPE llmhop_models gauge",
+            f"llmhop_models {model_count}",
+            "# HELP llmhop_requests_total Requests answered, by model, route kind and status.",
+            "# TYPE llmhop_requests_total counter",
+        ]
+        for (model, route, status), count in sorted(self.requests.items()):
+            if not named(model):
+                continue
+            labels = f'model="{_label(model)}",route="{route}",status="{status}"'
+            lines.append(f"llmhop_requests_total{{{labels}}} {count}")
+        lines += [
+            "# HELP llmhop_requests_in_flight Proxied requests in flight, by model.",
+            "# TYPE llmhop_requests_in_flight gauge",
+        ]
+        for model in sorted(filter(named, set(self.in_flight) | set(table.models))):
+            lines.append(
+                f'llmhop_requests_in_flight{{model="{_label(model)}"}} {self.in_flight[model]}'
+            )
+        for name, help_text, histograms in (
+            (
+                "llmhop_request_duration_seconds",
+                "Time from request head to the end of the response.",
+                self.duration,
+            ),
+            (
+                "llmhop_time_to_first_byte_seconds",
+                "Time from forwarding until the upstream's response head.",
+                self.first_byte,
+            ),
+        ):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+            for model, histogram in sorted(histograms.items()):
+                if named(model):
+                    lines += histogram.lines(name, f'model="{_label(model)}"')
+        for name, help_text, counter in (
+            ("llmhop_request_body_bytes_total", "Request body bytes received.", self.bytes_in),
+            ("llmhop_response_body_bytes_total", "Response body bytes sent.", self.bytes_out),
+        ):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+            lines += [
+                f'{name}{{model="{_label(m)}"}} {n}' for m, n in sorted(counter.items()) if named(m)
+            ]
+        lines += [
+            "# HELP llmhop_upstream_errors_total Upstreams unreachable, slow to connect or broken.",
+            "# TYPE llmhop_upstream_errors_total counter",
+        ]
+        for (model, kind), count in sorted(self.upstream_errors.items()):
+            if named(model):
+                lines.append(
+                    f'llmhop_upstream_errors_total{{model="{_label(model)}",kind="{kind}"}} {count}'
+                )
+        lines += [
+            "# HELP llmhop_upstream_connections_opened_total Connections opened to upstreams.",
+            "# TYPE llmhop_upstream_connections_opened_total counter",
+            f"llmhop_upstream_connections_opened_total {connections_opened}",
+            "# HELP llmhop_config_reloads_total Config reloads, by result.",
+            "# TYPE llmhop_config_reloads_total counter",
+        ]
+        for result in ("success", "failure"):
+            lines.append(f'llmhop_config_reloads_total{{result="{result}"}} {self.reloads[result]}')
+        return ("\n".join(lines) + "\n").encode()
+
+
+PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
+
+
+def request_id_for(request: Request) -> bytes:
+    given = request.header(b"x-request-id")
+    if given is not None and _REQUEST_ID.fullmatch(given):
+        return given
+    return b"%s%012x" % (_REQUEST_ID_PREFIX, next(_request_counter))
+
+
+def _request_id_prefix() -> bytes:
+    """A random UUID (version 4) without its last 12 digits, which count requests instead.
+
+    UUID-shaped because some servers, llama-cpp-python among them, refuse other request ids;
+    a counter because drawing randomness for every request costs a system call.
+    """
+    digits = os.urandom(16).hex()
+    variant = "89ab"[int(digits[16], 16) & 3]
+    return f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{variant}{digits[17:20]}-".encode()
+
+
+_REQUEST_ID_PREFIX = _request_id_prefix()
+
+
+_request_counter = itertools.count(1)
+
+
+class AccessLog:
+    """One line per request on stderr, written once per pass of the event loop."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self._lines: list[str] = []
+
+    def record(self, exchange: Exchange) -> None:
+        if not self.enabled:
+            return
+        total = (time.monotonic() - exchange.started) * 1000
+        upstream = (
+            "-" if exchange.upstream_seconds is None else f"{exchange.upstream_seconds * 1000:.1f}"
+        )
+        if not self._lines:
+            # However many requests end in this pass of the loop, one write takes them all.
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._lines.append(
+            f'access: "{exchange.method} {exchange.path}" model={_loggable(exchange.model)} '
+            f"route={exchange.route} status={exchange.status} in={exchange.bytes_in} "
+            f"out={exchange.bytes_out} total_ms={total:.1f} upstream_ms={upstream} "
+            f"id={exchange.request_id.decode('ascii', 'replace')}\n"
+        )
+
+    def flush(self) -> None:
+        if self._lines:
+            sys.stderr.write("".join(self._lines))
+            self._lines.clear()
+
+
+def _loggable(text: str, limit: int = 200) -> str:
+    """Client-chosen text made safe for a one-line log: no spaces, controls or runaway length."""
+    if len(text) <= limit and text.isprintable() and " " not in text:
+        return text
+    return json.dumps(text[:limit] + ("..." if len(text) > limit else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Upstream connections, pooled for keep-alive
+# ---------------------------------------------------------------------------------------------
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached, or broke HTTP; the request gets a 502 or 504."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """A connection to one upstream; between exchanges it waits, silent, in the pool.
+
+    While it carries an exchange, every event goes to its ``handler``: the exchange's
+    ``Forward``, or after 101 Switching Protocols its ``Tunnel``.
+    """
+
+    __slots__ = ("buffer", "closed", "handler", "transport")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()  # received, not yet relayed: a head in the making, say
+        self.closed = False
+        self.handler: Forward | Tunnel | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        handler = self.handler
+        if handler is None:
+            self.close()  # an idle upstream that speaks cannot be trusted with a request
+            return
+        try:
+            handler.upstream_data(data)
+        except Exception as exc:  # a bug must cost one connection, never the server
+            handler.client.internal_error(exc)
+
+    def eof_received(self) -> bool:
+        # Only a tunnel keeps the other direction open; otherwise the transport closes.
+        return self.handler is not None and self.handler.upstream_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        handler = self.handler
+        if handler is not None:
+            try:
+                handler.upstream_closed(exc)
+            except Exception as error:
+                handler.client.internal_error(error)
+
+    def pause_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.client.resume_reading()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per upstream, reused most-recent first."""
+
+    def __init__(self) -> None:
+        self.idle: dict[tuple[str, str, int], list[UpstreamConnection]] = {}
+        self.opened = 0  # connections opened since start, for metrics and benchmarks
+        self._ssl: ssl.SSLContext | None = None
+
+    def take(self, upstream: Upstream) -> UpstreamConnection | None:
+        """An idle connection to the upstream that is still open, if there is one."""
+        idle = self.idle.get(upstream.pool_key)
+        while idle:
+            connection = idle.pop()
+            if not connection.closed:
+                return connection
+        return None
+
+    def release(self, upstream: Upstream, connection: UpstreamConnection) -> None:
+        connection.handler = None
+        idle = self.idle.setdefault(upstream.pool_key, [])
+        if len(idle) < MAX_IDLE_UPSTREAM_CONNECTIONS and not connection.closed:
+            assert connection.transport is not None
+            connection.transport.resume_reading()  # to notice the upstream closing it
+            idle.append(connection)
+        else:
+            connection.close()
+
+    def close(self) -> None:
+        for idle in self.idle.values():
+            for connection in idle:
+                connection.close()
+        self.idle.clear()
+
+    async def open(self, upstream: Upstream, timeout: float) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                if upstream.scheme == "unix":
+                    _, connection = await loop.create_unix_connection(
+                        UpstreamConnection, upstream.host
+                    )
+                else:
+                    _, connection = await loop.create_connection(
+                        UpstreamConnection,
+                        upstream.host,
+                        upstream.port,
+                        ssl=self._ssl_context() if upstream.scheme == "https" else None,
+                    )
+        except TimeoutError:
+            raise UpstreamError(504, f"connecting to the upstream took over {timeout:g}s") from None
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
+            raise UpstreamError(502, f"cannot connect to the upstream: {reason}") from None
+        self.opened += 1
+        return connection
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. The client connection: its phase, keep-alive, request bodies, answers of its own
+# ---------------------------------------------------------------------------------------------
+
+
+class RouterState:
+    """What every client connection shares: the routing table, the upstream pool, metrics and
+    the access log, and the counts that admission and a graceful stop go by."""
+
+    def __init__(self, table: RoutingTable, *, metrics: Metrics | None = None):
+        self.table = table
+        self.pool = UpstreamPool()
+        self.metrics = metrics or Metrics()
+        self.access_log = AccessLog()
+        self.in_flight = 0  # proxied requests holding a slot
+        self.connections: set[ClientConnection] = set()
+        self.no_connections = asyncio.Event()
+        self.no_connections.set()
+        self.busy_connections = 0
+        self.all_idle = asyncio.Event()  # set whenever no request is being served
+        self.all_idle.set()
+        self.draining = False
+        self.head_timeout = HEAD_TIMEOUT
+        self.idle_timeout = IDLE_TIMEOUT
+
+    def new_connection(self) -> ClientConnection:
+        """The protocol factory of the listeners: one per client connection."""
+        return ClientConnection(self)
+
+    def exchange_started(self) -> None:
+        self.busy_connections += 1
+        self.all_idle.clear()
+
+    def exchange_finished(self) -> None:
+        self.busy_connections -= 1
+        if not self.busy_connections:
+            self.all_idle.set()
+
+    def take_slot(self, model: str, limit: int) -> bool:
+        """Admit a proxied request under the concurrency limit (0: none); False when full."""
+        if limit and self.in_flight >= limit:
+            return False
+        self.in_flight += 1
+        self.metrics.in_flight[model] += 1
+        return True
+
+    def release_slot(self, model: str) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight[model] -= 1
+
+    def record(self, exchange: Exchange) -> None:
+        model = exchange.model if exchange.model in self.table.models else "-"
+        self.metrics.observe(exchange, model)
+        self.access_log.record(exchange)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+class BodyReading:
+    """A request body being read: where its pieces go, and what happens at its end."""
+
+    __slots__ = ("cap", "exchange", "framing", "on_data", "on_done", "payload")
+
+    def __init__(
+        self,
+        length: int,
+        exchange: Exchange | None,
+        cap: int,
+        on_data: Callable[[bytes], None] | None,
+        on_done: Callable[[], None],
+        payload: list[bytes] | None = None,
+    ) -> None:
+        self.framing = Framing(length)
+        self.exchange = exchange  # where received bytes are counted, if anywhere
+        self.cap = cap  # for chunked content; a declared length is refused before reading
+        self.on_data = on_data
+        self.on_done = on_done
+        self.payload = payload
+
+
+class Phase:
+    """Where a client connection stands in its exchanges, which says where its bytes go."""
+
+    IDLE = 0  # between requests: bytes are buffered until a head begins
+    HEAD = 1  # a head has begun; it must arrive whole within the head timeout
+    EXCHANGE = 2  # a request is served; while its body is read, bytes go to ``body``
+    TUNNEL = 3  # after 101 Switching Protocols: bytes go to the upstream, unread
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection, request after request, driven by the event loop's callbacks.
+
+    Requests are parsed from ``buffer`` as bytes arrive, and ``route`` says what each gets: an
+    answer of the router's own at once, or a ``Forward`` that relays the upstream's answer as
+    it comes. One exchange at a time: a pipelined request waits in ``buffer`` meanwhile.
+
+    Every exchange ends in ``_end_exchange``, which serves the next request or closes;
+    whether it may go on is decided by ``_keeps_alive`` alone.
+    """
+
+    def __init__(self, router: RouterState) -> None:
+        self.router = router
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # until connected
+        self.buffer = bytearray()
+        self.peer = _UNIX_PEER
+        self.phase = Phase.IDLE
+        self.keep_alive = True  # once False, the connection closes after the current answer
+        self.busy = False  # between the first byte of a request and the end of its response
+        self.closed = False
+        self.eof = False  # the client will send nothing more: it half-closed, or left
+        self.gone = False  # the client left before its answer was complete
+        # The exchange in progress: its request, the table it started with, and how far its
+        # body has been read.
+        self.request: Request | None = None
+        self.exchange: Exchange | None = None
+        self.table: RoutingTable = router.table
+        self.unread_body = False  # whether some of the request's body is still unread
+        self.body: BodyReading | None = None  # while the body is being read
+        self.forward: Forward | None = None
+        self.tunnel: Tunnel | None = None
+        self._answer_after_body: Callable[[], None] | None = None
+        self._dispatching = False
+        self._leaving: asyncio.TimerHandle | None = None
+        # One timer per connection serves every deadline: moving a deadline later costs no
+        # timer, the timer re-arms itself when it fires early.
+        self._deadline = 0.0
+        self._on_deadline: Callable[[], None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER)
+        self.peer = Peer.of(transport.get_extra_info("peername"))
+        router = self.router
+        router.connections.add(self)
+        router.no_connections.clear()
+        if router.draining:
+            self.close_gracefully()
+        else:
+            self._set_deadline(router.idle_timeout, self.close)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            if self.body is not None:
+                self._read_body(data)
+            elif self.phase == Phase.TUNNEL:
+                assert self.tunnel is not None
+                self.tunnel.client_data(data)
+            else:
+                self.buffer += data
+                if self.phase != Phase.EXCHANGE:
+                    self._serve_next()
+                elif len(self.buffer) > MAX_PIPELINED_BYTES:
+                    self.transport.pause_reading()  # pipelined requests wait their turn
+        except Exception as exc:  # a bug must cost one connection, never the server
+            self.internal_error(exc)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        try:
+            if self.phase == Phase.TUNNEL:
+                assert self.tunnel is not None
+                self.tunnel.client_eof()
+            elif self.body is not None:
+                self._exchange_failed(ClientGone())
+            elif self.phase != Phase.EXCHANGE:
+                self._serve_next()  # an incomplete head is an error, none at all the end
+            elif self.forward is not None and not self.buffer and self._leaving is None:
+                # The request is whole, so the client leaving is all this can mean, or a
+                # half-close: answers that come within the grace still reach the latter.
+                grace = self.forward.sent_at + CLIENT_EOF_GRACE - time.monotonic()
+                self._leaving = self.loop.call_later(max(grace, 0.0), self._client_left)
+        except Exception as exc:
+            self.internal_error(exc)
+        return True  # keep the write side open for the answer
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.eof = True
+        router = self.router
+        router.connections.discard(self)
+        if not router.connections:
+            router.no_connections.set()
+        if self._timer is not None:
+            self._timer.cancel()
+        try:
+            if self.exchange is not None:
+                self._client_left()
+            else:
+                self._set_busy(False)
+        except Exception as error:
+            self.internal_error(error)
+
+    def pause_writing(self) -> None:
+        source = self.forward or self.tunnel
+        if source is not None and source.upstream is not None:
+            assert source.upstream.transport is not None
+            source.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        source = self.forward or self.tunnel
+        if source is not None and source.upstream is not None:
+            assert source.upstream.transport is not None
+            source.upstream.transport.resume_reading()
+
+    # -- the connection -------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    def resume_reading(self) -> None:
+        if not self.closed:
+            self.transport.resume_reading()
+
+    def close_gracefully(self) -> None:
+        """Close once what was written has gone out."""
+        if self.transport is not None:
+            self.transport.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def internal_error(self, exc: Exception) -> None:
+        """A bug met on this connection: it costs the connection, never the server."""
+        log(f"internal error on a client connection: {exc!r}")
+        if self.forward is not None:
+            self.forward.cancel()
+        if self.tunnel is not None:
+            self.tunnel.close()
+        self.close()
+
+    def _set_busy(self, busy: bool) -> None:
+        if busy != self.busy:
+            self.busy = busy
+            if busy:
+                self.router.exchange_started()
+            else:
+                self.router.exchange_finished()
+
+    def _set_deadline(self, delay: float, action: Callable[[], None]) -> None:
+        when = self.loop.time() + delay
+        self._deadline = when
+        self._on_deadline = action
+        if self._timer is None or self._timer_when > when:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_at(when, self._deadline_passed)
+            self._timer_when = when
+
+    def _deadline_passed(self) -> None:
+        self._timer = None
+        action = self._on_deadline
+        if action is None:
+            return
+        if self._deadline > self._timer_when:  # moved later meanwhile
+            self._timer = self.loop.call_at(self._deadline, self._deadline_passed)
+            self._timer_when = self._deadline
+            return
+        self._on_deadline = None
+        try:
+            action()
+        except Exception as exc:
+            self.internal_error(exc)
+
+    # -- keep-alive -----------------------------------------------------------------------------
+
+    def _keeps_alive(self, *, response_closes: bool = False) -> bool:
+        """Whether the connection carries another request after the response going out now.
+
+        Every response asks here as its head is written, so the rules sit together; once no,
+        a connection stays no (``_must_close``), and ``_end_exchange`` closes it.
+        """
+        request = self.request
+        assert request is not None
+        if (
+            # HTTP/1.0, or the client asked to close (RFC 9112 §9.3).
+            not request.keep_alive
+            # Unread body bytes would be taken for the next request (RFC 9112 §9.3): a body
+            # is read, drained or the connection closes.
+            or self.unread_body
+            # A response body delimited by the connection closing (RFC 9112 §6.3).
+            or response_closes
+            # Shutting down: no further requests (RFC 9112 §9.6).
+            or self.router.draining
+            or self.transport.is_closing()
+        ):
+            self._must_close()
+        return self.keep_alive
+
+    def _must_close(self) -> None:
+        """No further request on this connection: the other rules, each where it arises, are
+        a broken message (RFC 9112 §2.2), a response cut off (only closing tells the client),
+        a client that left, and a switch of protocols (RFC 9110 §7.8)."""
+        self.keep_alive = False
+
+    # -- one exchange ---------------------------------------------------------------------------
+
+    def _serve_next(self) -> None:
+        """Serve the requests that have arrived whole, one at a time."""
+        if self._dispatching:
+            return  # an exchange ended inside this loop, which goes on by itself
+        self._dispatching = True
+        try:
+            # Once the connection is to close, nothing after the current request is served.
+            while self.phase < Phase.EXCHANGE and self.keep_alive and not self.closed:
+                if not self.buffer:
+                    if self.eof:
+                        self.close_gracefully()
+                    return
+                if self.router.draining:
+                    self.close_gracefully()
+                    return
+                self._set_busy(True)
+                try:
+                    head = take_head(self.buffer)
+                    if head is None and self.eof:
+                        raise ProtocolError(400, "connection closed inside a message head")
+                except ProtocolError as exc:
+                    self._reject_message(exc, Exchange(time.monotonic()))
+                    return
+                if head is None:
+                    if self.phase == Phase.IDLE:
+                        self.phase = Phase.HEAD
+                        self._set_deadline(self.router.head_timeout, self.close_gracefully)
+                    return
+                self._on_deadline = None
+                self._start_exchange(head)
+        finally:
+            self._dispatching = False
+
+    def _start_exchange(self, head: bytes) -> None:
+        exchange = Exchange(time.monotonic())
+        try:
+            request = parse_request_head(head)
+        except ProtocolError as exc:
+            self._reject_message(exc, exchange)
+            return
+        exchange.method = request.method.decode("latin-1")
+        exchange.path = request.path.decode("latin-1")
+        exchange.request_id = request_id_for(request)
+        self.phase = Phase.EXCHANGE
+        self.request = request
+        self.exchange = exchange
+        self.unread_body = request.length != 0
+        self.table = table = self.router.table  # this request keeps the table it started with
+        try:
+            self._serve(route(request, table), request, exchange)
+        except Exception as exc:
+            self._exchange_failed(exc)
+
+    def _serve(self, decision: Route, request: Request, exchange: Exchange) -> None:
+        exchange.route = decision.kind
+        if decision is BY_BODY:
+            self._read_body_for_routing(request, exchange)
+        elif type(decision) is ByPath:
+            exchange.model = decision.model.name
+            self._proxy(decision.model, decision.target, None)
+        elif type(decision) is Answer:
+            self._answer(200, decision.body, decision.content_type)
+        elif type(decision) is Scrape:
+            router = self.router
+            metrics = router.metrics.render(self.table, router.pool.opened, decision.shown)
+            self._answer(200, metrics, PROMETHEUS_TEXT)
+        else:
+            assert type(decision) is Refusal
+            exchange.model = decision.model
+            self._refuse(decision.error)
+
+    def _exchange_failed(self, exc: Exception) -> None:
+        """End the exchange in progress on an error, as far as it got."""
+        if self._answer_after_body is not None:
+            # Only the unread body before an answer of our own broke: answer, then close.
+            send, self._answer_after_body = self._answer_after_body, None
+            send()
+            return
+        if self.forward is not None:
+            self.forward.cancel()
+        if isinstance(exc, BodyTooLarge):
+            cap = self.table.config.max_body_bytes
+            exc = HTTPError(413, _too_large(cap), "request_too_large")
+        if isinstance(exc, HTTPError):
+            self._refuse(exc)
+        elif isinstance(exc, ProtocolError):
+            assert self.exchange is not None
+            self._reject_message(exc, self.exchange)
+        elif isinstance(exc, ClientGone | ConnectionError):
+            self._client_left()
+        else:
+            raise exc
+
+    def _client_left(self) -> None:
+        self._leaving = None
+        self.gone = True
+        self._must_close()
+        if self.forward is not None:
+            self.forward.cancel()
+        if self.tunnel is not None:
+            self.tunnel.close()
+        if self.exchange is not None:
+            self._end_exchange()
+
+    def _end_exchange(self) -> None:
+        """The exchange is over, answered or not: log it, then serve the next request or close."""
+        exchange = self.exchange
+        assert exchange is not None
+        if self.gone and exchange.status == 0:
+            exchange.status = 499  # nginx's "client closed request"
+        self.request = self.exchange = self.forward = self.tunnel = self.body = None
+        self._answer_after_body = None
+        self.phase = Phase.IDLE
+        if self._leaving is not None:
+            self._leaving.cancel()
+            self._leaving = None
+        self._set_busy(False)
+        self.router.record(exchange)
+        if not self.keep_alive or self.closed or self.transport.is_closing():
+            self.close_gracefully()
+            return
+        self._set_deadline(self.router.idle_timeout, self.close)
+        self.resume_reading()
+        self._serve_next()
+
+    # -- request bodies -------------------------------------------------------------------------
+
+    def _read_body_for_routing(self, request: Request, exchange: Exchange) -> None:
+        """Body routing: the body is read whole, then its ``model`` says where it goes."""
+        length = request.length
+        cap = self.table.config.max_body_bytes
+        if 0 < length <= len(self.buffer) and not (cap and length > cap):
+            # Small bodies usually arrive with their head: take them as they are.
+            raw = bytes(self.buffer[:length])
+            del self.buffer[:length]
+            exchange.bytes_in += length
+            self._body_read()
+            self._proxy_by_body(BufferedBody(raw, raw, chunked=False))
+            return
+        if length > 0 and cap and length > cap:
+            raise BodyTooLarge
+        wire: list[bytes] = []
+        payload: list[bytes] | None = [] if length == CHUNKED else None
+
+        def whole() -> None:
+            raw = b"".join(wire)
+            body = BufferedBody(
+                raw, raw if payload is None else b"".join(payload), payload is not None
+            )
+            self._proxy_by_body(body)
+
+        self._start_body(BodyReading(length, exchange, cap, wire.append, whole, payload))
+
+    def _proxy_by_body(self, body: BufferedBody) -> None:
+        try:
+            name = model_of_body(body.payload)
+            assert self.exchange is not None and self.request is not None
+            self.exchange.model = name
+            self._proxy(model_named(self.table, name), self.request.target, body)
+        except Exception as exc:
+            self._exchange_failed(exc)
+
+    def _start_body(self, reading: BodyReading) -> None:
+        """Read the request body from here on; what is buffered already goes first."""
+        assert self.request is not None
+        if reading.framing.done:
+            self._body_read()
+            reading.on_done()
+            return
+        if self.request.expect_continue:
+            # The body is read exactly once per exchange, so this goes out once.
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.body = reading
+        if self.buffer:
+            data = bytes(self.buffer)
+            self.buffer.clear()
+            self._read_body(data)
+        if self.body is reading and self.eof:
+            # The client's stream ended before the reading began (an upstream connection was
+            # being opened, say): what is buffered was all there was to read.
+            self._exchange_failed(ClientGone())
+
+    def _read_body(self, data: bytes) -> None:
+        reading = self.body
+        assert reading is not None
+        framing = reading.framing
+        try:
+            end = framing.feed(data, reading.payload)
+            if reading.cap and framing.content_size > reading.cap:
+                raise BodyTooLarge
+        except (ProtocolError, BodyTooLarge) as exc:
+            self.body = None
+            self._exchange_failed(exc)
+            return
+        if end < len(data):
+            self.buffer += data[end:]  # the start of the next request
+            data = data[:end]
+        if reading.exchange is not None:
+            reading.exchange.bytes_in += end
+        if framing.done:
+            self._body_read()
+        if data and reading.on_data is not None:
+            reading.on_data(data)
+        if framing.done:
+            reading.on_done()
+
+    def _body_read(self) -> None:
+        """The request body is read whole: the connection may carry the next request."""
+        self.body = None
+        self.unread_body = False
+
+    # -- what the forward asks of the client connection -------------------------------------------
+
+    def stream_body_to(self, forward: Forward) -> None:
+        """Send the request body on to the upstream as it arrives; the forward owns the end."""
+        assert self.request is not None
+        cap = self.table.config.max_body_bytes
+        self._start_body(
+            BodyReading(
+                self.request.length, self.exchange, cap, forward.send_body, forward.body_sent
+            )
+        )
+
+    def stop_reading_body(self) -> None:
+        """The upstream went away: what the client still sends stays unread (so the connection
+        will close)."""
+        self.body = None
+
+    def keeps_alive_after(self, response_closes: bool) -> bool:
+        return self._keeps_alive(response_closes=response_closes)
+
+    def response_complete(self) -> None:
+        """The upstream's response went out whole."""
+        if self.transport.is_closing():
+            self.gone = True
+        self._end_exchange()
+
+    def response_cut_off(self) -> None:
+        """The upstream's response broke after its head: closing is how the client learns."""
+        self._must_close()
+        self.response_complete()
+
+    def upstream_failed(self, error: HTTPError) -> None:
+        """No response came from the upstream: the router answers in its place."""
+        self.forward = None
+        self.stop_reading_body()
+        self._refuse(error)
+
+    def switch_to_tunnel(self, tunnel: Tunnel) -> None:
+        """After 101 Switching Protocols the client's bytes go to the upstream unread."""
+        self.forward = None
+        self.tunnel = tunnel
+        self.phase = Phase.TUNNEL
+        self._must_close()
+        if self.buffer:
+            data = bytes(self.buffer)
+            self.buffer.clear()
+            tunnel.client_data(data)
+        self.resume_reading()
+        if self.eof:
+            tunnel.client_eof()
+
+    def tunnel_closed(self) -> None:
+        self._end_exchange()
+
+    # -- forwarding -----------------------------------------------------------------------------
+
+    def _proxy(self, model: Model, target: bytes, body: BufferedBody | None) -> None:
+        """Forward the request; ``body`` is None when it streams from the client as it comes."""
+        request, exchange = self.request, self.exchange
+        assert request is not None and exchange is not None
+        config = self.table.config
+        cap = config.max_body_bytes
+        if body is None and cap and request.length > cap:
+            raise HTTPError(413, _too_large(cap), "request_too_large")
+        limit = config.max_concurrent_requests
+        if not self.router.take_slot(model.name, limit):
+            raise HTTPError(
+                503,
+                f"too many concurrent requests (the limit is {limit})",
+                "too_many_concurrent_requests",
+                headers=(b"Retry-After: 1",),
+            )
+        length = request.length if body is None else body.length
+        head = upstream_request_head(request, model, target, length, self.peer, exchange.request_id)
+        self.forward = Forward(self, request, exchange, model, config, head, body)
+        self.forward.start()
+
+    # -- answers of our own ---------------------------------------------------------------------
+
+    def _answer(
+        self, status: int, body: bytes, content_type: bytes, headers: tuple[bytes, ...] = ()
+    ) -> None:
+        """Answer the request; an unread small body is read and dropped first, to keep the
+        connection usable (else the answer closes it)."""
+        request, exchange = self.request, self.exchange
+        assert request is not None and exchange is not None
+        exchange.status = status
+
+        def send() -> None:
+            keep_alive = self._keeps_alive()
+            head = response_head(
+                status,
+                [
+                    b"Content-Type: " + content_type,
+                    b"Content-Length: %d" % len(body),
+                    b"X-Request-Id: " + exchange.request_id,
+                    *headers,
+                    *(() if keep_alive else (b"Connection: close",)),
+                ],
+            )
+            if request.method == b"HEAD":
+                self.write(head)
+            else:
+                self.write(head + body)
+                exchange.bytes_out = len(body)
+            self._end_exchange()
+
+        if (
+            self.unread_body
+            and request.keep_alive
+            and not self.router.draining
+            # A client waiting for 100 Continue sends nothing; a large body takes too long.
+            and not request.expect_continue
+            and request.length <= MAX_DISCARD_BYTES
+        ):
+            self._discard_body(request, send)
+        else:
+            send()
+
+    def _discard_body(self, request: Request, send: Callable[[], None]) -> None:
+        """Read and drop the unread small body within a second, then answer."""
+
+        def discarded() -> None:
+            self._on_deadline = None
+            send()
+
+        def given_up() -> None:
+            self.body = None
+            send()
+
+        self._answer_after_body = send
+        self._set_deadline(DISCARD_TIMEOUT, given_up)
+        self._start_body(BodyReading(request.length, None, MAX_DISCARD_BYTES, None, discarded))
+
+    def _refuse(self, error: HTTPError) -> None:
+        body = error_body(error.status, str(error), error.code)
+        self._answer(error.status, body, JSON, error.headers)
+
+    def _reject_message(self, error: ProtocolError, exchange: Exchange) -> None:
+        """Answer a message that broke HTTP, then give up on the connection."""
+        self._must_close()
+        body = error_body(
+            error.status, str(error), _PROTOCOL_ERROR_CODES.get(error.status, "bad_request")
+        )
+        self.write(
+            response_head(
+                error.status,
+                [
+                    b"Content-Type: application/json",
+                    b"Content-Length: %d" % len(body),
+                    b"Connection: close",
+                ],
+            )
+            + body
+        )
+        exchange.status = error.status
+        exchange.route = "error"
+        exchange.bytes_out = len(body)
+        self.exchange = exchange
+        self._end_exchange()
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. The forward: one proxied request and its response; the tunnel after 101
+# ---------------------------------------------------------------------------------------------
+
+
+class Forward:
+    """One proxied request: sent to the upstream, its response relayed back as it arrives.
+
+    It holds the request's concurrency slot until it ends, one of five ways: ``_complete``
+    (the response went out whole), ``_cut_off`` (the response broke after its head: the client
+    connection closes), ``_no_response`` (nothing usable came: the router answers in its
+    place), ``_switch_to_tunnel`` (101: the slot passes to the tunnel), or ``cancel`` (the
+    exchange ended elsewhere, the client leaving, say).
+
+    Flow control joins the two connections: when one side's write buffer fills, the other
+    side stops reading until it drains.
+    """
+
+    __slots__ = (
+        "attempts",
+        "body",
+        "client",
+        "client_head",
+        "config",
+        "connecting",
+        "ended",
+        "exchange",
+        "framing",
+        "head",
+        "model",
+        "payload",
+        "request",
+        "request_sent",
+        "reused",
+        "sent_at",
+        "upstream",
+        "upstream_keep_alive",
+    )
+
+    def __init__(
+        self,
+        client: ClientConnection,
+        request: Request,
+        exchange: Exchange,
+        model: Model,
+        config: Config,
+        head: bytes,
+        body: BufferedBody | None,
+    ) -> None:
+        self.client = client
+        self.request = request
+        self.exchange = exchange
+        self.model = model
+        self.config = config
+        self.head = head
+        self.body = body
+        self.upstream: UpstreamConnection | None = None
+        self.connecting: asyncio.Task[None] | None = None
+        self.attempts = 0
+        self.reused = False
+        self.request_sent = False  # the whole request has gone to the upstream
+        self.framing: Framing | None = None  # of the response body, once its head is in
+        self.client_head = b""  # the response head, until it goes out with the first bytes
+        self.payload: list[bytes] | None = None  # de-chunked content, for HTTP/1.0 clients
+        self.sent_at = 0.0
+        self.upstream_keep_alive = False
+        self.ended = False
+
+    def start(self) -> None:
+        self.sent_at = time.monotonic()
+        self._attempt()
+
+    def cancel(self) -> None:
+        """The exchange ends elsewhere (the client left, say): drop the upstream side.
+
+        A connection still being opened is left to finish: it goes to the pool then.
+        """
+        self._drop_upstream()
+        self._release()
+
+    def _release(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.client.router.release_slot(self.model.name)
+
+    def _drop_upstream(self) -> None:
+        if self.upstream is not None:
+            self.upstream.handler = None
+            self.upstream.close()
+            self.upstream = None
+
+    # -- the request ----------------------------------------------------------------------------
+
+    def _attempt(self) -> None:
+        connection = self.client.router.pool.take(self.model.upstream)
+        if connection is None:
+            self.connecting = self.client.loop.create_task(self._connect())
+        else:
+            self._send(connection, reused=True)
+
+    async def _connect(self) -> None:
+        pool = self.client.router.pool
+        try:
+            connection = await pool.open(self.model.upstream, self.config.connect_timeout)
+        except UpstreamError as exc:
+            self.connecting = None
+            if self.ended:
+                return
+            timed_out = exc.status == 504
+            self.exchange.upstream_failure = "timeout" if timed_out else "connect"
+            code = "upstream_timeout" if timed_out else "upstream_unavailable"
+            self._no_response(HTTPError(exc.status, str(exc), code))
+            return
+        self.connecting = None
+        if self.ended:
+            pool.release(self.model.upstream, connection)
+            return
+        try:
+            self._send(connection, reused=False)
+        except Exception as exc:
+            self.client.internal_error(exc)
+
+    def _send(self, connection: UpstreamConnection, *, reused: bool) -> None:
+        self.upstream = connection
+        connection.handler = self
+        self.reused = reused
+        self.attempts += 1
+        transport = connection.transport
+        assert transport is not None
+        if self.body is not None:
+            raw = self.body.raw
+            # One system call for a small request; a large body is not copied to be joined.
+            if len(raw) <= JOIN_LIMIT:
+                transport.write(self.head + raw)
+            else:
+                transport.write(self.head)
+                transport.write(raw)
+            self.request_sent = True
+            return
+        transport.write(self.head)
+        if self.request.length == 0:
+            self.request_sent = True
+        else:
+            self.client.stream_body_to(self)
+
+    def send_body(self, data: bytes) -> None:
+        if self.upstream is not None and not self.upstream.closed:
+            assert self.upstream.transport is not None
+            self.upstream.transport.write(data)
+
+    def body_sent(self) -> None:
+        self.request_sent = True
+        if self.upstream is not None and self.upstream.buffer:
+            self._read_head()  # the upstream answered before the body was all sent
+
+    # -- the response ---------------------------------------------------------------------------
+
+    def upstream_data(self, data: bytes) -> None:
+        if self.framing is not None:
+            self._relay(data)
+        else:
+            assert self.upstream is not None
+            self.upstream.buffer += data
+            if self.request_sent:  # as before: the whole request first, then its answer
+                self._read_head()
+
+    def upstream_eof(self) -> bool:
+        return False  # the transport closes, and upstream_closed tells what that means
+
+    def _read_head(self) -> None:
+        connection = self.upstream
+        assert connection is not None
+        while True:
+            try:
+                head = take_head(connection.buffer)
+                if head is None:
+                    return
+                response = parse_response_head(head, self.request.method)
+            except ProtocolError as exc:
+                self._upstream_failed(f"invalid response from the upstream: {exc}")
+                return
+            if response.status >= 200 or response.status == 101:
+                break  # interim 1xx answers are ours to drop: we sent no Expect
+        exchange = self.exchange
+        exchange.upstream_seconds = time.monotonic() - self.sent_at
+        if response.status == 101:
+            self._switch_to_tunnel(response)
+            return
+        exchange.status = response.status
+        # An HTTP/1.0 client cannot read chunked framing: it gets the bare content, ended by
+        # the connection closing.
+        dechunk = response.length == CHUNKED and self.request.http_minor == 0
+        keep_alive = self.client.keeps_alive_after(response.length == UNTIL_CLOSE or dechunk)
+        self.client_head = client_response_head(response, exchange.request_id, keep_alive, dechunk)
+        self.framing = Framing(response.length)
+        self.payload = [] if dechunk else None
+        self.upstream_keep_alive = response.keep_alive
+        rest = bytes(connection.buffer)
+        connection.buffer.clear()
+        self._relay(rest)
+
+    def _relay(self, data: bytes) -> None:
+        """Send the response on: raw framing, or only the content when de-chunking."""
+        framing = self.framing
+        assert framing is not None and self.upstream is not None
+        try:
+            end = framing.feed(data, self.payload)
+        except ProtocolError as exc:
+            self._cut_off(exc)
+            return
+        if end < len(data):
+            self.upstream.buffer += data[end:]  # bytes beyond the response: never reused
+            data = data[:end]
+        if self.payload is not None:
+            data = b"".join(self.payload)
+            self.payload.clear()
+        self.exchange.bytes_out += len(data)
+        if self.client_head:
+            # The head goes out with the body bytes that came with it, in one write.
+            data = self.client_head + data
+            self.client_head = b""
+        if data:
+            self.client.write(data)
+        if framing.done:
+            self._complete()
+
+    def upstream_closed(self, exc: Exception | None) -> None:
+        connection = self.upstream
+        assert connection is not None
+        if not self.request_sent:
+            # The upstream stopped taking the body: it may have answered early (its own 413,
+            # say). Whatever the client still sends is unread, so its connection cannot last.
+            self.request_sent = True
+            self.client.stop_reading_body()
+        if self.framing is None and connection.buffer:
+            self._read_head()
+            if self.ended:
+                return
+        if self.framing is not None:
+            if self.framing.length == UNTIL_CLOSE:
+                self._complete()
+            else:
+                self._cut_off(ProtocolError(502, "the upstream closed the connection mid-body"))
+        elif connection.buffer:
+            self._upstream_failed(
+                "invalid response from the upstream: connection closed inside a message head"
+            )
+        elif isinstance(exc, ConnectionError):
+            self._upstream_failed(f"the upstream reset the connection: {exc}", replayable=True)
+        else:
+            self._upstream_failed(
+                "the upstream closed the connection without answering", replayable=True
+            )
+
+    def _upstream_failed(self, message: str, *, replayable: bool = False) -> None:
+        self._drop_upstream()
+        # An idle connection the upstream had just closed: replay once, if we can. A body that
+        # streamed from the client is gone once sent, so only a buffered or empty one can be.
+        if (
+            replayable
+            and self.reused
+            and self.attempts == 1
+            and (self.body is not None or self.request.length == 0)
+        ):
+            self._attempt()
+            return
+        self.exchange.upstream_failure = "protocol"
+        self._no_response(HTTPError(502, message, "upstream_error"))
+
+    # -- the ends -------------------------------------------------------------------------------
+
+    def _complete(self) -> None:
+        connection = self.upstream
+        assert connection is not None
+        self.upstream = None
+        if self.upstream_keep_alive and not connection.buffer:
+            self.client.router.pool.release(self.model.upstream, connection)
+        else:
+            connection.handler = None
+            connection.close()
+        self._release()
+        self.client.response_complete()
+
+    def _cut_off(self, error: ProtocolError) -> None:
+        # Never pass a cut-off body off as complete: closing the client connection tells.
+        log(f"upstream of model {self.exchange.model} broke its response: {error}")
+        self.exchange.upstream_failure = "protocol"
+        self._drop_upstream()
+        self._release()
+        self.client.response_cut_off()
+
+    def _no_response(self, error: HTTPError) -> None:
+        self._release()
+        self.client.upstream_failed(error)
+
+    def _switch_to_tunnel(self, response: Response) -> None:
+        client = self.client
+        client.write(switching_protocols_head(response))
+        connection = self.upstream
+        assert connection is not None
+        self.upstream = None
+        self.ended = True  # the slot is the tunnel's now
+        tunnel = Tunnel(client, connection, self.model.name)
+        connection.handler = tunnel
+        client.switch_to_tunnel(tunnel)
+        if connection.buffer:
+            client.write(bytes(connection.buffer))
+            connection.buffer.clear()
+
+
+class Tunnel:
+    """After 101 Switching Protocols: bytes copied both ways, unread, until both sides end.
+
+    It holds the concurrency slot of the request that opened it until it closes.
+    """
+
+    __slots__ = ("client", "closed", "ends", "model", "upstream")
+
+    def __init__(self, client: ClientConnection, upstream: UpstreamConnection, model: str):
+        self.client = client
+        self.upstream = upstream
+        self.model = model
+        self.ends = 0  # sides that have sent their end of stream
+        self.closed = False
+
+    def client_data(self, data: bytes) -> None:
+        if not self.upstream.closed:
+            assert self.upstream.transport is not None
+            self.upstream.transport.write(data)
+
+    def client_eof(self) -> None:
+        assert self.upstream.transport is not None
+        self._end_of_stream(self.upstream.transport)
+
+    def upstream_data(self, data: bytes) -> None:
+        self.client.write(data)
+
+    def upstream_eof(self) -> bool:
+        self._end_of_stream(self.client.transport)
+        return True  # the other direction stays open
+
+    def upstream_closed(self, exc: Exception | None) -> None:
+        self._finish()
+
+    def close(self) -> None:
+        """The exchange ends elsewhere (the client left, say): drop the upstream side."""
+        if not self.closed:
+            self.closed = True
+            self.upstream.handler = None
+            self.upstream.close()
+            self.client.router.release_slot(self.model)
+
+    def _end_of_stream(self, target: asyncio.Transport) -> None:
+        if self.closed:
+            return
+        if target.can_write_eof() and not target.is_closing():
+            target.write_eof()
+        self.ends += 1
+        if self.ends == 2:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.close()
+        self.client.tunnel_closed()
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. The server: listeners, sd_notify, reload, drain
 # ---------------------------------------------------------------------------------------------
 
 
@@ -2661,7 +2974,7 @@ STATUS_INTERVAL = 5.0
 
 
 class Server:
-    """Listeners, signals and the service's lifecycle around one Router."""
+    """Listeners, signals and the service's lifecycle around the router state."""
 
     def __init__(
         self,
@@ -2673,7 +2986,7 @@ class Server:
     ):
         environ = os.environ if environ is None else environ
         self.config_path = config_path
-        self.router = Router(RoutingTable(config))
+        self.router = RouterState(RoutingTable(config))
         self.activated = activated or []
         self.notifier = Notifier(environ)
         self.watchdog_interval = watchdog_interval(environ)
@@ -2799,18 +3112,23 @@ class Server:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.0):
                 await router.no_connections.wait()
-        router.flush_log()
+        router.access_log.flush()
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. llmhop-notify: readiness for workers that do not speak sd_notify
+# 12. llmhop-notify: readiness for workers that do not speak sd_notify
 # ---------------------------------------------------------------------------------------------
+
 
 NOTIFY_USAGE = (
     "usage: llmhop-notify -url <http://host:port | unix:///path.sock> [-health-path /health]"
     " [--] COMMAND [ARG...]"
 )
+
+
 HEALTH_POLL_INTERVAL = 1.0
+
+
 HEALTH_PROBE_TIMEOUT = 10.0
 
 
@@ -2934,7 +3252,7 @@ def notify_main(argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. Command line
+# 13. Command line
 # ---------------------------------------------------------------------------------------------
 
 

@@ -218,7 +218,7 @@ class RunningRouter:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.server = llmhop.Server("<test>", parsed)
-        router_attributes.setdefault("access_log", False)
+        self.server.router.access_log.enabled = router_attributes.pop("access_log", False)
         for name, value in router_attributes.items():
             setattr(self.server.router, name, value)
         self.call(self.server.start())
@@ -229,7 +229,7 @@ class RunningRouter:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(WAIT)
 
     @property
-    def router(self) -> llmhop.Router:
+    def router(self) -> llmhop.RouterState:
         return self.server.router
 
     def connect(self) -> socket.socket:

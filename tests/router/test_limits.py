@@ -283,3 +283,18 @@ def test_broken_upstream_gives_502(
     reply = exchange(router, "POST", "/v1/x", chat("m"))
     assert reply.status == 502
     assert error_code(reply) == "upstream_error"
+
+
+def test_nothing_is_served_after_a_request_that_closes(
+    router_factory: Factory, upstream: FakeUpstream
+) -> None:
+    """RFC 9112 §9.6: after "Connection: close" the server reads no further request."""
+    router = router_factory({"models": {"m": {"url": upstream.url}}})
+    closing = request_bytes("POST", "/v1/x", chat("m"), {"Connection": "close"})
+    with router.connect() as sock:
+        sock.sendall(closing + request_bytes("POST", "/v1/x", chat("m")))
+        reader = SocketReader(sock)
+        assert read_reply(reader).headers["connection"] == "close"
+        assert reader.rest() == b""
+    assert upstream.next_request().body == chat("m")
+    assert upstream.received.empty()
