@@ -50,13 +50,11 @@ from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 VERSION = "0.1.0"
 
-
 DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY_BYTES = 100 * 1024 * 1024
 DEFAULT_MAX_CONCURRENT_REQUESTS = 8
 DEFAULT_CONNECT_TIMEOUT = 30.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
-
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADER_FIELDS = 256
@@ -90,7 +88,6 @@ def _json_bytes(value: Any) -> bytes:
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
-
 # Header value octets: VCHAR, obs-text, SP and HTAB (RFC 9110 §5.5); used to delete valid bytes.
 _FIELD_VALUE_OCTETS = bytes([9, *range(0x20, 0x7F), *range(0x80, 0x100)])
 
@@ -104,13 +101,11 @@ HOP_BY_HOP = frozenset(
     b"proxy-authenticate proxy-authorization".split()
 )
 
-
 # Request headers a proxy sets itself, whatever the client sent.
 REPLACED_REQUEST_HEADERS = frozenset(
     b"host content-length expect x-request-id forwarded x-forwarded-for x-forwarded-host "
     b"x-forwarded-proto".split()
 )
-
 
 # Framing and connection management stay the proxy's: a model may not set them.
 _MANAGED_HEADERS = frozenset(
@@ -130,9 +125,7 @@ class ProtocolError(Exception):
 # A valid request line; when it does not match, the looser one tells what is wrong with it.
 _REQUEST_LINE = re.compile(rb"(%s) ([\x21-\x7e\x80-\xff]+) (HTTP/[0-9]\.[0-9])" % _TOKEN.pattern)
 
-
 _ANY_REQUEST_LINE = re.compile(rb"([^ ]+) ([^ ]+) (HTTP/[0-9]\.[0-9])")
-
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n]*))?")
 
@@ -177,9 +170,7 @@ class Fields(list[tuple[bytes, bytes]]):
 # A valid field line (RFC 9110 §5.5): token ":" OWS value OWS CRLF, the value without its OWS.
 _FIELD_NAME = _TOKEN.pattern
 
-
 _FIELD_VALUE = rb"(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?"
-
 
 _FIELD_LINE = re.compile(rb"(?m)^(%s):[ \t]*(%s)[ \t]*\r\n" % (_FIELD_NAME, _FIELD_VALUE))
 
@@ -222,7 +213,6 @@ def header_tokens(headers: Fields, lower_name: bytes) -> list[bytes]:
 
 
 CHUNKED = -1  # a body length meaning "chunked transfer coding"
-
 
 UNTIL_CLOSE = -2  # a response body delimited by the connection closing
 
@@ -514,7 +504,6 @@ def response_head(status: int, headers: list[bytes], reason: bytes | None = None
 
 SECRET_SCHEMES = ("env", "file", "cred")
 
-
 _BARE_REFERENCE = re.compile(r"[A-Za-z0-9_]+|[*#@!?-]")
 
 
@@ -751,9 +740,7 @@ _CONFIG_KEYS = {
     "models": dict,
 }
 
-
 _MODEL_KEYS = {"url": str, "headers": dict, "unlisted": bool}
-
 
 _TYPE_NAMES = {
     str: "a string",
@@ -1191,15 +1178,11 @@ def model_of_body(payload: bytes) -> str:
 # prompt, say): decoding those whole costs more than all else a request does.
 LONG_BODY = 64 * 1024
 
-
 LONG_STRING = 16 * 1024  # never below len("model"): that key must stay as it is
-
 
 STRING_PIECE = 64 * 1024  # long string contents are checked in pieces this large
 
-
 MAX_QUOTES_WALKED = 256  # past this many strings, json.loads is quicker than the walk
-
 
 ELIDED = b"..."  # what stands in for the contents of a long string
 
@@ -1453,7 +1436,6 @@ def switching_protocols_head(response: Response) -> bytes:
 
 ERROR_TYPES = {401: "authentication_error", 502: "upstream_error", 503: "server_error"}
 
-
 ERROR_TYPES[504] = ERROR_TYPES[502]
 
 
@@ -1483,7 +1465,7 @@ class Exchange:
     started: float
     method: str = "-"
     path: str = "-"
-    route: str = "-"  # health, models, path, body, error
+    route: str = "-"  # health, metrics, models, path, body, error
     model: str = "-"
     status: int = 0
     bytes_in: int = 0
@@ -1635,7 +1617,6 @@ class Metrics:
 
 PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
 
-
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
 
 
@@ -1658,7 +1639,6 @@ def _request_id_prefix() -> bytes:
 
 
 _REQUEST_ID_PREFIX = _request_id_prefix()
-
 
 _request_counter = itertools.count(1)
 
@@ -3125,9 +3105,7 @@ NOTIFY_USAGE = (
     " [--] COMMAND [ARG...]"
 )
 
-
 HEALTH_POLL_INTERVAL = 1.0
-
 
 HEALTH_PROBE_TIMEOUT = 10.0
 
