@@ -1915,7 +1915,7 @@ class ClientConnection(asyncio.Protocol):
     it comes. One exchange at a time: a pipelined request waits in ``buffer`` meanwhile.
 
     Every exchange ends in ``_end_exchange``, which serves the next request or closes;
-    whether it may go on is decided by ``_keeps_alive`` alone.
+    whether it may go on is decided by ``decide_keep_alive`` alone.
     """
 
     def __init__(self, router: RouterState) -> None:
@@ -2091,7 +2091,7 @@ class ClientConnection(asyncio.Protocol):
 
     # -- keep-alive -----------------------------------------------------------------------------
 
-    def _keeps_alive(self, *, response_closes: bool = False) -> bool:
+    def decide_keep_alive(self, *, response_closes: bool = False) -> bool:
         """Whether the connection carries another request after the response going out now.
 
         Every response asks here as its head is written, so the rules sit together; once no,
@@ -2350,9 +2350,6 @@ class ClientConnection(asyncio.Protocol):
         will close)."""
         self.body = None
 
-    def keeps_alive_after(self, response_closes: bool) -> bool:
-        return self._keeps_alive(response_closes=response_closes)
-
     def response_complete(self) -> None:
         """The upstream's response went out whole."""
         if self.transport.is_closing():
@@ -2422,7 +2419,7 @@ class ClientConnection(asyncio.Protocol):
         exchange.status = status
 
         def send() -> None:
-            keep_alive = self._keeps_alive()
+            keep_alive = self.decide_keep_alive()
             head = response_head(
                 status,
                 [
@@ -2687,7 +2684,9 @@ class Forward:
         # An HTTP/1.0 client cannot read chunked framing: it gets the bare content, ended by
         # the connection closing.
         dechunk = response.length == CHUNKED and self.request.http_minor == 0
-        keep_alive = self.client.keeps_alive_after(response.length == UNTIL_CLOSE or dechunk)
+        keep_alive = self.client.decide_keep_alive(
+            response_closes=response.length == UNTIL_CLOSE or dechunk
+        )
         self.client_head = client_response_head(response, exchange.request_id, keep_alive, dechunk)
         self.framing = Framing(response.length)
         self.payload = [] if dechunk else None
