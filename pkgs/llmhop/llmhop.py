@@ -2109,7 +2109,6 @@ class ClientConnection(asyncio.Protocol):
             or response_closes
             # Shutting down: no further requests (RFC 9112 §9.6).
             or self.router.draining
-            or self.transport.is_closing()
         ):
             self._must_close()
         return self.keep_alive
@@ -2230,6 +2229,10 @@ class ClientConnection(asyncio.Protocol):
         """The exchange is over, answered or not: log it, then serve the next request or close."""
         exchange = self.exchange
         assert exchange is not None
+        if self.transport.is_closing() and not self.gone:
+            # A write failed: the client left while its answer went out.
+            self.gone = True
+            self._must_close()
         if self.gone and exchange.status == 0:
             exchange.status = 499  # nginx's "client closed request"
         self.request = self.exchange = self.forward = self.tunnel = self.body = None
@@ -2240,7 +2243,7 @@ class ClientConnection(asyncio.Protocol):
             self._leaving = None
         self._set_busy(False)
         self.router.record(exchange)
-        if not self.keep_alive or self.closed or self.transport.is_closing():
+        if not self.keep_alive or self.closed:
             self.close_gracefully()
             return
         self._set_deadline(self.router.idle_timeout, self.close)
@@ -2352,8 +2355,6 @@ class ClientConnection(asyncio.Protocol):
 
     def response_complete(self) -> None:
         """The upstream's response went out whole."""
-        if self.transport.is_closing():
-            self.gone = True
         self._end_exchange()
 
     def response_cut_off(self) -> None:
