@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +129,31 @@ def test_small_post_phase_at_tiny_size(tmp_path: Path) -> None:
     assert verdicts["CPU per request at concurrency 16 <= 4x nginx's"] is not None
     assert verdicts["SSE: <= 1 % of chunks coalesced"] is None  # not measured here
     assert "llmhop ÷ nginx" in report.text_table(bench.results)
+
+
+def test_python_path_comparison_runs_both_copies(tmp_path: Path) -> None:
+    router = Path(harness.__file__).resolve().parents[1] / "pkgs" / "llmhop" / "llmhop.py"
+    copy = tmp_path / "copy.py"
+    copy.write_bytes(router.read_bytes())
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.python_path",
+            str(router),
+            str(copy),
+            "--runs",
+            "1",
+            "--requests",
+            "200",
+        ],
+        cwd=router.parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == [str(router), str(copy)]
+    assert all(re.search(r"fastest \d+\.\d+ µs, median \d+\.\d+ µs$", line) for line in lines)
