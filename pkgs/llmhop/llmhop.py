@@ -175,6 +175,19 @@ _FIELD_VALUE = rb"(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x8
 _FIELD_LINE = re.compile(rb"(?m)^(%s):[ \t]*(%s)[ \t]*\r\n" % (_FIELD_NAME, _FIELD_VALUE))
 
 
+def _field_error(block: bytes) -> ProtocolError:
+    """What is wrong with the first invalid line of a field block."""
+    for line in block.split(b"\r\n")[:-1]:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name):
+            if line[:1] in (b" ", b"\t"):
+                return ProtocolError(400, "obsolete line folding is not allowed")
+            return ProtocolError(400, "malformed header field")
+        if not is_valid_field_value(value.strip(b" \t")):
+            break
+    return ProtocolError(400, "invalid character in header value")
+
+
 def parse_fields(block: bytes) -> Fields:
     """The fields of a block of field lines, each line ending with CRLF."""
     lines = block.count(b"\r\n")
@@ -187,19 +200,6 @@ def parse_fields(block: bytes) -> Fields:
     if len(fields) != lines or block.count(b"\n") != lines:
         raise _field_error(block)
     return Fields(fields)
-
-
-def _field_error(block: bytes) -> ProtocolError:
-    """What is wrong with the first invalid line of a field block."""
-    for line in block.split(b"\r\n")[:-1]:
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.fullmatch(name):
-            if line[:1] in (b" ", b"\t"):
-                return ProtocolError(400, "obsolete line folding is not allowed")
-            return ProtocolError(400, "malformed header field")
-        if not is_valid_field_value(value.strip(b" \t")):
-            break
-    return ProtocolError(400, "invalid character in header value")
 
 
 def header_tokens(headers: Fields, lower_name: bytes) -> list[bytes]:
@@ -287,6 +287,13 @@ class Request(NamedTuple):
         return self.headers.first(lower_name)
 
 
+def _request_line_error(request_line: bytes) -> ProtocolError:
+    match = _ANY_REQUEST_LINE.fullmatch(request_line)
+    if match is None or not _TOKEN.fullmatch(match[1]):
+        return ProtocolError(400, "malformed request line")
+    return ProtocolError(400, "invalid character in request target")
+
+
 def parse_request_head(head: bytes) -> Request:
     """Parse a request head (without its final blank line); raise ProtocolError if invalid."""
     request_line, _, fields = head.partition(b"\r\n")
@@ -325,13 +332,6 @@ def parse_request_head(head: bytes) -> Request:
         upgrade[0] if upgrade and b"upgrade" in connection else None,
         tuple(connection),
     )
-
-
-def _request_line_error(request_line: bytes) -> ProtocolError:
-    match = _ANY_REQUEST_LINE.fullmatch(request_line)
-    if match is None or not _TOKEN.fullmatch(match[1]):
-        return ProtocolError(400, "malformed request line")
-    return ProtocolError(400, "invalid character in request target")
 
 
 @dataclass(slots=True)
@@ -576,6 +576,10 @@ class SecretResolver:
         return _read_secret_file(os.path.join(self._credentials_directory(f"cred:{name}"), name))
 
 
+def _not_a_reference(text: str) -> str:
+    return f"{text!r} is not a cred:, env: or file: reference; write $$ for a literal $"
+
+
 def expand_secrets(value: str, resolve: Callable[[str, str], str]) -> tuple[str, list[str]]:
     """Expand every reference in ``value``; return the result and every error found."""
     parts: list[str] = []
@@ -610,10 +614,6 @@ def expand_secrets(value: str, resolve: Callable[[str, str], str]) -> tuple[str,
             position = dollar + 1
     parts.append(value[position:])
     return "".join(parts), errors
-
-
-def _not_a_reference(text: str) -> str:
-    return f"{text!r} is not a cred:, env: or file: reference; write $$ for a literal $"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1158,48 +1158,64 @@ class BufferedBody:
         return CHUNKED if self.chunked else len(self.raw)
 
 
-def model_of_body(payload: bytes) -> str:
-    """The top-level ``model`` string of a JSON body."""
-    try:
-        document = _parse_for_model(payload)
-    except (ValueError, RecursionError):
-        raise HTTPError(400, "invalid JSON request body", "invalid_json") from None
-    model = document.get("model") if isinstance(document, dict) else None
-    if not isinstance(model, str):
-        raise HTTPError(
-            400, 'missing model: the JSON body needs a string "model" field', "missing_model"
-        )
-    if not model:
-        raise HTTPError(400, "missing model: the model name is empty", "missing_model")
-    return model
-
-
 # Bodies from this size on are parsed without the contents of their long strings (a long
 # prompt, say): decoding those whole costs more than all else a request does.
 LONG_BODY = 64 * 1024
 
+
 LONG_STRING = 16 * 1024  # never below len("model"): that key must stay as it is
+
 
 STRING_PIECE = 64 * 1024  # long string contents are checked in pieces this large
 
+
 MAX_QUOTES_WALKED = 256  # past this many strings, json.loads is quicker than the walk
+
 
 ELIDED = b"..."  # what stands in for the contents of a long string
 
 
-def _parse_for_model(payload: bytes) -> Any:
-    """json.loads(payload), or an equivalent document as far as ``model`` goes.
+def _piece_end(document: bytes, start: int, cut: int) -> int:
+    """``cut`` moved back, if need be, so it splits neither a UTF-8 sequence nor an escape."""
+    for _ in range(3):
+        if 0x80 <= document[cut] < 0xC0:  # a continuation byte
+            cut -= 1
+    if 0x80 <= document[cut] < 0xC0:
+        return start  # not UTF-8 at all
+    # An escape is at most six bytes (\uXXXX), so only the last backslash of the six before
+    # the cut can begin one that spans it. Backslashes pair up from the start of their run.
+    backslash = document.rfind(b"\\", max(start, cut - 6), cut)
+    if backslash >= 0:
+        run = backslash
+        while run > start and document[run - 1] == 0x5C:
+            run -= 1
+        if (backslash - run) % 2 == 0:
+            length = 6 if document[backslash + 1] == 0x75 else 2  # \uXXXX or \n, say
+            if cut < backslash + length:
+                cut = backslash
+    return cut
 
-    Long strings are left out of the parse (see ``_without_long_strings``), unless ``model``
-    is one of them: then the body is parsed whole after all.
+
+def _is_string_content(document: bytes, start: int, end: int) -> bool:
+    """Whether document[start:end] is valid between the quotes of a JSON string.
+
+    Checked by json itself, in pieces (so no copy of it all is made at once), each cut where
+    it splits neither a UTF-8 sequence nor an escape.
     """
-    shortened = _without_long_strings(payload) if len(payload) >= LONG_BODY else None
-    if shortened is None:
-        return json.loads(payload)
-    document = json.loads(shortened)
-    if isinstance(document, dict) and document.get("model") == ELIDED.decode():
-        return json.loads(payload)
-    return document
+    while start < end:
+        cut = min(start + STRING_PIECE, end)
+        if cut < end:
+            cut = _piece_end(document, start, cut)
+            if cut <= start:
+                return False  # no place to cut: let json.loads judge the whole
+        try:
+            # As json.loads decodes a UTF-8 document; cut on sequence ends, the pieces decode
+            # as the whole would.
+            json.loads(f'"{document[start:cut].decode("utf-8", "surrogatepass")}"')
+        except ValueError:
+            return False
+        start = cut
+    return True
 
 
 def _without_long_strings(document: bytes) -> bytes | None:
@@ -1248,47 +1264,35 @@ def _without_long_strings(document: bytes) -> bytes | None:
     return b"".join(parts)
 
 
-def _is_string_content(document: bytes, start: int, end: int) -> bool:
-    """Whether document[start:end] is valid between the quotes of a JSON string.
+def _parse_for_model(payload: bytes) -> Any:
+    """json.loads(payload), or an equivalent document as far as ``model`` goes.
 
-    Checked by json itself, in pieces (so no copy of it all is made at once), each cut where
-    it splits neither a UTF-8 sequence nor an escape.
+    Long strings are left out of the parse (see ``_without_long_strings``), unless ``model``
+    is one of them: then the body is parsed whole after all.
     """
-    while start < end:
-        cut = min(start + STRING_PIECE, end)
-        if cut < end:
-            cut = _piece_end(document, start, cut)
-            if cut <= start:
-                return False  # no place to cut: let json.loads judge the whole
-        try:
-            # As json.loads decodes a UTF-8 document; cut on sequence ends, the pieces decode
-            # as the whole would.
-            json.loads(f'"{document[start:cut].decode("utf-8", "surrogatepass")}"')
-        except ValueError:
-            return False
-        start = cut
-    return True
+    shortened = _without_long_strings(payload) if len(payload) >= LONG_BODY else None
+    if shortened is None:
+        return json.loads(payload)
+    document = json.loads(shortened)
+    if isinstance(document, dict) and document.get("model") == ELIDED.decode():
+        return json.loads(payload)
+    return document
 
 
-def _piece_end(document: bytes, start: int, cut: int) -> int:
-    """``cut`` moved back, if need be, so it splits neither a UTF-8 sequence nor an escape."""
-    for _ in range(3):
-        if 0x80 <= document[cut] < 0xC0:  # a continuation byte
-            cut -= 1
-    if 0x80 <= document[cut] < 0xC0:
-        return start  # not UTF-8 at all
-    # An escape is at most six bytes (\uXXXX), so only the last backslash of the six before
-    # the cut can begin one that spans it. Backslashes pair up from the start of their run.
-    backslash = document.rfind(b"\\", max(start, cut - 6), cut)
-    if backslash >= 0:
-        run = backslash
-        while run > start and document[run - 1] == 0x5C:
-            run -= 1
-        if (backslash - run) % 2 == 0:
-            length = 6 if document[backslash + 1] == 0x75 else 2  # \uXXXX or \n, say
-            if cut < backslash + length:
-                cut = backslash
-    return cut
+def model_of_body(payload: bytes) -> str:
+    """The top-level ``model`` string of a JSON body."""
+    try:
+        document = _parse_for_model(payload)
+    except (ValueError, RecursionError):
+        raise HTTPError(400, "invalid JSON request body", "invalid_json") from None
+    model = document.get("model") if isinstance(document, dict) else None
+    if not isinstance(model, str):
+        raise HTTPError(
+            400, 'missing model: the JSON body needs a string "model" field', "missing_model"
+        )
+    if not model:
+        raise HTTPError(400, "missing model: the model name is empty", "missing_model")
+    return model
 
 
 def _too_large(cap: int) -> str:
@@ -1313,10 +1317,11 @@ class Peer(NamedTuple):
     def of(cls, peername: Any) -> Peer:
         if isinstance(peername, tuple) and peername:
             return cls(peername[0], b"X-Forwarded-For: " + peername[0].encode())
-        return _UNIX_PEER
+        return cls(None, b"")
 
 
-_UNIX_PEER = Peer(None, b"")
+def _quoted(value: bytes) -> bytes:
+    return b'"%s"' % value.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
 
 
 def forwarded_value(client_ip: str | None, host: bytes | None) -> bytes:
@@ -1329,10 +1334,6 @@ def forwarded_value(client_ip: str | None, host: bytes | None) -> bytes:
         elements.append(b"host=" + (host if _TOKEN.fullmatch(host) else _quoted(host)))
     elements.append(b"proto=http")
     return b";".join(elements)
-
-
-def _quoted(value: bytes) -> bytes:
-    return b'"%s"' % value.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
 
 
 def join_query(upstream_query: str, client_query: bytes) -> bytes:
@@ -1620,13 +1621,6 @@ PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
 
 
-def request_id_for(request: Request) -> bytes:
-    given = request.header(b"x-request-id")
-    if given is not None and _REQUEST_ID.fullmatch(given):
-        return given
-    return b"%s%012x" % (_REQUEST_ID_PREFIX, next(_request_counter))
-
-
 def _request_id_prefix() -> bytes:
     """A random UUID (version 4) without its last 12 digits, which count requests instead.
 
@@ -1640,7 +1634,22 @@ def _request_id_prefix() -> bytes:
 
 _REQUEST_ID_PREFIX = _request_id_prefix()
 
+
 _request_counter = itertools.count(1)
+
+
+def request_id_for(request: Request) -> bytes:
+    given = request.header(b"x-request-id")
+    if given is not None and _REQUEST_ID.fullmatch(given):
+        return given
+    return b"%s%012x" % (_REQUEST_ID_PREFIX, next(_request_counter))
+
+
+def _loggable(text: str, limit: int = 200) -> str:
+    """Client-chosen text made safe for a one-line log: no spaces, controls or runaway length."""
+    if len(text) <= limit and text.isprintable() and " " not in text:
+        return text
+    return json.dumps(text[:limit] + ("..." if len(text) > limit else ""))
 
 
 class AccessLog:
@@ -1671,13 +1680,6 @@ class AccessLog:
         if self._lines:
             sys.stderr.write("".join(self._lines))
             self._lines.clear()
-
-
-def _loggable(text: str, limit: int = 200) -> str:
-    """Client-chosen text made safe for a one-line log: no spaces, controls or runaway length."""
-    if len(text) <= limit and text.isprintable() and " " not in text:
-        return text
-    return json.dumps(text[:limit] + ("..." if len(text) > limit else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1817,57 +1819,6 @@ class UpstreamPool:
 # ---------------------------------------------------------------------------------------------
 
 
-class RouterState:
-    """What every client connection shares: the routing table, the upstream pool, metrics and
-    the access log, and the counts that admission and a graceful stop go by."""
-
-    def __init__(self, table: RoutingTable, *, metrics: Metrics | None = None):
-        self.table = table
-        self.pool = UpstreamPool()
-        self.metrics = metrics or Metrics()
-        self.access_log = AccessLog()
-        self.in_flight = 0  # proxied requests holding a slot
-        self.connections: set[ClientConnection] = set()
-        self.no_connections = asyncio.Event()
-        self.no_connections.set()
-        self.busy_connections = 0
-        self.all_idle = asyncio.Event()  # set whenever no request is being served
-        self.all_idle.set()
-        self.draining = False
-        self.head_timeout = HEAD_TIMEOUT
-        self.idle_timeout = IDLE_TIMEOUT
-
-    def new_connection(self) -> ClientConnection:
-        """The protocol factory of the listeners: one per client connection."""
-        return ClientConnection(self)
-
-    def exchange_started(self) -> None:
-        self.busy_connections += 1
-        self.all_idle.clear()
-
-    def exchange_finished(self) -> None:
-        self.busy_connections -= 1
-        if not self.busy_connections:
-            self.all_idle.set()
-
-    def take_slot(self, model: str, limit: int) -> bool:
-        """Admit a proxied request under the concurrency limit (0: none); False when full."""
-        if limit and self.in_flight >= limit:
-            return False
-        self.in_flight += 1
-        self.metrics.in_flight[model] += 1
-        return True
-
-    def release_slot(self, model: str) -> None:
-        self.in_flight -= 1
-        self.metrics.in_flight[model] -= 1
-
-    def record(self, exchange: Exchange) -> None:
-        model = exchange.model if exchange.model in self.table.models else "-"
-        self.metrics.observe(exchange, model)
-        self.access_log.record(exchange)
-
-
 class BodyTooLarge(Exception):
     pass
 
@@ -1923,7 +1874,7 @@ class ClientConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # until connected
         self.buffer = bytearray()
-        self.peer = _UNIX_PEER
+        self.peer = Peer(None, b"")  # until connected
         self.phase = Phase.IDLE
         self.keep_alive = True  # once False, the connection closes after the current answer
         self.busy = False  # between the first byte of a request and the end of its response
@@ -2493,9 +2444,116 @@ class ClientConnection(asyncio.Protocol):
         self._end_exchange()
 
 
+class RouterState:
+    """What every client connection shares: the routing table, the upstream pool, metrics and
+    the access log, and the counts that admission and a graceful stop go by."""
+
+    def __init__(self, table: RoutingTable, *, metrics: Metrics | None = None):
+        self.table = table
+        self.pool = UpstreamPool()
+        self.metrics = metrics or Metrics()
+        self.access_log = AccessLog()
+        self.in_flight = 0  # proxied requests holding a slot
+        self.connections: set[ClientConnection] = set()
+        self.no_connections = asyncio.Event()
+        self.no_connections.set()
+        self.busy_connections = 0
+        self.all_idle = asyncio.Event()  # set whenever no request is being served
+        self.all_idle.set()
+        self.draining = False
+        self.head_timeout = HEAD_TIMEOUT
+        self.idle_timeout = IDLE_TIMEOUT
+
+    def new_connection(self) -> ClientConnection:
+        """The protocol factory of the listeners: one per client connection."""
+        return ClientConnection(self)
+
+    def exchange_started(self) -> None:
+        self.busy_connections += 1
+        self.all_idle.clear()
+
+    def exchange_finished(self) -> None:
+        self.busy_connections -= 1
+        if not self.busy_connections:
+            self.all_idle.set()
+
+    def take_slot(self, model: str, limit: int) -> bool:
+        """Admit a proxied request under the concurrency limit (0: none); False when full."""
+        if limit and self.in_flight >= limit:
+            return False
+        self.in_flight += 1
+        self.metrics.in_flight[model] += 1
+        return True
+
+    def release_slot(self, model: str) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight[model] -= 1
+
+    def record(self, exchange: Exchange) -> None:
+        model = exchange.model if exchange.model in self.table.models else "-"
+        self.metrics.observe(exchange, model)
+        self.access_log.record(exchange)
+
+
 # ---------------------------------------------------------------------------------------------
 # 10. The forward: one proxied request and its response; the tunnel after 101
 # ---------------------------------------------------------------------------------------------
+
+
+class Tunnel:
+    """After 101 Switching Protocols: bytes copied both ways, unread, until both sides end.
+
+    It holds the concurrency slot of the request that opened it until it closes.
+    """
+
+    __slots__ = ("client", "closed", "ends", "model", "upstream")
+
+    def __init__(self, client: ClientConnection, upstream: UpstreamConnection, model: str):
+        self.client = client
+        self.upstream = upstream
+        self.model = model
+        self.ends = 0  # sides that have sent their end of stream
+        self.closed = False
+
+    def client_data(self, data: bytes) -> None:
+        if not self.upstream.closed:
+            assert self.upstream.transport is not None
+            self.upstream.transport.write(data)
+
+    def client_eof(self) -> None:
+        assert self.upstream.transport is not None
+        self._end_of_stream(self.upstream.transport)
+
+    def upstream_data(self, data: bytes) -> None:
+        self.client.write(data)
+
+    def upstream_eof(self) -> bool:
+        self._end_of_stream(self.client.transport)
+        return True  # the other direction stays open
+
+    def upstream_closed(self, exc: Exception | None) -> None:
+        self._finish()
+
+    def close(self) -> None:
+        """The exchange ends elsewhere (the client left, say): drop the upstream side."""
+        if not self.closed:
+            self.closed = True
+            self.upstream.handler = None
+            self.upstream.close()
+            self.client.router.release_slot(self.model)
+
+    def _end_of_stream(self, target: asyncio.Transport) -> None:
+        if self.closed:
+            return
+        if target.can_write_eof() and not target.is_closing():
+            target.write_eof()
+        self.ends += 1
+        if self.ends == 2:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.close()
+        self.client.tunnel_closed()
 
 
 class Forward:
@@ -2805,62 +2863,6 @@ class Forward:
             connection.buffer.clear()
 
 
-class Tunnel:
-    """After 101 Switching Protocols: bytes copied both ways, unread, until both sides end.
-
-    It holds the concurrency slot of the request that opened it until it closes.
-    """
-
-    __slots__ = ("client", "closed", "ends", "model", "upstream")
-
-    def __init__(self, client: ClientConnection, upstream: UpstreamConnection, model: str):
-        self.client = client
-        self.upstream = upstream
-        self.model = model
-        self.ends = 0  # sides that have sent their end of stream
-        self.closed = False
-
-    def client_data(self, data: bytes) -> None:
-        if not self.upstream.closed:
-            assert self.upstream.transport is not None
-            self.upstream.transport.write(data)
-
-    def client_eof(self) -> None:
-        assert self.upstream.transport is not None
-        self._end_of_stream(self.upstream.transport)
-
-    def upstream_data(self, data: bytes) -> None:
-        self.client.write(data)
-
-    def upstream_eof(self) -> bool:
-        self._end_of_stream(self.client.transport)
-        return True  # the other direction stays open
-
-    def upstream_closed(self, exc: Exception | None) -> None:
-        self._finish()
-
-    def close(self) -> None:
-        """The exchange ends elsewhere (the client left, say): drop the upstream side."""
-        if not self.closed:
-            self.closed = True
-            self.upstream.handler = None
-            self.upstream.close()
-            self.client.router.release_slot(self.model)
-
-    def _end_of_stream(self, target: asyncio.Transport) -> None:
-        if self.closed:
-            return
-        if target.can_write_eof() and not target.is_closing():
-            target.write_eof()
-        self.ends += 1
-        if self.ends == 2:
-            self._finish()
-
-    def _finish(self) -> None:
-        self.close()
-        self.client.tunnel_closed()
-
-
 # ---------------------------------------------------------------------------------------------
 # 11. The server: listeners, sd_notify, reload, drain
 # ---------------------------------------------------------------------------------------------
@@ -2875,6 +2877,9 @@ def format_address(sockname: Any) -> str:
 
 class ActivationError(Exception):
     pass
+
+
+SD_LISTEN_FDS_START = 3
 
 
 def activated_sockets(
@@ -2911,9 +2916,6 @@ def activated_sockets(
     finally:
         for variable in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             environ.pop(variable, None)
-
-
-SD_LISTEN_FDS_START = 3
 
 
 class NotifyError(Exception):
