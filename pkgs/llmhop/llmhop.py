@@ -107,6 +107,8 @@ REPLACED_REQUEST_HEADERS = frozenset(
     b"x-forwarded-proto".split()
 )
 
+# Where clients send their tokens; never forwarded when the router checks tokens itself.
+_CREDENTIAL_HEADERS = frozenset((b"authorization", b"x-api-key"))
 # Framing and connection management stay the proxy's: a model may not set them.
 _MANAGED_HEADERS = frozenset(
     b"connection content-length expect keep-alive proxy-connection te trailer "
@@ -716,11 +718,36 @@ class Model:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A client's credential: the models it may use and how many requests it may have open."""
+
+    name: str  # for logs and metric labels; "-" for a key given as a plain token
+    digest: bytes  # SHA-256 of the token, which is what a config may hold instead
+    models: re.Pattern[str] | None  # the model names it may use (from globs); None: all
+    max_concurrent_requests: int  # 0: no cap of its own
+
+
+def token_digest(token: bytes) -> bytes:
+    import hashlib  # loaded only with keys configured, as hmac is
+
+    return hashlib.sha256(token).digest()
+
+
+def glob_pattern(globs: list[str]) -> re.Pattern[str]:
+    """One pattern for model-name globs: ``*`` is any run of characters, ``?`` any one."""
+    translated = (
+        "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in glob)
+        for glob in globs
+    )
+    return re.compile("|".join(translated), re.DOTALL)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listener: Listener
     max_body_bytes: int  # 0 = no cap
     max_concurrent_requests: int  # 0 = no cap
-    auth_tokens: tuple[bytes, ...]
+    api_keys: tuple[ApiKey, ...]  # none: auth off
     connect_timeout: float
     shutdown_timeout: float
     metrics_auth: bool  # whether /metrics needs a token too; by default, when tokens are set
@@ -741,6 +768,15 @@ _CONFIG_KEYS = {
 }
 
 _MODEL_KEYS = {"url": str, "headers": dict, "unlisted": bool}
+_API_KEY_KEYS = {
+    "name": str,
+    "sha256": str,
+    "token": str,
+    "models": list,
+    "maxConcurrentRequests": int,
+}
+_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 _TYPE_NAMES = {
     str: "a string",
@@ -842,18 +878,83 @@ class _ConfigReader:
             self.problem(key, "must be a positive number of seconds")
         return value
 
-    def auth_tokens(self, tokens: list[Any]) -> tuple[bytes, ...]:
-        result = []
-        for index, template in enumerate(tokens):
+    def api_keys(self, entries: list[Any]) -> tuple[ApiKey, ...]:
+        keys: list[ApiKey] = []
+        names: dict[str, str] = {}  # key name -> where it was given
+        digests: dict[bytes, str] = {}
+        for index, entry in enumerate(entries):
             path = f"authTokens[{index}]"
-            if not isinstance(template, str):
-                self.problem(path, "must be a string")
-            elif (token := self.secret(path, template)) is not None:
-                if token:
-                    result.append(token)
-                else:
-                    self.problem(path, "must not be empty")
-        return tuple(result)
+            if isinstance(entry, str):
+                key = self.plain_key(path, entry)
+            elif isinstance(entry, dict):
+                key = self.api_key(path, entry, names)
+            else:
+                self.problem(path, "must be a string (a token) or an object (a named key)")
+                continue
+            if key is None:
+                continue
+            if key.digest in digests:
+                self.problem(path, f"has the same token as {digests[key.digest]}")
+                continue
+            digests[key.digest] = path
+            keys.append(key)
+        return tuple(keys)
+
+    def plain_key(self, path: str, template: str) -> ApiKey | None:
+        token = self.token(path, template)
+        return None if token is None else ApiKey("-", token_digest(token), None, 0)
+
+    def token(self, path: str, template: str) -> bytes | None:
+        token = self.secret(path, template)
+        if token is not None and not token:
+            self.problem(path, "must not be empty")
+            return None
+        return token
+
+    def api_key(self, path: str, entry: dict[str, Any], names: dict[str, str]) -> ApiKey | None:
+        fields = self.fields(entry, _API_KEY_KEYS, f"{path}.")
+        problems = len(self.problems)
+        name = fields.get("name")
+        if name is None:
+            if "name" not in entry:
+                self.problem(f"{path}.name", "is required")
+        elif not _KEY_NAME.fullmatch(name):
+            self.problem(
+                f"{path}.name",
+                "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            )
+        elif name in names:
+            self.problem(f"{path}.name", f"is taken by {names[name]}")
+        else:
+            names[name] = path
+        digest = None
+        given = [key for key in ("sha256", "token") if key in entry]
+        if len(given) != 1:
+            self.problem(path, "needs exactly one of sha256 and token")
+        elif (hexdigest := fields.get("sha256")) is not None:
+            if _SHA256_HEX.fullmatch(hexdigest):
+                digest = bytes.fromhex(hexdigest)
+            else:
+                self.problem(f"{path}.sha256", "must be 64 hex digits (llmhop hash-token)")
+        elif (template := fields.get("token")) is not None and (
+            token := self.token(f"{path}.token", template)
+        ) is not None:
+            digest = token_digest(token)
+        models = None
+        if (globs := fields.get("models")) is not None:
+            if not globs:
+                self.problem(f"{path}.models", "must not be empty (leave it out for every model)")
+            for glob_index, glob in enumerate(globs):
+                if not isinstance(glob, str) or not glob:
+                    self.problem(f"{path}.models[{glob_index}]", "must be a non-empty string")
+            if len(self.problems) == problems:
+                models = glob_pattern(globs)
+        limit = fields.get("maxConcurrentRequests", 0)
+        if limit < 0:
+            self.problem(f"{path}.maxConcurrentRequests", "must not be negative (0: no cap)")
+        if len(self.problems) > problems or name is None or digest is None:
+            return None
+        return ApiKey(name, digest, models, limit)
 
     def models(self, models: dict[str, Any]) -> dict[str, Model]:
         if not models:
@@ -891,7 +992,7 @@ class _ConfigReader:
             forwarding_drops=HOP_BY_HOP
             | REPLACED_REQUEST_HEADERS
             | header_names
-            | ({b"authorization"} if self.checks_tokens else set()),
+            | (_CREDENTIAL_HEADERS if self.checks_tokens else set()),
             host_header=configured_host or upstream.host_header,
             unlisted=fields.get("unlisted", False),
         )
@@ -943,7 +1044,7 @@ def parse_config(text: str | bytes, resolve: Callable[[str, str], str]) -> Confi
         max_concurrent_requests=reader.count(
             fields, "maxConcurrentRequests", DEFAULT_MAX_CONCURRENT_REQUESTS
         ),
-        auth_tokens=reader.auth_tokens(fields.get("authTokens", [])),
+        api_keys=reader.api_keys(fields.get("authTokens", [])),
         connect_timeout=reader.seconds(fields, "connectTimeout", DEFAULT_CONNECT_TIMEOUT),
         shutdown_timeout=reader.seconds(fields, "shutdownTimeout", DEFAULT_SHUTDOWN_TIMEOUT),
         metrics_auth=fields.get("metricsAuth", reader.checks_tokens),
@@ -1003,9 +1104,11 @@ class Answer(NamedTuple):
 
 
 class Scrape(NamedTuple):
-    """GET /metrics; ``shown`` limits which models it names (None: all)."""
+    """GET /metrics: ``models`` limits which models it names, ``key`` which key's series it
+    shows (None: all)."""
 
-    shown: frozenset[str] | None
+    models: frozenset[str] | None
+    key: str | None = None
     kind: str = "metrics"
 
 
@@ -1014,16 +1117,16 @@ class ByPath(NamedTuple):
 
     model: Model
     target: bytes
+    access: Access
     kind: str = "path"
 
 
 class ByBody(NamedTuple):
-    """Body routing: read the body whole, then forward to the model its JSON names."""
+    """Body routing: read the body whole, then forward to the model its JSON names, if
+    ``access`` allows it."""
 
+    access: Access
     kind: str = "body"
-
-
-BY_BODY = ByBody()
 
 
 class Refusal(NamedTuple):
@@ -1035,6 +1138,43 @@ class Refusal(NamedTuple):
 
 
 Route = Answer | Scrape | ByPath | ByBody | Refusal
+
+
+class Access:
+    """What a client may reach: the models of its key, with the answers it gets prepared.
+
+    A key that may not use a model gets what an unknown model gets, so no key can probe which
+    models exist.
+    """
+
+    __slots__ = ("by_body", "key", "model_objects", "models", "models_list", "name", "scrape")
+
+    def __init__(
+        self,
+        key: ApiKey | None,
+        models: frozenset[str] | None,
+        models_list: Answer,
+        model_objects: dict[str, Answer],
+        scrape: Scrape,
+    ) -> None:
+        self.key = key  # None when auth is off
+        self.name = "-" if key is None else key.name
+        self.models = models  # the model names it may use; None: all
+        self.models_list = models_list
+        self.model_objects = model_objects
+        self.scrape = scrape
+        self.by_body = ByBody(self)
+
+    def allows(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+    @property
+    def max_concurrent_requests(self) -> int:
+        return 0 if self.key is None else self.key.max_concurrent_requests
+
+
+def _models_list(objects: list[dict[str, Any]]) -> Answer:
+    return Answer("models", _json_bytes({"object": "list", "data": objects}))
 
 
 class RoutingTable:
@@ -1050,35 +1190,57 @@ class RoutingTable:
             name: {"id": name, "object": "model", "created": created, "owned_by": "llmhop"}
             for name in listed
         }
-        self.model_objects = {
-            name: Answer("models", _json_bytes(obj)) for name, obj in objects.items()
-        }
-        self.models_list = Answer(
-            "models", _json_bytes({"object": "list", "data": list(objects.values())})
-        )
+        self.model_objects = {name: Answer("models", _json_bytes(o)) for name, o in objects.items()}
         self.health = Answer("health", _json_bytes({"status": "ok", "models": len(listed)}))
-        self.full_scrape = Scrape(None)
+        self.models_list = _models_list([objects[name] for name in listed])
         # Unlisted models are named only to a caller who showed a token: anyone else is told
         # what /v1/models would tell them, and no more.
         self.listed_scrape = Scrape(self.listed)
+        self.open_access = Access(
+            None, None, self.models_list, self.model_objects, self.listed_scrape
+        )
+        full_scrape = Scrape(None)
+        self.accesses = tuple(self._access(key, objects, full_scrape) for key in config.api_keys)
 
-    def authorized(self, authorization: bytes | None) -> bool:
-        """Whether a request's Authorization header passes; always true when auth is off."""
-        tokens = self.config.auth_tokens
-        if not tokens:
-            return True
-        if authorization is None:
-            return False
-        scheme, _, credentials = authorization.partition(b" ")
-        if scheme.lower() != b"bearer":
-            return False
-        import hmac  # loaded only with tokens configured: it costs 0.7 MiB of memory
+    def _access(self, key: ApiKey, objects: dict[str, Any], full_scrape: Scrape) -> Access:
+        if key.models is None:
+            return Access(key, None, self.models_list, self.model_objects, full_scrape)
+        allowed = frozenset(name for name in self.models if key.models.fullmatch(name))
+        listed = sorted(allowed & self.listed)
+        return Access(
+            key,
+            allowed,
+            _models_list([objects[name] for name in listed]),
+            {name: self.model_objects[name] for name in listed},
+            Scrape(allowed, key.name),
+        )
 
-        # Compare against every token so the time taken does not tell which one matched.
-        matched = False
-        for token in tokens:
-            matched |= hmac.compare_digest(credentials, token)
-        return matched
+    def access_for(self, request: Request) -> Access | None:
+        """The access a request's token gives (``Authorization: Bearer``, else ``x-api-key``);
+        None without a valid one. Every request has the open access when auth is off."""
+        if not self.accesses:
+            return self.open_access
+        token = None
+        authorization = request.header(b"authorization")
+        if authorization is not None:
+            scheme, _, credentials = authorization.partition(b" ")
+            if scheme.lower() == b"bearer":
+                token = credentials
+        if token is None:
+            token = request.header(b"x-api-key")
+        if token is None:
+            return None
+        import hmac  # loaded only with keys configured: it costs 0.7 MiB of memory
+
+        # Digests of equal length, compared with every key: the time taken tells neither
+        # which key matched nor how much of a wrong token was right.
+        digest = token_digest(token)
+        found = None
+        for access in self.accesses:
+            assert access.key is not None
+            if hmac.compare_digest(digest, access.key.digest):
+                found = access
+        return found
 
 
 _READS = (b"GET", b"HEAD")
@@ -1096,12 +1258,13 @@ def unknown_model(name: str) -> HTTPError:
     return HTTPError(404, f"unknown model {json.dumps(name)}", "model_not_found")
 
 
-def route(request: Request, table: RoutingTable) -> Route:
-    """What a request gets, decided from its head: the order of these checks is the contract.
+def route(request: Request, table: RoutingTable, access: Access | None) -> Route:
+    """What a request gets, decided from its head and the access its token gives (None: no
+    valid token); the order of these checks is the contract.
 
     /health answers anyone; then the token is checked (before any model is looked up, so
     unauthenticated clients learn nothing of the models); then the router's own routes, path
-    routing, and body routing for everything else.
+    routing, and body routing for everything else, each within what the key may use.
     """
     path, method = request.path, request.method
     if path == b"/health":
@@ -1109,18 +1272,19 @@ def route(request: Request, table: RoutingTable) -> Route:
             return table.health
         error = HTTPError(405, "use GET /health", "method_not_allowed", headers=_ALLOW_READS)
         return Refusal("health", error)
-    config = table.config
-    authorized = table.authorized(request.header(b"authorization"))
-    if path == b"/metrics" and method in _READS and (authorized or not config.metrics_auth):
-        return table.full_scrape if authorized and config.auth_tokens else table.listed_scrape
-    if not authorized:
+    if path == b"/metrics" and method in _READS:
+        if access is not None:
+            return access.scrape
+        if not table.config.metrics_auth:
+            return table.listed_scrape
+    if access is None:
         return Refusal("error", _UNAUTHORIZED)
     if method in _READS:
         if path == b"/v1/models":
-            return table.models_list
+            return access.models_list
         if path.startswith(b"/v1/models/"):
             name = unquote(path[len(b"/v1/models/") :].decode("latin-1"), errors="replace")
-            answer = table.model_objects.get(name)
+            answer = access.model_objects.get(name)
             return answer if answer is not None else Refusal("models", unknown_model(name))
     if path.startswith(b"/route/"):
         encoded_name, _, rest = path[len(b"/route/") :].partition(b"/")
@@ -1129,20 +1293,20 @@ def route(request: Request, table: RoutingTable) -> Route:
             error = HTTPError(400, "missing model name in /route/{model}/...", "missing_model")
             return Refusal("path", error)
         model = table.models.get(name)
-        if model is None:
+        if model is None or not access.allows(name):
             return Refusal("path", unknown_model(name), name)
         if has_dot_segment(rest):
             return Refusal("path", _DOT_SEGMENT_ERROR, name)
-        return ByPath(model, b"/" + rest + request.query)
+        return ByPath(model, b"/" + rest + request.query, access)
     if has_dot_segment(path):
         return Refusal("body", _DOT_SEGMENT_ERROR)
-    return BY_BODY
+    return access.by_body
 
 
-def model_named(table: RoutingTable, name: str) -> Model:
-    """The model a JSON body names; HTTPError when there is none of that name."""
+def model_named(table: RoutingTable, name: str, access: Access) -> Model:
+    """The model a JSON body names; HTTPError when there is none of that name for the key."""
     model = table.models.get(name)
-    if model is None:
+    if model is None or not access.allows(name):
         raise unknown_model(name)
     return model
 
@@ -1468,6 +1632,7 @@ class Exchange:
     path: str = "-"
     route: str = "-"  # health, metrics, models, path, body, error
     model: str = "-"
+    key: str = "-"  # the name of the API key it came with
     status: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
@@ -1508,7 +1673,8 @@ def _label(value: str) -> str:
 class Metrics:
     """Counters of what the router did, rendered in the Prometheus text format.
 
-    Only configured model names become label values, so clients cannot grow the label set.
+    Only configured model and key names become label values, so clients cannot grow the
+    label set.
     """
 
     def __init__(self) -> None:
@@ -1522,6 +1688,8 @@ class Metrics:
         self.bytes_out: collections.Counter[str] = collections.Counter()
         self.upstream_errors: collections.Counter[tuple[str, str]] = collections.Counter()
         self.reloads: collections.Counter[str] = collections.Counter()
+        self.key_requests: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.key_in_flight: collections.Counter[str] = collections.Counter()
 
     def observe(self, exchange: Exchange, model: str) -> None:
         self.requests[model, exchange.route, exchange.status] += 1
@@ -1532,11 +1700,12 @@ class Metrics:
         self.bytes_out[model] += exchange.bytes_out
         if exchange.upstream_failure is not None:
             self.upstream_errors[model, exchange.upstream_failure] += 1
+        if exchange.key != "-":
+            self.key_requests[exchange.key, exchange.status] += 1
 
-    def render(
-        self, table: RoutingTable, connections_opened: int, shown: frozenset[str] | None = None
-    ) -> bytes:
-        """The metrics text; with ``shown``, only those models are named (and ``-``)."""
+    def render(self, table: RoutingTable, connections_opened: int, scrape: Scrape) -> bytes:
+        """The metrics text, naming only the models and keys ``scrape`` may see."""
+        shown = scrape.models
         if shown is None:
             model_count = len(table.models)
 
@@ -1563,6 +1732,26 @@ class Metrics:
                 continue
             labels = f'model="{_label(model)}",route="{route}",status="{status}"'
             lines.append(f"llmhop_requests_total{{{labels}}} {count}")
+        keys = {key.name for key in table.config.api_keys} | set(self.key_in_flight)
+        keys.discard("-")  # keys given as plain tokens have no name to count under
+        if scrape.key is not None:
+            keys &= {scrape.key}
+        lines += [
+            "# HELP llmhop_key_requests_total Requests answered, by API key and status.",
+            "# TYPE llmhop_key_requests_total counter",
+        ]
+        for (key, status), count in sorted(self.key_requests.items()):
+            if scrape.key is None or key == scrape.key:
+                labels = f'key="{_label(key)}",status="{status}"'
+                lines.append(f"llmhop_key_requests_total{{{labels}}} {count}")
+        lines += [
+            "# HELP llmhop_key_requests_in_flight Proxied requests in flight, by API key.",
+            "# TYPE llmhop_key_requests_in_flight gauge",
+        ]
+        for key in sorted(keys):
+            lines.append(
+                f'llmhop_key_requests_in_flight{{key="{_label(key)}"}} {self.key_in_flight[key]}'
+            )
         lines += [
             "# HELP llmhop_requests_in_flight Proxied requests in flight, by model.",
             "# TYPE llmhop_requests_in_flight gauge",
@@ -1671,9 +1860,9 @@ class AccessLog:
             asyncio.get_running_loop().call_soon(self.flush)
         self._lines.append(
             f'access: "{exchange.method} {exchange.path}" model={_loggable(exchange.model)} '
-            f"route={exchange.route} status={exchange.status} in={exchange.bytes_in} "
-            f"out={exchange.bytes_out} total_ms={total:.1f} upstream_ms={upstream} "
-            f"id={exchange.request_id.decode('ascii', 'replace')}\n"
+            f"key={exchange.key} route={exchange.route} status={exchange.status} "
+            f"in={exchange.bytes_in} out={exchange.bytes_out} total_ms={total:.1f} "
+            f"upstream_ms={upstream} id={exchange.request_id.decode('ascii', 'replace')}\n"
         )
 
     def flush(self) -> None:
@@ -1886,6 +2075,7 @@ class ClientConnection(asyncio.Protocol):
         self.request: Request | None = None
         self.exchange: Exchange | None = None
         self.table: RoutingTable = router.table
+        self.access: Access | None = None  # what the request's token gives
         self.unread_body = False  # whether some of the request's body is still unread
         self.body: BodyReading | None = None  # while the body is being read
         self.forward: Forward | None = None
@@ -2120,14 +2310,17 @@ class ClientConnection(asyncio.Protocol):
         self.exchange = exchange
         self.unread_body = request.length != 0
         self.table = table = self.router.table  # this request keeps the table it started with
+        self.access = access = table.access_for(request)
+        if access is not None:
+            exchange.key = access.name
         try:
-            self._serve(route(request, table), request, exchange)
+            self._serve(route(request, table, access), request, exchange)
         except Exception as exc:
             self._exchange_failed(exc)
 
     def _serve(self, decision: Route, request: Request, exchange: Exchange) -> None:
         exchange.route = decision.kind
-        if decision is BY_BODY:
+        if type(decision) is ByBody:
             self._read_body_for_routing(request, exchange)
         elif type(decision) is ByPath:
             exchange.model = decision.model.name
@@ -2136,7 +2329,7 @@ class ClientConnection(asyncio.Protocol):
             self._answer(200, decision.body, decision.content_type)
         elif type(decision) is Scrape:
             router = self.router
-            metrics = router.metrics.render(self.table, router.pool.opened, decision.shown)
+            metrics = router.metrics.render(self.table, router.pool.opened, decision)
             self._answer(200, metrics, PROMETHEUS_TEXT)
         else:
             assert type(decision) is Refusal
@@ -2234,7 +2427,9 @@ class ClientConnection(asyncio.Protocol):
             name = model_of_body(body.payload)
             assert self.exchange is not None and self.request is not None
             self.exchange.model = name
-            self._proxy(model_named(self.table, name), self.request.target, body)
+            assert self.access is not None  # body routing needs a valid token
+            model = model_named(self.table, name, self.access)
+            self._proxy(model, self.request.target, body)
         except Exception as exc:
             self._exchange_failed(exc)
 
@@ -2346,17 +2541,14 @@ class ClientConnection(asyncio.Protocol):
         cap = config.max_body_bytes
         if body is None and cap and request.length > cap:
             raise HTTPError(413, _too_large(cap), "request_too_large")
-        limit = config.max_concurrent_requests
-        if not self.router.take_slot(model.name, limit):
-            raise HTTPError(
-                503,
-                f"too many concurrent requests (the limit is {limit})",
-                "too_many_concurrent_requests",
-                headers=(b"Retry-After: 1",),
-            )
+        access = self.access
+        assert access is not None
+        refusal = self.router.take_slot(model.name, access, config.max_concurrent_requests)
+        if refusal is not None:
+            raise refusal
         length = request.length if body is None else body.length
         head = upstream_request_head(request, model, target, length, self.peer, exchange.request_id)
-        self.forward = Forward(self, request, exchange, model, config, head, body)
+        self.forward = Forward(self, request, exchange, model, access.name, config, head, body)
         self.forward.start()
 
     # -- answers of our own ---------------------------------------------------------------------
@@ -2444,6 +2636,9 @@ class ClientConnection(asyncio.Protocol):
         self._end_exchange()
 
 
+_RETRY_SOON = (b"Retry-After: 1",)
+
+
 class RouterState:
     """What every client connection shares: the routing table, the upstream pool, metrics and
     the access log, and the counts that admission and a graceful stop go by."""
@@ -2477,17 +2672,28 @@ class RouterState:
         if not self.busy_connections:
             self.all_idle.set()
 
-    def take_slot(self, model: str, limit: int) -> bool:
-        """Admit a proxied request under the concurrency limit (0: none); False when full."""
+    def take_slot(self, model: str, access: Access, limit: int) -> HTTPError | None:
+        """Admit a proxied request, or say why not: its key's own limit first (429), then the
+        router's (503); 0 is no limit."""
+        key_limit = access.max_concurrent_requests
+        key_in_flight = self.metrics.key_in_flight
+        if key_limit and key_in_flight[access.name] >= key_limit:
+            message = (
+                f"too many concurrent requests for key {access.name} (its limit is {key_limit})"
+            )
+            return HTTPError(429, message, "rate_limit_exceeded", headers=_RETRY_SOON)
         if limit and self.in_flight >= limit:
-            return False
+            message = f"too many concurrent requests (the limit is {limit})"
+            return HTTPError(503, message, "too_many_concurrent_requests", headers=_RETRY_SOON)
         self.in_flight += 1
         self.metrics.in_flight[model] += 1
-        return True
+        key_in_flight[access.name] += 1
+        return None
 
-    def release_slot(self, model: str) -> None:
+    def release_slot(self, model: str, key: str) -> None:
         self.in_flight -= 1
         self.metrics.in_flight[model] -= 1
+        self.metrics.key_in_flight[key] -= 1
 
     def record(self, exchange: Exchange) -> None:
         model = exchange.model if exchange.model in self.table.models else "-"
@@ -2506,12 +2712,15 @@ class Tunnel:
     It holds the concurrency slot of the request that opened it until it closes.
     """
 
-    __slots__ = ("client", "closed", "ends", "model", "upstream")
+    __slots__ = ("client", "closed", "ends", "key", "model", "upstream")
 
-    def __init__(self, client: ClientConnection, upstream: UpstreamConnection, model: str):
+    def __init__(
+        self, client: ClientConnection, upstream: UpstreamConnection, model: str, key: str
+    ) -> None:
         self.client = client
         self.upstream = upstream
         self.model = model
+        self.key = key
         self.ends = 0  # sides that have sent their end of stream
         self.closed = False
 
@@ -2540,7 +2749,7 @@ class Tunnel:
             self.closed = True
             self.upstream.handler = None
             self.upstream.close()
-            self.client.router.release_slot(self.model)
+            self.client.router.release_slot(self.model, self.key)
 
     def _end_of_stream(self, target: asyncio.Transport) -> None:
         if self.closed:
@@ -2580,6 +2789,7 @@ class Forward:
         "exchange",
         "framing",
         "head",
+        "key",
         "model",
         "payload",
         "request",
@@ -2596,6 +2806,7 @@ class Forward:
         request: Request,
         exchange: Exchange,
         model: Model,
+        key: str,
         config: Config,
         head: bytes,
         body: BufferedBody | None,
@@ -2604,6 +2815,7 @@ class Forward:
         self.request = request
         self.exchange = exchange
         self.model = model
+        self.key = key  # the name of the API key whose slot it holds
         self.config = config
         self.head = head
         self.body = body
@@ -2634,7 +2846,7 @@ class Forward:
     def _release(self) -> None:
         if not self.ended:
             self.ended = True
-            self.client.router.release_slot(self.model.name)
+            self.client.router.release_slot(self.model.name, self.key)
 
     def _drop_upstream(self) -> None:
         if self.upstream is not None:
@@ -2855,7 +3067,7 @@ class Forward:
         assert connection is not None
         self.upstream = None
         self.ended = True  # the slot is the tunnel's now
-        tunnel = Tunnel(client, connection, self.model.name)
+        tunnel = Tunnel(client, connection, self.model.name, self.key)
         connection.handler = tunnel
         client.switch_to_tunnel(tunnel)
         if connection.buffer:
@@ -3240,7 +3452,10 @@ def _argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmhop",
         description="One OpenAI-compatible endpoint in front of many LLM servers.",
-        epilog="llmhop notify -url URL [-health-path P] [--] CMD...: see llmhop-notify.",
+        epilog=(
+            "llmhop notify -url URL [-health-path P] [--] CMD...: see llmhop-notify. "
+            "llmhop hash-token < TOKEN: the sha256 of a token, for a named key in authTokens."
+        ),
         allow_abbrev=False,
     )
     parser.add_argument(
@@ -3256,6 +3471,25 @@ def _argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def hash_token_main(argv: list[str], stdin: Any = None) -> int:
+    """Print the ``sha256`` value of the token on standard input, for an ``authTokens`` key."""
+    if argv:
+        print("usage: llmhop hash-token < TOKEN-FILE   (or: printf %s TOKEN | llmhop hash-token)")
+        return 0 if argv[0] in ("-h", "--help") else 1
+    text = (stdin or sys.stdin.buffer).read()
+    # One line terminator is the echo's or the file's, not the token's, as with ${file:...}.
+    token = text.removesuffix(b"\n").removesuffix(b"\r")
+    if not token or not is_valid_field_value(token) or token != token.strip():
+        print(
+            "llmhop hash-token: the token on standard input is empty or not a valid header "
+            "value (no control characters, no leading or trailing spaces)",
+            file=sys.stderr,
+        )
+        return 1
+    print(token_digest(token).hex())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
@@ -3263,6 +3497,8 @@ def main(argv: list[str] | None = None) -> int:
             return notify_main(argv)
     if argv[:1] == ["notify"]:
         return notify_main(argv[1:])
+    if argv[:1] == ["hash-token"]:
+        return hash_token_main(argv[1:])
     args = _argument_parser().parse_args(argv)
     try:
         config = load_config(args.config, check_only=args.check)

@@ -32,7 +32,7 @@ def test_defaults() -> None:
     assert config.listener == llmhop.Listener("", 8080)
     assert config.max_body_bytes == 100 * 1024 * 1024
     assert config.max_concurrent_requests == 8
-    assert config.auth_tokens == ()
+    assert config.api_keys == ()
     assert config.connect_timeout == 30.0
     assert config.shutdown_timeout == 30.0
 

@@ -9,7 +9,7 @@ from support import FakeUpstream, RouterProcess, SocketReader, chat, read_reply,
 
 LINE = re.compile(
     r'access: "(?P<method>\S+) (?P<path>\S+)" '
-    r'model=(?P<model>"(?:[^"\\]|\\.)*"|\S+) route=(?P<route>\S+) '
+    r'model=(?P<model>"(?:[^"\\]|\\.)*"|\S+) key=(?P<key>\S+) route=(?P<route>\S+) '
     r"status=(?P<status>\d+) in=(?P<bytes_in>\d+) out=(?P<bytes_out>\d+) "
     r"total_ms=(?P<total>[\d.]+) upstream_ms=(?P<upstream>[\d.]+|-) id=(?P<id>\S+)"
 )

@@ -22,7 +22,9 @@ def table(**config: object) -> llmhop.RoutingTable:
 OPEN = table()
 GUARDED = table(authTokens=["secret"])
 SCRAPED = table(authTokens=["secret"], metricsAuth=False)
+SCOPED = table(authTokens=["secret", {"name": "ci", "token": "ci-token", "models": ["m", "h*"]}])
 TOKEN = "Authorization: Bearer secret"
+CI = "x-api-key: ci-token"
 
 
 def decide(
@@ -30,12 +32,15 @@ def decide(
 ) -> tuple[object, ...]:
     """The decision, as a tuple that reads well in a table."""
     head = "\r\n".join([f"{method} {target} HTTP/1.1", "Host: h", *headers]).encode()
-    decision = llmhop.route(llmhop.parse_request_head(head), routing)
+    request = llmhop.parse_request_head(head)
+    decision = llmhop.route(request, routing, routing.access_for(request))
     match decision:
         case llmhop.Answer(kind=kind, body=body):
             return ("answer", kind, json.loads(body))
-        case llmhop.Scrape(shown=shown):
+        case llmhop.Scrape(models=shown, key=None):
             return ("metrics", None if shown is None else sorted(shown))
+        case llmhop.Scrape(models=shown, key=key):
+            return ("metrics", sorted(shown or ()), key)
         case llmhop.ByPath(model=model, target=forwarded):
             return ("path", model.name, forwarded)
         case llmhop.ByBody():
@@ -101,6 +106,40 @@ CASES = [
     (OPEN, "GET", "/route/nope/x", (), ("refused", "path", 404, "model_not_found", "nope")),
     (OPEN, "GET", "/route/nope/../x", (), ("refused", "path", 404, "model_not_found", "nope")),
     (OPEN, "GET", "/route/m/%2e%2e/x", (), ("refused", "path", 400, "invalid_path", "m")),
+    # A scoped key: its models (unlisted ones by path too), and what an unknown model gets
+    # for the others; its own metrics.
+    (SCOPED, "POST", "/route/m/x", (CI,), ("path", "m", b"/x")),
+    (SCOPED, "POST", "/route/hidden/x", (CI,), ("path", "hidden", b"/x")),
+    (
+        SCOPED,
+        "POST",
+        "/route/org%2Fname/x",
+        (CI,),
+        ("refused", "path", 404, "model_not_found", "org/name"),
+    ),
+    (
+        SCOPED,
+        "GET",
+        "/v1/models/org%2Fname",
+        (CI,),
+        ("refused", "models", 404, "model_not_found", "-"),
+    ),
+    (
+        SCOPED,
+        "GET",
+        "/v1/models",
+        (CI,),
+        (
+            "answer",
+            "models",
+            {
+                "object": "list",
+                "data": [{"id": "m", "object": "model", "created": 0, "owned_by": "llmhop"}],
+            },
+        ),
+    ),
+    (SCOPED, "GET", "/metrics", (CI,), ("metrics", ["hidden", "m"], "ci")),
+    (SCOPED, "GET", "/metrics", (TOKEN,), ("metrics", None)),
     # Body routing for everything else, dot segments refused there too.
     (OPEN, "POST", "/v1/chat/completions", (), ("body",)),
     (OPEN, "POST", "http://h/v1/chat", (), ("body",)),
@@ -127,7 +166,8 @@ def test_answers_are_prepared_with_the_table() -> None:
     """The router's own answers cost no work per request: the same object every time."""
     head = b"GET /v1/models HTTP/1.1\r\nHost: h"
     request = llmhop.parse_request_head(head)
-    assert llmhop.route(request, OPEN) is llmhop.route(request, OPEN) is OPEN.models_list
+    access = OPEN.access_for(request)
+    assert llmhop.route(request, OPEN, access) is OPEN.models_list
 
 
 @pytest.mark.parametrize(
