@@ -45,7 +45,7 @@
           };
 
           # Pure helpers of the module; they need nothing but nixpkgs' lib.
-          lib = import ./modules/lib.nix lib;
+          lib = import ./modules/lib lib;
         };
 
         perSystem =

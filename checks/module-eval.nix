@@ -6,7 +6,7 @@
 { lib, quadlet-nix }:
 let
   evaluate = import ../tests/nix/evaluate.nix { inherit lib quadlet-nix; };
-  llmhopLib = import ../modules/lib.nix lib;
+  llmhopLib = import ../modules/lib lib;
 
   router = extra: evaluate {
     modules = [

@@ -35,7 +35,7 @@ def parse(path: Path) -> subprocess.CompletedProcess[str]:
 
 def test_the_repository_has_nix_files() -> None:
     names = {p.relative_to(REPO).as_posix() for p in nix_files()}
-    assert {"flake.nix", "pkgs/llmhop/package.nix", "modules/router.nix"} <= names
+    assert {"flake.nix", "pkgs/llmhop/package.nix", "modules/nixos/router.nix"} <= names
 
 
 @pytest.mark.parametrize("path", nix_files(), ids=lambda p: p.relative_to(REPO).as_posix())

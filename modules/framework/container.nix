@@ -1,7 +1,9 @@
 # The container runtime of the backend framework: Podman containers through quadlet-nix,
-# rootless by default (user units of a dedicated, lingering system user per backend). Options
-# (backend-wide and per model) and the pieces backendConfig assembles: one
-# virtualisation.quadlet.containers entry per model, the user, tmpfiles and assertions.
+# rootless by default (user units of a dedicated, lingering system user per backend). Its
+# options (backend-wide and per model, which options.nix adds to every backend) and what
+# assembly.nix builds from them: one virtualisation.quadlet.containers entry per model
+# (`service`; the gateway's through `quadletContainer`), and the user, cache, socket
+# directories and ACL the runtime adds to the system (`system`).
 { lib, llmhopLib }:
 let
   inherit (lib) mkOption types;
@@ -147,6 +149,17 @@ rec {
         '';
       };
     };
+
+  # `digest` of a model or the gateway: an image pinned by content instead of a tag.
+  digestOption = mkOption {
+    type = types.nullOr digestType;
+    default = null;
+    example = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    description = ''
+      The image digest, instead of a tag: `image@digest` is the same image on every
+      start and is never pulled again (`Pull=missing`).
+    '';
+  };
 
   # Whether a model (or the gateway) runs a tag that a registry moves from release to release:
   # `latest` or one of `movingTags`, the backend's own floating defaults.
@@ -299,15 +312,7 @@ rec {
         default = null;
         description = "The image tag (pulled when newer); `null` takes the backend's `tag` unless `digest` is set.";
       };
-      digest = mkOption {
-        type = types.nullOr digestType;
-        default = null;
-        example = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-        description = ''
-          The image digest, instead of a tag: `image@digest` is the same image on every
-          start and is never pulled again (`Pull=missing`).
-        '';
-      };
+      digest = digestOption;
       devices = mkOption {
         type = types.nullOr (types.listOf types.str);
         default = null;
@@ -358,27 +363,54 @@ rec {
         Pull = "newer";
       };
 
-  # A virtualisation.quadlet.containers entry. `containerConfig`, `serviceConfig` and
-  # `unitConfig` are the caller's (health, network, exec…); the layers of the backend and the
-  # model go over them key by key, except `Volume` (the module's mounts after the user's),
-  # `PodmanArgs` (the module's flags before the user's, so that a repeated flag is the user's)
-  # and credential directives.
+  # What every container of the module runs with: no privileges, a private /tmp, and readiness
+  # from its health check (`healthCmd`, given `startPeriod` to load); `environment` and
+  # `environmentFiles` (nulls dropped) as Quadlet passes them on.
+  containerBase =
+    {
+      healthCmd,
+      startPeriod,
+      environment,
+      environmentFiles,
+    }:
+    {
+      Environment = lib.mapAttrs (_: llmhopLib.escapeSystemdValue) environment;
+      EnvironmentFile = lib.filter (f: f != null) environmentFiles;
+
+      NoNewPrivileges = true;
+      DropCapability = "all";
+      Tmpfs = "/tmp";
+
+      Notify = "healthy";
+      HealthCmd = healthCmd;
+      HealthStartPeriod = startPeriod;
+      HealthInterval = "10s";
+      HealthTimeout = "5s";
+    };
+
+  # A virtualisation.quadlet.containers entry, run by `user` (the backend's `quadlet.user`;
+  # null: a rootful system unit). `containerConfig`, `serviceConfig` and `unitConfig` are the
+  # caller's (health, network, exec…); the layers of the backend and the model go over them
+  # key by key, except `Volume` (the module's mounts, then the credentials mounted read-only
+  # with `credentialMountOptions`, after the user's), `PodmanArgs` (the module's flags before
+  # the user's, so that a repeated flag is the user's) and credential directives.
   quadletContainer =
     {
       layers,
-      uid,
+      user,
       containerConfig,
       serviceConfig,
       unitConfig,
       volumes,
       credentials,
+      credentialMountOptions ? [ ],
     }:
     let
       over = key: lib.foldl' (acc: l: acc // l.${key}) { } layers;
       userContainer = over "containerConfig";
     in
     {
-      inherit uid;
+      uid = if user != null then user.uid else null;
       containerConfig =
         containerConfig
         // removeAttrs userContainer [
@@ -386,7 +418,12 @@ rec {
           "PodmanArgs"
         ]
         // {
-          Volume = lib.toList (userContainer.Volume or [ ]) ++ volumes;
+          Volume =
+            lib.toList (userContainer.Volume or [ ])
+            ++ volumes
+            ++ lib.optional (
+              credentials != { }
+            ) "%d:${credentialsMount}:${lib.concatStringsSep "," ([ "ro" ] ++ credentialMountOptions)}";
         }
         // (
           let
@@ -404,5 +441,210 @@ rec {
       unitConfig = unitConfig // over "unitConfig";
       quadletConfig = over "quadletConfig";
       extraConfig = lib.foldl' lib.recursiveUpdate { } (map (l: l.extraConfig) layers);
+    };
+
+  # Where a containerised server listens: the mounted socket, or every interface of the
+  # container (published on the host's loopback only).
+  listen = model: port: {
+    socket = if model.socket != null then "${socketMount}/http.sock" else null;
+    inherit port;
+    host = "0.0.0.0";
+  };
+  # A container model's virtualisation.quadlet.containers entry. `positional` are the
+  # arguments before the flags; `managedFlags` (the listener inside the container, the served
+  # name) win over the settings; the model's `socket` is mounted at socketMount.
+  service =
+    {
+      cfg,
+      routerCfg,
+      podman,
+      workload,
+      dialect,
+      managedFlags,
+      containerPort,
+      cacheDirectory,
+      cacheVariable ? "HF_HOME",
+      positional ? [ ],
+      entrypoint ? null,
+      environment ? { },
+    }:
+    let
+      inherit (workload) model;
+      rootless = cfg.quadlet.user != null;
+      onSocket = model.socket != null;
+      health =
+        if onSocket then
+          healthCheck {
+            unixSocket = "${socketMount}/http.sock";
+            url = "http://localhost/health";
+          }
+        else
+          healthCheck { url = "http://localhost:${toString containerPort}/health"; };
+    in
+    quadletContainer {
+      inherit (cfg.quadlet) user;
+      layers = [
+        cfg.quadlet
+        model.quadlet
+      ];
+      inherit (model) credentials;
+      credentialMountOptions = model.quadlet.mountOptions.credentials;
+      containerConfig =
+        imageOf {
+          inherit model;
+          backendCfg = cfg;
+        }
+        // containerBase {
+          healthCmd = health;
+          # Loading weights may take long.
+          startPeriod = "30m";
+          environment = {
+            ${cacheVariable} = cacheDirectory;
+          }
+          // environment
+          // cfg.environment
+          // model.environment;
+          environmentFiles = [
+            cfg.environmentFile
+            model.environmentFile
+          ];
+        }
+        // {
+          Exec = llmhopLib.escapeSystemdValue (
+            lib.concatStringsSep " " (
+              map lib.escapeShellArg positional
+              ++ [ (llmhopLib.renderCliArgsShell dialect (workload.settingsIn credentialsMount // managedFlags)) ]
+            )
+          );
+          AddDevice = if model.devices != null then model.devices else cfg.devices;
+          Ulimit = "host";
+        }
+        // lib.optionalAttrs (entrypoint != null) { Entrypoint = entrypoint; }
+        // lib.optionalAttrs (model.shmSize != null) { ShmSize = model.shmSize; }
+        // (
+          if onSocket then
+            # Quadlet has no Umask= key; podman's flag leaves the socket group-accessible
+            # for the router.
+            { PodmanArgs = [ "--umask=0007" ]; }
+          else
+            { PublishPort = "127.0.0.1:${toString model.port}:${toString containerPort}"; }
+        );
+      volumes = [
+        "${cfg.cache.directory}:${cacheDirectory}"
+      ]
+      ++ lib.optional onSocket "${dirOf model.socket}:${socketMount}${
+        lib.optionalString (
+          model.quadlet.mountOptions.socket != [ ]
+        ) ":${lib.concatStringsSep "," model.quadlet.mountOptions.socket}"
+      }";
+      serviceConfig = {
+        Restart = "always";
+        RestartSec = 30;
+        TimeoutStartSec = 3600;
+        LimitNOFILE = cfg.openFilesLimit;
+      }
+      // lib.optionalAttrs onSocket (
+        if rootless then
+          {
+            # The user manager cannot create directories below /run: tmpfiles made this one.
+            # A socket left by a crash would make the server fail with EADDRINUSE.
+            ExecStartPre = [ "${lib.getExe' podman "podman"} unshare rm -f ${model.socket}" ];
+          }
+        else
+          {
+            RuntimeDirectory = "${lib.removePrefix "/run/" routerCfg.socketDirectory}/${workload.unit}";
+            RuntimeDirectoryMode = "0710";
+          }
+      );
+      unitConfig = {
+        StartLimitBurst = 3;
+        StartLimitIntervalSec = 3600;
+      }
+      // lib.optionalAttrs (workload.previous != null) { After = "${workload.previous}.service"; };
+    };
+
+  # What the container runtime of a backend adds to the system: Quadlet itself, the rootless
+  # user (lingering, with sub-UID/GID ranges) and its assertions, the cache, the rootless
+  # socket directories and the ACL through which the router reaches container sockets.
+  system =
+    {
+      config,
+      backend,
+      cfg,
+      routerCfg,
+      workloads,
+    }:
+    let
+      user = cfg.quadlet.user;
+      rootless = user != null;
+      owner =
+        if rootless then
+          user
+        else
+          {
+            name = "root";
+            group = "root";
+          };
+      sockets = lib.filter (wl: wl.model.socket != null) workloads;
+      # The IDs of the managed user and group must be theirs alone.
+      idClash =
+        {
+          entries,
+          self,
+          id,
+          option,
+        }:
+        let
+          holders = lib.attrNames (lib.filterAttrs (n: e: n != self && e.${id} or null == user.${id}) entries);
+        in
+        {
+          assertion = holders == [ ];
+          message = "services.llmhop.${backend}.quadlet.user.${id} ${toString user.${id}} is taken by ${option}.{${lib.concatStringsSep "," holders}}; choose another.";
+        };
+    in
+    {
+      virtualisation.quadlet.enable = true;
+
+      assertions = lib.optionals (rootless && user.manage) [
+        (idClash {
+          entries = config.users.users;
+          self = user.name;
+          id = "uid";
+          option = "users.users";
+        })
+        (idClash {
+          entries = config.users.groups;
+          self = user.group;
+          id = "gid";
+          option = "users.groups";
+        })
+      ];
+
+      users = lib.mkIf (rootless && user.manage) {
+        users.${user.name} = {
+          isSystemUser = true;
+          inherit (user) uid group home;
+          createHome = true;
+          # Its systemd instance runs the containers from boot on.
+          linger = true;
+          autoSubUidGidRange = lib.mkDefault true;
+          # As native.nix's namedUser: native models of the backend share the account.
+          description = "${backend} workers";
+        };
+        groups.${user.group}.gid = user.gid;
+      };
+
+      systemd.tmpfiles.rules = [
+        "d ${cfg.cache.directory} 0700 ${owner.name} ${owner.group} - -"
+      ]
+      ++ lib.optionals rootless (
+        map (wl: "d ${dirOf wl.model.socket} 0710 ${owner.name} ${owner.group} - -") sockets
+      );
+
+      # The container's UID is not known in advance: an inherited ACL lets the router in.
+      # A setting rather than a rule, so backends that both want it merge into one line.
+      systemd.tmpfiles.settings.llmhop = lib.mkIf (sockets != [ ]) {
+        ${routerCfg.socketDirectory}."a+".argument = "default:user:${routerCfg.user}:-wx";
+      };
     };
 }

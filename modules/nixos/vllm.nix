@@ -8,8 +8,8 @@
   ...
 }:
 let
-  llmhopLib = import ../lib.nix lib;
-  common = import ./common.nix { inherit lib llmhopLib; };
+  llmhopLib = import ../lib lib;
+  framework = import ../framework { inherit lib llmhopLib; };
 
   backend = "vllm";
   routerCfg = config.services.llmhop;
@@ -24,7 +24,7 @@ let
     if socket != null then { uds = socket; } else { inherit host port; };
 in
 {
-  options.services.llmhop.${backend} = common.backendOptions {
+  options.services.llmhop.${backend} = framework.backendOptions {
     inherit backend cfg;
     displayName = "vLLM";
     inherit (routerCfg) socketDirectory;
@@ -38,7 +38,7 @@ in
       "pipeline-parallel-size"
       "data-parallel-size"
     ];
-    modelOptions = common.modelOption;
+    modelOptions = framework.modelOption;
     extraOptions = {
       package = lib.mkPackageOption pkgs "vllm" {
         extraDescription = ''
@@ -47,11 +47,11 @@ in
         '';
       };
     }
-    // common.namedUserOptions backend;
+    // framework.native.namedUserOptions backend;
   };
 
   config = lib.mkIf cfg.enable (
-    common.backendConfig {
+    framework.backendConfig {
       inherit
         config
         backend
@@ -59,10 +59,10 @@ in
         routerCfg
         ;
       socketGroup = cfg.group;
-      nativeSystem = common.namedUserConfig backend cfg;
+      nativeSystem = framework.native.namedUserConfig backend cfg;
       native =
         { model, cacheDirectory, ... }:
-        common.pythonServer {
+        framework.native.pythonServer {
           inherit cfg pkgs cacheDirectory;
           environment = {
             VLLM_CACHE_ROOT = "${cacheDirectory}/vllm";
@@ -94,7 +94,7 @@ in
           managedFlags = {
             served-model-name = model.name;
           }
-          // listenFlags (common.containerListen model 8000);
+          // listenFlags (framework.container.listen model 8000);
         };
     }
   );

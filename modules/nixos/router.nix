@@ -1,6 +1,6 @@
 # The router: services.llmhop.{enable,package,listeners,identity,credentials,settings},
 # one llmhop-<name>.socket per listener and a hardened, socket-activated llmhop.service.
-# Also the registries every backend writes to, their assertions and the routes they register.
+# The backends' routes reach `settings.models` through the registries (registries.nix).
 {
   config,
   lib,
@@ -11,7 +11,7 @@ let
   inherit (lib) mkOption types;
 
   cfg = config.services.llmhop;
-  llmhopLib = import ./lib.nix lib;
+  llmhopLib = import ../lib lib;
 
   settingsFormat = pkgs.formats.json { };
 
@@ -97,24 +97,6 @@ let
   unixListeners = lib.filterAttrs (_: l: l.port == null) listeners;
   socketUnits = lib.mapAttrsToList (name: _: "llmhop-${name}.socket") listeners;
 
-  # Routes of the backends, by routing key; the first owner (sorted) wins a collision.
-  registeredRoutes = lib.foldl' (
-    routes: owner:
-    let
-      entry = cfg.modelsRegistry.${owner};
-    in
-    if routes ? ${entry.name} then routes else routes // { ${entry.name} = entry.route; }
-  ) { } (lib.attrNames cfg.modelsRegistry);
-
-  # Routing keys written by hand in settings.models whose url differs from the backend's.
-  handWrittenClaims = lib.filterAttrs (
-    name: route: (cfg.settings.models.${name}.url or null) != route.url
-  ) registeredRoutes;
-
-  modelClaims = lib.mapAttrs (_: entry: entry.name) cfg.modelsRegistry // lib.mapAttrs' (
-    name: _: lib.nameValuePair "settings.models.${name}" name
-  ) handWrittenClaims;
-
   shutdownTimeout = cfg.settings.shutdownTimeout;
 in
 {
@@ -123,7 +105,7 @@ in
 
     package = mkOption {
       type = types.package;
-      default = pkgs.llmhop or (pkgs.callPackage ../pkgs/llmhop/package.nix { });
+      default = pkgs.llmhop or (pkgs.callPackage ../../pkgs/llmhop/package.nix { });
       defaultText = lib.literalExpression "pkgs.llmhop";
       description = ''
         The llmhop package: {command}`bin/llmhop` runs the router, {command}`bin/llmhop-notify`
@@ -289,166 +271,123 @@ in
         the listeners come from systemd.
       '';
     };
-
-    portsRegistry = mkOption {
-      type = types.attrsOf types.port;
-      default = { };
-      internal = true;
-      description = "Host ports by owner (e.g. `llmhop.listen.default`); a port claimed twice fails evaluation.";
-    };
-    unitsRegistry = mkOption {
-      type = types.attrsOf types.str;
-      default = { };
-      internal = true;
-      description = "systemd unit names by owner; a unit claimed twice fails evaluation.";
-    };
-    modelsRegistry = mkOption {
-      type = types.attrsOf (
-        types.submodule {
-          options = {
-            name = mkOption {
-              type = types.str;
-              description = "The routing key.";
-            };
-            route = mkOption {
-              type = types.attrsOf settingsFormat.type;
-              description = "The entry of `settings.models` (`url`, maybe `unlisted`).";
-            };
-          };
-        }
-      );
-      default = { };
-      internal = true;
-      description = "Routes by owner (e.g. `llama-cpp.models.qwen3-8b`); a routing key claimed twice fails evaluation.";
-    };
   };
 
-  config = lib.mkMerge [
-    # Registries are checked whether or not the router runs: workers still share ports.
-    {
-      assertions =
-        llmhopLib.collisionAssertions "port" cfg.portsRegistry
-        ++ llmhopLib.collisionAssertions "unit" cfg.unitsRegistry
-        ++ llmhopLib.collisionAssertions "routing key" modelClaims;
-
-      services.llmhop.settings.models = lib.mapAttrs (_: lib.mapAttrs (_: lib.mkDefault)) registeredRoutes;
-    }
-
-    (lib.mkIf cfg.enable {
-      assertions =
-        lib.mapAttrsToList (name: l: {
-          assertion = l.port == null || llmhopLib.isListenHost l.host;
-          message = ''services.llmhop${lib.optionalString (name != "default") ".listen.${name}"}.host must be empty or an IP literal, not "${l.host}".'';
-        }) listeners
-        ++ lib.mapAttrsToList (name: l: {
-          assertion = l.port != null || lib.stringLength l.socket <= llmhopLib.maxSocketPathLength;
-          message = "services.llmhop: the socket of listener ${name}, ${l.socket}, is longer than ${toString llmhopLib.maxSocketPathLength} bytes.";
-        }) listeners
-        ++ map (name: {
-          assertion = builtins.match llmhopLib.listenerNamePattern name != null && name != "default";
-          message = ''services.llmhop.listen."${name}": listener names must match ${llmhopLib.listenerNamePattern} and not be "default" (that is services.llmhop.host/port/socket).'';
-        }) (lib.attrNames cfg.listen)
-        ++ map (name: {
-          assertion = false;
-          message = ''services.llmhop.credentials."${name}": a credential name is one path component matching ${llmhopLib.credentialNamePattern}.'';
-        }) (llmhopLib.invalidCredentialNames cfg.credentials);
-
-      warnings =
-        lib.optional (lib.any (key: cfg.settings ? ${key}) [
-          "host"
-          "port"
-          "listen"
-        ])
-          ''
-            services.llmhop.settings.{host,port,listen} are ignored: the listeners come from
-            systemd (services.llmhop.host, port, socket and listen).
-          '';
-
-      services.llmhop.portsRegistry = lib.mapAttrs' (
-        name: l: lib.nameValuePair "llmhop.listen.${name}" l.port
-      ) tcpListeners;
-      services.llmhop.unitsRegistry = {
-        llmhop = "llmhop.service";
-      }
-      // lib.mapAttrs' (name: _: lib.nameValuePair "llmhop.listen.${name}" "llmhop-${name}.socket") listeners;
-
-      users.users = lib.mkIf (cfg.user == defaultUser) {
-        ${defaultUser} = {
-          isSystemUser = true;
-          inherit (cfg) uid group;
-          description = "llmhop router";
-        };
-      };
-      users.groups = lib.mkIf (cfg.group == defaultUser) { ${defaultUser}.gid = cfg.gid; };
-
-      networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall (
-        lib.mapAttrsToList (_: l: l.port) tcpListeners
-      );
-
-      # The root of all sockets: anyone may pass through, nobody may list it. No
-      # RuntimeDirectory= for it: stopping the router would delete every worker's socket.
-      systemd.tmpfiles.rules = [ "d ${cfg.socketDirectory} 0711 root root - -" ];
-
-      environment.etc."llmhop/llmhop.json".source = configFile;
-
-      systemd.sockets = lib.mapAttrs' (
+  config = lib.mkIf cfg.enable {
+    assertions =
+      lib.mapAttrsToList (name: l: {
+        assertion = l.port == null || llmhopLib.isListenHost l.host;
+        message = ''services.llmhop${lib.optionalString (name != "default") ".listen.${name}"}.host must be empty or an IP literal, not "${l.host}".'';
+      }) listeners
+      ++ lib.mapAttrsToList (
         name: l:
-        lib.nameValuePair "llmhop-${name}" {
-          description = "llmhop listener ${name}";
-          wantedBy = [ "sockets.target" ];
-          listenStreams = [
-            (if l.port != null then llmhopLib.listenStream { inherit (l) host port; } else l.socket)
-          ];
-          socketConfig = {
-            Service = "llmhop.service";
-          }
-          // lib.optionalAttrs (l.port == null) {
-            SocketUser = l.socketUser;
-            SocketGroup = l.socketGroup;
-            SocketMode = l.socketMode;
-            RemoveOnStop = true;
-          };
+        llmhopLib.socketPathAssertion {
+          socket = if l.port == null then l.socket else null;
+          what = "services.llmhop: the socket of listener ${name}, ${l.socket},";
         }
-      ) listeners;
+      ) listeners
+      ++ map (name: {
+        assertion = builtins.match llmhopLib.listenerNamePattern name != null && name != "default";
+        message = ''services.llmhop.listen."${name}": listener names must match ${llmhopLib.listenerNamePattern} and not be "default" (that is services.llmhop.host/port/socket).'';
+      }) (lib.attrNames cfg.listen)
+      ++ llmhopLib.credentialNameAssertions "services.llmhop" cfg.credentials;
 
-      systemd.services.llmhop = {
-        description = "llmhop LLM router";
-        wantedBy = [ "multi-user.target" ];
-        wants = [ "network-online.target" ];
-        after = [ "network-online.target" ];
-        startLimitBurst = 3;
-        startLimitIntervalSec = 3600;
-        # A new config is applied by SIGHUP: `nixos-rebuild switch` reloads, never restarts.
-        reloadTriggers = [ configFile ];
+    warnings =
+      lib.optional (lib.any (key: cfg.settings ? ${key}) [
+        "host"
+        "port"
+        "listen"
+      ])
+        ''
+          services.llmhop.settings.{host,port,listen} are ignored: the listeners come from
+          systemd (services.llmhop.host, port, socket and listen).
+        '';
 
-        serviceConfig = llmhopLib.withCredentials cfg.credentials (
-          llmhopLib.hardening
-          // {
-            Type = "notify";
-            ExecStart = "${lib.getExe' cfg.package "llmhop"} --config ${configPath}";
-            ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
-            Restart = "on-failure";
-            RestartSec = 5;
-            # Requests in flight get shutdownTimeout to finish; systemd waits a little longer.
-            TimeoutStopSec = builtins.ceil shutdownTimeout + 10;
+    # The router's claims; registries.nix fails evaluation when another owner makes the same.
+    services.llmhop.portsRegistry = lib.mapAttrs' (
+      name: l: lib.nameValuePair "llmhop.listen.${name}" l.port
+    ) tcpListeners;
+    services.llmhop.unitsRegistry = {
+      llmhop = "llmhop.service";
+    }
+    // lib.mapAttrs' (name: _: lib.nameValuePair "llmhop.listen.${name}" "llmhop-${name}.socket") listeners;
 
-            User = cfg.user;
-            Group = cfg.group;
-            SupplementaryGroups = lib.unique cfg.supplementaryGroups;
-
-            # llmhop binds nothing itself: every listener is passed in by systemd.
-            Sockets = socketUnits;
-            SocketBindDeny = "any";
-            UMask = "0077";
-
-            # Beyond the shared baseline: no devices, no clock, no resource syscalls.
-            PrivateDevices = true;
-            DevicePolicy = "closed";
-            ProtectClock = true;
-            SystemCallFilter = llmhopLib.hardening.SystemCallFilter ++ [ "~@resources" ];
-          }
-        );
+    users.users = lib.mkIf (cfg.user == defaultUser) {
+      ${defaultUser} = {
+        isSystemUser = true;
+        inherit (cfg) uid group;
+        description = "llmhop router";
       };
-    })
-  ];
+    };
+    users.groups = lib.mkIf (cfg.group == defaultUser) { ${defaultUser}.gid = cfg.gid; };
+
+    networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall (
+      lib.mapAttrsToList (_: l: l.port) tcpListeners
+    );
+
+    # The root of all sockets: anyone may pass through, nobody may list it. No
+    # RuntimeDirectory= for it: stopping the router would delete every worker's socket.
+    systemd.tmpfiles.rules = [ "d ${cfg.socketDirectory} 0711 root root - -" ];
+
+    environment.etc."llmhop/llmhop.json".source = configFile;
+
+    systemd.sockets = lib.mapAttrs' (
+      name: l:
+      lib.nameValuePair "llmhop-${name}" {
+        description = "llmhop listener ${name}";
+        wantedBy = [ "sockets.target" ];
+        listenStreams = [
+          (if l.port != null then llmhopLib.listenStream { inherit (l) host port; } else l.socket)
+        ];
+        socketConfig = {
+          Service = "llmhop.service";
+        }
+        // lib.optionalAttrs (l.port == null) {
+          SocketUser = l.socketUser;
+          SocketGroup = l.socketGroup;
+          SocketMode = l.socketMode;
+          RemoveOnStop = true;
+        };
+      }
+    ) listeners;
+
+    systemd.services.llmhop = {
+      description = "llmhop LLM router";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      startLimitBurst = 3;
+      startLimitIntervalSec = 3600;
+      # A new config is applied by SIGHUP: `nixos-rebuild switch` reloads, never restarts.
+      reloadTriggers = [ configFile ];
+
+      serviceConfig = llmhopLib.withCredentials cfg.credentials (
+        llmhopLib.hardening
+        // {
+          Type = "notify";
+          ExecStart = "${lib.getExe' cfg.package "llmhop"} --config ${configPath}";
+          ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+          Restart = "on-failure";
+          RestartSec = 5;
+          # Requests in flight get shutdownTimeout to finish; systemd waits a little longer.
+          TimeoutStopSec = builtins.ceil shutdownTimeout + 10;
+
+          User = cfg.user;
+          Group = cfg.group;
+          SupplementaryGroups = lib.unique cfg.supplementaryGroups;
+
+          # llmhop binds nothing itself: every listener is passed in by systemd.
+          Sockets = socketUnits;
+          SocketBindDeny = "any";
+          UMask = "0077";
+
+          # Beyond the shared baseline: no devices, no clock, no resource syscalls.
+          PrivateDevices = true;
+          DevicePolicy = "closed";
+          ProtectClock = true;
+          SystemCallFilter = llmhopLib.hardening.SystemCallFilter ++ [ "~@resources" ];
+        }
+      );
+    };
+  };
 }

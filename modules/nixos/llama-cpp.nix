@@ -9,8 +9,8 @@
 let
   inherit (lib) mkOption types;
 
-  llmhopLib = import ../lib.nix lib;
-  common = import ./common.nix { inherit lib llmhopLib; };
+  llmhopLib = import ../lib lib;
+  framework = import ../framework { inherit lib llmhopLib; };
 
   backend = "llama-cpp";
   routerCfg = config.services.llmhop;
@@ -27,7 +27,7 @@ let
     if socket != null then { host = socket; } else { inherit host port; };
 in
 {
-  options.services.llmhop.${backend} = common.backendOptions {
+  options.services.llmhop.${backend} = framework.backendOptions {
     inherit backend cfg nvidiaToolkit;
     displayName = "llama.cpp";
     inherit (routerCfg) socketDirectory;
@@ -56,7 +56,7 @@ in
 
   config = lib.mkIf cfg.enable (
     lib.mkMerge [
-      (common.backendConfig {
+      (framework.backendConfig {
         inherit
           config
           backend
@@ -100,7 +100,7 @@ in
             managedFlags = {
               alias = model.name;
             }
-            // listenFlags (common.containerListen model 8080);
+            // listenFlags (framework.container.listen model 8080);
           };
       })
       { users.groups = lib.mkIf (cfg.group == backend) { ${backend} = { }; }; }

@@ -1,0 +1,29 @@
+# The backend framework: function libraries (not NixOS modules) from which every backend
+# module in ../nixos is built.
+#
+# - options.nix: the options of every backend and model, defined once;
+# - native.nix: the native runtime (hardened system units);
+# - container.nix: the container runtime (Podman through quadlet-nix);
+# - assembly.nix: a backend's config (workloads, registries, assertions, units) from them.
+{ lib, llmhopLib }:
+let
+  container = import ./container.nix { inherit lib llmhopLib; };
+  native = import ./native.nix { inherit lib llmhopLib container; };
+  options = import ./options.nix { inherit lib llmhopLib container; };
+  assembly = import ./assembly.nix {
+    inherit lib llmhopLib;
+    nativeRuntime = native;
+    containerRuntime = container;
+  };
+in
+{
+  inherit native container;
+  inherit (options)
+    backendOptions
+    modelOption
+    settingsType
+    environmentOption
+    environmentFileOption
+    ;
+  inherit (assembly) backendConfig;
+}

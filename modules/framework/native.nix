@@ -1,0 +1,197 @@
+# The native runtime of the backend framework: each model a hardened system unit in the sandbox
+# shared with the router (llmhopLib.hardening), started through `llmhop-notify`, which holds
+# the unit in `activating` until the server's /health answers. `service` builds the unit;
+# vLLM and SGLang add `pythonServer` (their environment, compilers and restart policy) and
+# run under a named account (`namedUserOptions`, `namedUserConfig`).
+{
+  lib,
+  llmhopLib,
+  container,
+}:
+let
+  inherit (lib) mkOption types;
+in
+{
+  # A native model's systemd.services entry, in the sandbox shared with the router
+  # (llmhopLib.hardening). `command` is the server's argv before its flags; `managedFlags` win
+  # over the model's settings, which win over the backend's modelSettings.
+  service =
+    {
+      cfg,
+      routerCfg,
+      workload,
+      command,
+      dialect,
+      managedFlags,
+      identity,
+      environment ? { },
+      # Programs on PATH (compilers of a JIT).
+      path ? [ ],
+      restart ? "on-failure",
+      description,
+    }:
+    let
+      inherit (workload) model;
+      # `%d` is escaped with the rest of ExecStart=, so a placeholder stands for it until then.
+      settings = workload.settingsIn llmhopLib.credentialsDirectoryPlaceholder;
+      argv = command ++ llmhopLib.renderCliArgs dialect (settings // managedFlags);
+      onSocket = model.socket != null;
+      # The module's keys: a model's serviceConfig cannot replace them.
+      fixed = {
+        Type = "notify";
+        # SIGINT to llmhop-notify only, which passes it on once: llama-server exits 1 at a
+        # second interrupt. The final SIGKILL still reaches the whole group.
+        KillMode = "mixed";
+        ExecStart = llmhopLib.escapeExecArgs (
+          [
+            (lib.getExe' routerCfg.package "llmhop-notify")
+            "-url"
+            workload.url
+            "-health-path"
+            "/health"
+            "--"
+          ]
+          ++ argv
+        );
+      };
+    in
+    {
+      inherit description path;
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ] ++ lib.optional (workload.previous != null) "${workload.previous}.service";
+      startLimitBurst = 3;
+      startLimitIntervalSec = 3600;
+      environment =
+        environment
+        // lib.optionalAttrs model.gpu (llmhopLib.gpuEnvironment workload.cacheDirectory)
+        // lib.optionalAttrs model.nccl llmhopLib.ncclEnvironment
+        // cfg.environment
+        // model.environment;
+      inherit (model) unitConfig;
+      serviceConfig =
+        llmhopLib.withCredentials model.credentials (
+          llmhopLib.hardening
+          // {
+            # Servers stop gracefully on SIGINT. One that dies of it instead makes llmhop-notify
+            # exit 128 + 2, which is a clean stop too.
+            KillSignal = "SIGINT";
+            SuccessExitStatus = 130;
+            Restart = restart;
+            RestartSec = 30;
+            # Loading (or downloading) weights may take long; readiness ends it.
+            TimeoutStartSec = 3600;
+            TasksMax = 4096;
+            LimitNOFILE = cfg.openFilesLimit;
+            PrivateDevices = true;
+            # Not with `gpu`: its implied DeviceAllow= would hide the GPU.
+            ProtectClock = true;
+
+            CacheDirectory = "${workload.backend}/${model.name}";
+            StateDirectory = "${workload.backend}/${model.name}";
+            WorkingDirectory = "/var/lib/${workload.backend}/${model.name}";
+            EnvironmentFile = lib.filter (f: f != null) [
+              cfg.environmentFile
+              model.environmentFile
+            ];
+
+            SocketBindDeny = "any";
+          }
+          // identity
+          // (
+            if onSocket then
+              {
+                # <socketDirectory>/<unit>/, removed on every stop: no stale socket survives.
+                RuntimeDirectory = "${lib.removePrefix "/run/" routerCfg.socketDirectory}/${workload.unit}";
+                RuntimeDirectoryMode = "0710";
+                UMask = "0007";
+              }
+            else
+              {
+                SocketBindAllow = "tcp:${toString model.port}";
+                UMask = "0077";
+              }
+          )
+          // lib.optionalAttrs model.gpu llmhopLib.gpuRelaxations
+          // lib.optionalAttrs model.nccl llmhopLib.ncclRelaxations
+          // model.serviceConfig
+        )
+        // fixed;
+    };
+
+  # `user` and `group` of a backend whose native units run under a named account.
+  namedUserOptions = backend: {
+    user = mkOption {
+      type = types.str;
+      default = backend;
+      description = ''
+        The user of every native model: a real account rather than `DynamicUser=`, whose
+        private mounts are noexec while the runtime loads kernels it compiled into its cache.
+        Declared by the module under its default name (UID and GID
+        ${toString container.defaultUids.${backend}}, as the container user's).
+      '';
+    };
+    group = mkOption {
+      type = types.str;
+      default = backend;
+      description = "The group of every native model, owning its socket directory; the router joins it.";
+    };
+  };
+
+  namedUserConfig =
+    backend: cfg:
+    let
+      # The container user of the same name (models of both runtimes) lends its IDs.
+      containerUser = cfg.quadlet.user;
+      shared = what: containerUser != null && containerUser.manage && containerUser.${what} == backend;
+      defaultId = container.defaultUids.${backend};
+    in
+    {
+      users.users = lib.mkIf (cfg.user == backend) {
+        ${backend} = {
+          isSystemUser = true;
+          uid = if shared "name" then containerUser.uid else defaultId;
+          inherit (cfg) group;
+          description = "${backend} workers";
+        };
+      };
+      users.groups = lib.mkIf (cfg.group == backend) {
+        ${backend}.gid = if shared "group" then containerUser.gid else defaultId;
+      };
+    };
+
+  # What the native units of vLLM and SGLang share, as service arguments: the backend's
+  # named account; every cache in the unit's cache directory (it is also HOME) and the host's
+  # GPU driver libraries (Triton would run /sbin/ldconfig), plus `environment`; what Triton,
+  # torch's C++ extensions and the flashinfer JIT call (a compiler, ninja, sh); and
+  # Restart=always, as both drain and exit 0 when their engine dies.
+  pythonServer =
+    {
+      cfg,
+      pkgs,
+      cacheDirectory,
+      environment ? { },
+    }:
+    {
+      environment = {
+        HOME = cacheDirectory;
+        XDG_CACHE_HOME = cacheDirectory;
+        HF_HOME = cacheDirectory;
+        HF_HUB_CACHE = "${cacheDirectory}/hub";
+        LD_LIBRARY_PATH = "/run/opengl-driver/lib";
+        TRITON_LIBCUDA_PATH = "/run/opengl-driver/lib";
+      }
+      // environment;
+      path = [
+        pkgs.stdenv.cc
+        pkgs.ninja
+        pkgs.bash
+      ];
+      identity = {
+        User = cfg.user;
+        Group = cfg.group;
+      };
+      restart = "always";
+    };
+
+}

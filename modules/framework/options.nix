@@ -1,0 +1,292 @@
+# The options of every backend (services.llmhop.<backend>) and of every model
+# (services.llmhop.<backend>.models.<name>), defined once: each backend module passes what is
+# its own (names, defaults, `extraOptions` such as `package`, `modelOptions` such as `model`),
+# and the container runtime adds its own (container.nix). A new per-model option belongs in
+# `modelModule`, a new backend-wide one in `backendOptions`.
+{
+  lib,
+  llmhopLib,
+  container,
+}:
+let
+  inherit (lib) mkOption types;
+
+  # A [Service]/[Unit] value as NixOS accepts it.
+  unitValue = types.oneOf [
+    types.bool
+    types.int
+    types.str
+    types.path
+    (types.listOf (
+      types.oneOf [
+        types.int
+        types.str
+        types.path
+      ]
+    ))
+  ];
+
+  # A CLI setting: anything JSON-like (rendered per dialect, see lib.renderCliArgs).
+  settingsType = types.attrsOf types.anything;
+
+  environmentOption =
+    what:
+    mkOption {
+      type = types.attrsOf types.str;
+      default = { };
+      description = "Environment variables of ${what}.";
+    };
+
+  environmentFileOption =
+    what:
+    mkOption {
+      type = types.nullOr types.externalPath;
+      default = null;
+      example = "/run/secrets/llmhop.env";
+      description = "An `EnvironmentFile=` of ${what}, kept out of the Nix store.";
+    };
+
+  # Options of services.llmhop.<backend>.models.<name>.
+  modelModule =
+    {
+      backend,
+      socketDirectory,
+      gpuDefault,
+      socketCapable,
+      parallelFlags,
+      backendCfg,
+    }:
+    { name, config, ... }:
+    {
+      options = container.modelOptions { inherit backendCfg; } // {
+        enable = lib.mkEnableOption "this model" // {
+          default = true;
+        };
+        name = mkOption {
+          type = types.strMatching llmhopLib.modelNamePattern;
+          default = name;
+          defaultText = lib.literalMD "the attribute name";
+          description = "The routing key of the model and the `<name>` in its unit `${backend}-<name>`.";
+        };
+        port =
+          if socketCapable then
+            mkOption {
+              type = types.nullOr types.port;
+              default = null;
+              example = 18001;
+              description = ''
+                The loopback port the server listens on; `null` serves on the unix socket
+                `socket` instead.
+              '';
+            }
+          else
+            mkOption {
+              type = types.port;
+              example = 30001;
+              description = "The loopback port the server listens on (required: it serves no unix socket).";
+            };
+        socket = mkOption {
+          type = types.nullOr types.str;
+          default =
+            if socketCapable && config.port == null then
+              "${socketDirectory}/${backend}-${config.name}/http.sock"
+            else
+              null;
+          defaultText = lib.literalMD "{file}`<socketDirectory>/${backend}-<name>/http.sock` while `port` is `null`, else `null`";
+          readOnly = true;
+          description = "The unix socket of the server while `port` is `null`.";
+        };
+        settings = mkOption {
+          type = settingsType;
+          default = { };
+          example = {
+            hf-repo = "unsloth/Qwen3-8B-GGUF:UD-Q4_K_XL";
+            ctx-size = 16384;
+            jinja = true;
+          };
+          description = ''
+            Command-line flags of the server: `key = value` becomes `--key value`, `true`
+            `--key`, `false` `--no-key` (SGLang: dropped), `null` nothing; lists repeat or
+            follow the flag as the server expects. `''${cred:name}` becomes the path of the
+            model's credential `name`. Managed flags (listener, served name) cannot be set.
+          '';
+        };
+        environment = environmentOption "this model (over the backend's)";
+        environmentFile = environmentFileOption "this model (after the backend's)";
+        credentials = llmhopLib.mkCredentialsOption "this model (never inherited from the backend)";
+        serviceConfig = mkOption {
+          type = types.attrsOf unitValue;
+          default = { };
+          example = {
+            MemoryMax = "24G";
+            RestartSec = 10;
+          };
+          description = ''
+            `[Service]` settings over the module's, except `ExecStart`, `Type` and `KillMode`.
+            Credential directives are appended to any given here.
+          '';
+        };
+        unitConfig = mkOption {
+          type = types.attrsOf unitValue;
+          default = { };
+          description = "`[Unit]` settings of the model's unit (dependencies belong in `systemd.services`).";
+        };
+        runtime = mkOption {
+          type = types.enum [
+            "native"
+            "container"
+          ];
+          default = backendCfg.runtime;
+          defaultText = lib.literalMD "the backend's `runtime`";
+          description = "How this model runs (a native vLLM beside vLLM containers, say).";
+        };
+        nccl = mkOption {
+          type = types.bool;
+          default = lib.any (
+            flag:
+            let
+              value = (backendCfg.modelSettings // config.settings).${flag} or 1;
+            in
+            lib.isInt value && value > 1
+          ) parallelFlags;
+          defaultText = lib.literalMD "whether a parallelism flag in the settings exceeds 1";
+          description = ''
+            Whether a native model talks NCCL between its GPU processes: netlink, binds on any
+            TCP port (the ephemeral rendezvous), `NCCL_SOCKET_IFNAME=lo` and no InfiniBand.
+            On when a parallelism flag (${lib.concatStringsSep ", " parallelFlags}) exceeds 1.
+          '';
+        };
+        gpu = mkOption {
+          type = types.bool;
+          default = gpuDefault;
+          description = ''
+            Whether the model runs on a GPU. Natively: device nodes, the `render` and `video`
+            groups (`PrivateUsers=identity`, systemd ≥ 257), JIT, unlimited locked memory, all
+            of {file}`/proc`; pick devices with `CUDA_VISIBLE_DEVICES` and friends in
+            `environment`. In a container: a warning when `devices` gives it none.
+          '';
+        };
+      };
+    };
+in
+rec {
+  inherit unitValue settingsType environmentOption environmentFileOption;
+
+  # Options of services.llmhop.<backend>: the shared ones plus `extraOptions` (runtime-specific
+  # ones such as `package`, `user`) and `modelOptions` (a module added to every model).
+  backendOptions =
+    {
+      backend,
+      displayName,
+      socketDirectory,
+      # This backend's config (option defaults refer to it).
+      cfg,
+      # The image (without tag) and default tag of the container runtime.
+      image,
+      tag,
+      # Whether the NVIDIA container toolkit is enabled (the default `devices`).
+      nvidiaToolkit,
+      defaultRuntime ? "native",
+      gpuDefault ? false,
+      # False for servers without unix sockets: `port` is then required.
+      socketCapable ? true,
+      # Flags whose value above 1 spreads a model over GPUs that talk NCCL.
+      parallelFlags ? [ ],
+      extraOptions ? { },
+      modelOptions ? { },
+    }:
+    container.backendOptions {
+      inherit
+        backend
+        displayName
+        image
+        tag
+        nvidiaToolkit
+        ;
+      defaultUid = container.defaultUids.${backend};
+    }
+    // {
+      enable = lib.mkEnableOption "${displayName} workers" // {
+        default = cfg.models != { };
+        defaultText = lib.literalExpression "models != { }";
+        description = ''
+          Whether to run the ${displayName} workers; on as soon as `models` has an entry, so a
+          model alone is enough and `false` turns declared models off.
+        '';
+      };
+
+      startupOrdering = mkOption {
+        type = types.bool;
+        default = cfg.runtime == "container" || gpuDefault;
+        defaultText =
+          if gpuDefault then lib.literalExpression "true" else lib.literalExpression ''runtime == "container"'';
+        description = ''
+          Whether the models start one after another, sorted by `name` (`After=` the previous
+          one of the same runtime: containers and native units have separate managers). Units
+          become active only once healthy, so big models never load (or profile a GPU) at the
+          same time.
+        '';
+      };
+
+      runtime = mkOption {
+        type = types.enum [
+          "native"
+          "container"
+        ];
+        default = defaultRuntime;
+        description = ''
+          How the models run by default: hardened system units (`native`) or Podman containers
+          (`container`); each model's `runtime` may differ.
+        '';
+      };
+
+      environment = environmentOption "every model";
+      environmentFile = environmentFileOption "every model";
+
+      modelSettings = mkOption {
+        type = settingsType;
+        default = { };
+        example = {
+          ctx-size = 8192;
+        };
+        description = "Flags of every model; a model's `settings` win over them.";
+      };
+
+      openFilesLimit = mkOption {
+        type = types.ints.positive;
+        default = 1048576;
+        description = "`LimitNOFILE=` of every model.";
+      };
+
+      models = mkOption {
+        type = types.attrsOf (
+          types.submodule [
+            (modelModule {
+              inherit
+                backend
+                socketDirectory
+                gpuDefault
+                socketCapable
+                parallelFlags
+                ;
+              backendCfg = cfg;
+            })
+            modelOptions
+          ]
+        );
+        default = { };
+        description = "The models, each a `${backend}-<name>` unit registered as route `<name>`.";
+      };
+    }
+    // extraOptions;
+
+  # The `model` option of vLLM and SGLang models.
+  modelOption = {
+    options.model = mkOption {
+      type = types.str;
+      example = "meta-llama/Meta-Llama-3-8B-Instruct";
+      description = "The model to serve: a Hugging Face repository or a path.";
+    };
+  };
+
+}

@@ -1,0 +1,104 @@
+# systemd: values and ExecStart= escaped as systemd reads them, the sandbox of the router and
+# every native worker, and what GPUs and NCCL need relaxed in it.
+{ lib, llmhopLib }:
+{
+  # A value systemd takes literally: no specifier (`%`), no variable (`$`). Quadlet copies
+  # `Exec=` and `Environment=` into the ExecStart= of its unit as they are.
+  escapeSystemdValue = lib.replaceStrings [ "%" "$" ] [ "%%" "$$" ];
+
+  # One ExecStart= argument, quoted and escaped (as NixOS' utils do).
+  escapeExecArg = arg: llmhopLib.escapeSystemdValue (builtins.toJSON (toString arg));
+
+  # ExecStart= from an argv; the credentials placeholder becomes `%d` after escaping.
+  escapeExecArgs =
+    args:
+    lib.replaceStrings [ llmhopLib.credentialsDirectoryPlaceholder ] [ "%d" ] (
+      lib.concatMapStringsSep " " llmhopLib.escapeExecArg args
+    );
+
+  # The sandbox shared by the router and every native worker.
+  hardening = {
+    # Capabilities and privileges
+    CapabilityBoundingSet = "";
+    AmbientCapabilities = "";
+    NoNewPrivileges = true;
+    RestrictSUIDSGID = true;
+
+    # Network
+    RestrictAddressFamilies = [
+      "AF_INET"
+      "AF_INET6"
+      "AF_UNIX"
+    ];
+
+    # Namespaces
+    PrivateIPC = true;
+    PrivateMounts = true;
+    PrivateTmp = true;
+    PrivateUsers = true;
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+
+    # Filesystem and kernel
+    ProtectControlGroups = true;
+    ProtectHome = true;
+    ProtectHostname = true;
+    ProtectKernelLogs = true;
+    ProtectKernelModules = true;
+    ProtectKernelTunables = true;
+    ProtectProc = "invisible";
+    ProcSubset = "pid";
+    ProtectSystem = "strict";
+
+    # Memory and system calls
+    LockPersonality = true;
+    MemoryDenyWriteExecute = true;
+    RemoveIPC = true;
+    SystemCallArchitectures = "native";
+    SystemCallErrorNumber = "EPERM";
+    SystemCallFilter = [
+      "@system-service"
+      "~@privileged"
+    ];
+  };
+
+  # What a worker on a GPU needs relaxed: device nodes, the render/video groups (kept by an
+  # identity user namespace; systemd ≥ 257), JIT, pinned memory and /proc/{meminfo,cpuinfo}.
+  gpuRelaxations = {
+    PrivateDevices = false;
+    ProtectClock = false;
+    SupplementaryGroups = [
+      "render"
+      "video"
+    ];
+    PrivateUsers = "identity";
+    MemoryDenyWriteExecute = false;
+    LimitMEMLOCK = "infinity";
+    ProcSubset = "all";
+  };
+
+  # NCCL between the processes of one model (tensor or pipeline parallel): it enumerates
+  # interfaces over netlink and binds ephemeral TCP ports for its rendezvous.
+  ncclRelaxations = {
+    RestrictAddressFamilies = llmhopLib.hardening.RestrictAddressFamilies ++ [ "AF_NETLINK" ];
+    SocketBindAllow = "tcp";
+  };
+
+  # One host: loopback only, no InfiniBand probing.
+  ncclEnvironment = {
+    NCCL_SOCKET_IFNAME = "lo";
+    NCCL_IB_DISABLE = "1";
+  };
+
+  # Kernel and shader caches of GPU runtimes, kept in the worker's cache directory.
+  gpuEnvironment = cacheDirectory: {
+    TRITON_CACHE_DIR = "${cacheDirectory}/triton";
+    TORCHINDUCTOR_CACHE_DIR = "${cacheDirectory}/torchinductor";
+    MIOPEN_USER_DB_PATH = "${cacheDirectory}/miopen";
+    MIOPEN_CUSTOM_CACHE_DIR = "${cacheDirectory}/miopen";
+    SYCL_CACHE_PERSISTENT = "1";
+    SYCL_CACHE_DIR = "${cacheDirectory}/sycl";
+    NEO_CACHE_PERSISTENT = "1";
+    NEO_CACHE_DIR = "${cacheDirectory}/neo";
+  };
+}

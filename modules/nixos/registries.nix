@@ -1,0 +1,85 @@
+# The contract between the router and the backends: every host port, systemd unit and routing
+# key the module creates is claimed here by its owner (`llmhop.listen.default`,
+# `llama-cpp.models.qwen3-8b`, `sglang.gateway`). A value claimed twice fails evaluation naming
+# every owner; each registered route becomes an entry of `settings.models`, under whatever the
+# user writes there.
+#
+# A new kind of workload claims its ports, units and routes here and needs nothing else from
+# the router.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  inherit (lib) mkOption types;
+
+  cfg = config.services.llmhop;
+  llmhopLib = import ../lib lib;
+
+  settingsFormat = pkgs.formats.json { };
+
+  # Routes of the backends, by routing key; the first owner (sorted) wins a collision.
+  registeredRoutes = lib.foldl' (
+    routes: owner:
+    let
+      entry = cfg.modelsRegistry.${owner};
+    in
+    if routes ? ${entry.name} then routes else routes // { ${entry.name} = entry.route; }
+  ) { } (lib.attrNames cfg.modelsRegistry);
+
+  # Routing keys written by hand in settings.models whose url differs from the backend's.
+  handWrittenClaims = lib.filterAttrs (
+    name: route: (cfg.settings.models.${name}.url or null) != route.url
+  ) registeredRoutes;
+
+  modelClaims = lib.mapAttrs (_: entry: entry.name) cfg.modelsRegistry // lib.mapAttrs' (
+    name: _: lib.nameValuePair "settings.models.${name}" name
+  ) handWrittenClaims;
+in
+{
+  options.services.llmhop = {
+    portsRegistry = mkOption {
+      type = types.attrsOf types.port;
+      default = { };
+      internal = true;
+      description = "Host ports by owner (e.g. `llmhop.listen.default`); a port claimed twice fails evaluation.";
+    };
+    unitsRegistry = mkOption {
+      type = types.attrsOf types.str;
+      default = { };
+      internal = true;
+      description = "systemd unit names by owner; a unit claimed twice fails evaluation.";
+    };
+    modelsRegistry = mkOption {
+      type = types.attrsOf (
+        types.submodule {
+          options = {
+            name = mkOption {
+              type = types.str;
+              description = "The routing key.";
+            };
+            route = mkOption {
+              type = types.attrsOf settingsFormat.type;
+              description = "The entry of `settings.models` (`url`, maybe `unlisted`).";
+            };
+          };
+        }
+      );
+      default = { };
+      internal = true;
+      description = "Routes by owner (e.g. `llama-cpp.models.qwen3-8b`); a routing key claimed twice fails evaluation.";
+    };
+  };
+
+  # Checked whether or not the router runs: workers still share ports.
+  config = {
+    assertions =
+      llmhopLib.collisionAssertions "port" cfg.portsRegistry
+      ++ llmhopLib.collisionAssertions "unit" cfg.unitsRegistry
+      ++ llmhopLib.collisionAssertions "routing key" modelClaims;
+
+    services.llmhop.settings.models = lib.mapAttrs (_: lib.mapAttrs (_: lib.mkDefault)) registeredRoutes;
+  };
+}

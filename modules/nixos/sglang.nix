@@ -1,0 +1,109 @@
+# SGLang workers (services.llmhop.sglang): one server per model, by default in the upstream
+# image as rootless Podman containers of the `sglang` user, natively (`runtime = "native"`, per
+# backend or per model) as hardened units of that user. SGLang serves no unix socket: every
+# model needs a port. The SGL Model Gateway in front of them is sglang-gateway.nix.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  inherit (lib) mkOption types;
+
+  llmhopLib = import ../lib lib;
+  framework = import ../framework { inherit lib llmhopLib; };
+
+  backend = "sglang";
+  routerCfg = config.services.llmhop;
+  cfg = routerCfg.${backend};
+
+  servedFlags = model: {
+    model-path = model.model;
+    served-model-name = model.name;
+  };
+in
+{
+  options.services.llmhop.${backend} = framework.backendOptions {
+    inherit backend cfg;
+    displayName = "SGLang";
+    inherit (routerCfg) socketDirectory;
+    nvidiaToolkit = config.hardware.nvidia-container-toolkit.enable;
+    image = "docker.io/lmsysorg/sglang";
+    tag = "latest";
+    defaultRuntime = "container";
+    gpuDefault = true;
+    socketCapable = false;
+    parallelFlags = [
+      "tp-size"
+      "tensor-parallel-size"
+      "pp-size"
+      "pipeline-parallel-size"
+      "dp-size"
+      "data-parallel-size"
+    ];
+    modelOptions = framework.modelOption;
+    extraOptions = {
+      package = mkOption {
+        type = types.nullOr (types.either types.package types.path);
+        default =
+          if (pkgs.python3Packages or { }) ? sglang then pkgs.python3.withPackages (ps: [ ps.sglang ]) else null;
+        defaultText = lib.literalMD "`python3.withPackages (ps: [ ps.sglang ])` where nixpkgs has SGLang, else `null`";
+        description = ''
+          SGLang for the native runtime: a Python environment providing the `sglang` module
+          (its {command}`bin/python` runs `-m sglang.launch_server`).
+        '';
+      };
+    }
+    // framework.native.namedUserOptions backend;
+  };
+
+  config = lib.mkIf cfg.enable (
+    framework.backendConfig {
+      inherit
+        config
+        backend
+        cfg
+        routerCfg
+        ;
+      socketGroup = cfg.group;
+      nativeSystem = framework.native.namedUserConfig backend cfg;
+      # The gateway (sglang-gateway.nix) runs under the container runtime's user.
+      containersWanted = cfg.gateway.enable;
+      nativeUnavailable =
+        if cfg.package == null then
+          ''services.llmhop.sglang.package is null (nixpkgs has no SGLang here): set it to a Python environment providing the sglang module, or use runtime = "container".''
+        else
+          null;
+      native =
+        { model, cacheDirectory, ... }:
+        framework.native.pythonServer { inherit cfg pkgs cacheDirectory; }
+        // {
+          description = "SGLang worker ${model.name}";
+          command = [
+            "${toString cfg.package}/bin/python"
+            "-m"
+            "sglang.launch_server"
+          ];
+          dialect = "sglang";
+          managedFlags = servedFlags model // {
+            host = "127.0.0.1";
+            inherit (model) port;
+          };
+        };
+      container =
+        { model, ... }:
+        {
+          dialect = "sglang";
+          containerPort = 30000;
+          cacheDirectory = "/root/.cache/huggingface";
+          # Every SGLang image has the module; `sglang serve` only the releases after 0.5.1.
+          entrypoint = ''["python3","-m","sglang.launch_server"]'';
+          managedFlags = servedFlags model // {
+            host = "0.0.0.0";
+            port = 30000;
+          };
+        };
+    }
+  );
+}
