@@ -5,10 +5,97 @@
 {
   lib,
   llmhopLib,
+  options,
   nativeRuntime,
   containerRuntime,
 }:
 rec {
+  # A backend as a NixOS module: its options (options.nix; with `namedUser`, the `user` and
+  # `group` of the account its native models share with its container user) and, while it is
+  # enabled, its config (backendConfig) merged with `extraConfig`. It takes backendConfig's
+  # arguments, except what it reads from `config`, and passes the rest to backendOptions.
+  backendModule =
+    {
+      config,
+      backend,
+      extraOptions ? { },
+      namedUser ? false,
+      native,
+      container,
+      nativeUnavailable ? null,
+      containersWanted ? false,
+      movingTags ? [ ],
+      extraConfig ? { },
+      ...
+    }@args:
+    let
+      routerCfg = config.services.llmhop;
+      cfg = routerCfg.${backend};
+    in
+    {
+      options.services.llmhop.${backend} = options.backendOptions (
+        removeAttrs args [
+          "config"
+          "namedUser"
+          "native"
+          "container"
+          "nativeUnavailable"
+          "containersWanted"
+          "movingTags"
+          "extraConfig"
+        ]
+        // {
+          inherit cfg;
+          inherit (routerCfg) socketDirectory;
+          nvidiaToolkit = config.hardware.nvidia-container-toolkit.enable;
+          extraOptions = extraOptions // lib.optionalAttrs namedUser (nativeRuntime.namedUserOptions backend);
+        }
+      );
+
+      config = lib.mkIf cfg.enable (
+        lib.mkMerge [
+          (backendConfig {
+            inherit
+              config
+              backend
+              cfg
+              routerCfg
+              native
+              container
+              nativeUnavailable
+              containersWanted
+              movingTags
+              ;
+            socketGroup = cfg.group;
+            nativeSystem = lib.optionalAttrs namedUser (nativeRuntime.namedUserConfig backend cfg);
+          })
+          extraConfig
+        ]
+      );
+    };
+
+  # What vLLM and SGLang have in common as backends: Python servers of one model each (the
+  # `model` option), on GPUs, in the upstream image by default, their native units under the
+  # account of their container user.
+  pythonBackend = {
+    defaultRuntime = "container";
+    gpuDefault = true;
+    tag = "latest";
+    modelOptions = options.modelOption;
+    namedUser = true;
+  };
+
+  # The managed listener flags of a server: its unix socket as `--<socketFlag>`, else
+  # `--host` and `--port`.
+  listenFlags =
+    socketFlag:
+    {
+      socket,
+      port,
+      host ? "127.0.0.1",
+    }:
+    if socket != null then { ${socketFlag} = socket; } else { inherit host port; };
+
   # The enabled models of a backend with what the framework derives for each; when two share
   # a unit name only the first (by attribute name) gets a unit, the registries report both.
   # `native` and `container` hold the units of each runtime, sorted by unit name (so by model

@@ -5,25 +5,20 @@
 # - native.nix: the native runtime (hardened system units);
 # - container.nix: the container runtime (Podman through quadlet-nix);
 # - assembly.nix: a backend's config (workloads, registries, assertions, units) from them.
-{ lib, llmhopLib }:
+lib:
 let
+  llmhopLib = import ../lib lib;
   container = import ./container.nix { inherit lib llmhopLib; };
   native = import ./native.nix { inherit lib llmhopLib container; };
   options = import ./options.nix { inherit lib llmhopLib container; };
   assembly = import ./assembly.nix {
-    inherit lib llmhopLib;
+    inherit lib llmhopLib options;
     nativeRuntime = native;
     containerRuntime = container;
   };
 in
 {
-  inherit native container;
-  inherit (options)
-    backendOptions
-    modelOption
-    settingsType
-    environmentOption
-    environmentFileOption
-    ;
-  inherit (assembly) backendConfig;
+  inherit llmhopLib native container;
+  inherit (options) settingsType environmentOption environmentFileOption;
+  inherit (assembly) backendModule pythonBackend listenFlags;
 }

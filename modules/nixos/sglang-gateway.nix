@@ -10,9 +10,8 @@
 let
   inherit (lib) mkOption types;
 
-  llmhopLib = import ../lib lib;
-  framework = import ../framework { inherit lib llmhopLib; };
-  inherit (framework) container;
+  framework = import ../framework lib;
+  inherit (framework) llmhopLib container;
 
   sglang = config.services.llmhop.sglang;
   gateway = sglang.gateway;

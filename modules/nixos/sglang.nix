@@ -9,30 +9,22 @@
   ...
 }:
 let
-  inherit (lib) mkOption types;
+  framework = import ../framework lib;
 
-  llmhopLib = import ../lib lib;
-  framework = import ../framework { inherit lib llmhopLib; };
-
-  backend = "sglang";
-  routerCfg = config.services.llmhop;
-  cfg = routerCfg.${backend};
+  cfg = config.services.llmhop.sglang;
 
   servedFlags = model: {
     model-path = model.model;
     served-model-name = model.name;
   };
 in
-{
-  options.services.llmhop.${backend} = framework.backendOptions {
-    inherit backend cfg;
+framework.backendModule (
+  framework.pythonBackend
+  // {
+    inherit config;
+    backend = "sglang";
     displayName = "SGLang";
-    inherit (routerCfg) socketDirectory;
-    nvidiaToolkit = config.hardware.nvidia-container-toolkit.enable;
     image = "docker.io/lmsysorg/sglang";
-    tag = "latest";
-    defaultRuntime = "container";
-    gpuDefault = true;
     socketCapable = false;
     parallelFlags = [
       "tp-size"
@@ -42,68 +34,55 @@ in
       "dp-size"
       "data-parallel-size"
     ];
-    modelOptions = framework.modelOption;
-    extraOptions = {
-      package = mkOption {
-        type = types.nullOr (types.either types.package types.path);
-        default =
-          if (pkgs.python3Packages or { }) ? sglang then pkgs.python3.withPackages (ps: [ ps.sglang ]) else null;
-        defaultText = lib.literalMD "`python3.withPackages (ps: [ ps.sglang ])` where nixpkgs has SGLang, else `null`";
-        description = ''
-          SGLang for the native runtime: a Python environment providing the `sglang` module
-          (its {command}`bin/python` runs `-m sglang.launch_server`).
-        '';
-      };
-    }
-    // framework.native.namedUserOptions backend;
-  };
 
-  config = lib.mkIf cfg.enable (
-    framework.backendConfig {
-      inherit
-        config
-        backend
-        cfg
-        routerCfg
-        ;
-      socketGroup = cfg.group;
-      nativeSystem = framework.native.namedUserConfig backend cfg;
-      # The gateway (sglang-gateway.nix) runs under the container runtime's user.
-      containersWanted = cfg.gateway.enable;
-      nativeUnavailable =
-        if cfg.package == null then
-          ''services.llmhop.sglang.package is null (nixpkgs has no SGLang here): set it to a Python environment providing the sglang module, or use runtime = "container".''
-        else
-          null;
-      native =
-        { model, cacheDirectory, ... }:
-        framework.native.pythonServer { inherit cfg pkgs cacheDirectory; }
-        // {
-          description = "SGLang worker ${model.name}";
-          command = [
-            "${toString cfg.package}/bin/python"
-            "-m"
-            "sglang.launch_server"
-          ];
-          dialect = "sglang";
-          managedFlags = servedFlags model // {
-            host = "127.0.0.1";
-            inherit (model) port;
-          };
+    extraOptions.package = lib.mkOption {
+      type = lib.types.nullOr (lib.types.either lib.types.package lib.types.path);
+      default =
+        if (pkgs.python3Packages or { }) ? sglang then pkgs.python3.withPackages (ps: [ ps.sglang ]) else null;
+      defaultText = lib.literalMD "`python3.withPackages (ps: [ ps.sglang ])` where nixpkgs has SGLang, else `null`";
+      description = ''
+        SGLang for the native runtime: a Python environment providing the `sglang` module
+        (its {command}`bin/python` runs `-m sglang.launch_server`).
+      '';
+    };
+
+    nativeUnavailable =
+      if cfg.package == null then
+        ''services.llmhop.sglang.package is null (nixpkgs has no SGLang here): set it to a Python environment providing the sglang module, or use runtime = "container".''
+      else
+        null;
+    # The gateway (sglang-gateway.nix) runs under the container runtime's user.
+    containersWanted = cfg.gateway.enable;
+
+    native =
+      { model, cacheDirectory, ... }:
+      framework.native.pythonServer { inherit cfg pkgs cacheDirectory; }
+      // {
+        description = "SGLang worker ${model.name}";
+        command = [
+          "${toString cfg.package}/bin/python"
+          "-m"
+          "sglang.launch_server"
+        ];
+        dialect = "sglang";
+        managedFlags = servedFlags model // {
+          host = "127.0.0.1";
+          inherit (model) port;
         };
-      container =
-        { model, ... }:
-        {
-          dialect = "sglang";
-          containerPort = 30000;
-          cacheDirectory = "/root/.cache/huggingface";
-          # Every SGLang image has the module; `sglang serve` only the releases after 0.5.1.
-          entrypoint = ''["python3","-m","sglang.launch_server"]'';
-          managedFlags = servedFlags model // {
-            host = "0.0.0.0";
-            port = 30000;
-          };
+      };
+
+    container =
+      { model, ... }:
+      {
+        dialect = "sglang";
+        containerPort = 30000;
+        cacheDirectory = "/root/.cache/huggingface";
+        # Every SGLang image has the module; `sglang serve` only the releases after 0.5.1.
+        entrypoint = ''["python3","-m","sglang.launch_server"]'';
+        managedFlags = servedFlags model // {
+          host = "0.0.0.0";
+          port = 30000;
         };
-    }
-  );
-}
+      };
+  }
+)
