@@ -1,6 +1,7 @@
 """The router's Python work per request, two copies of the router side by side.
 
     .venv/bin/python -m bench.python_path OLD.py NEW.py [--runs 15] [--requests 20000]
+    .venv/bin/python -m bench.python_path R.py R.py --replicas 1,2   # one upstream against two
 
 One keep-alive client connection and one pooled upstream connection, on transports that make
 no system calls: each small POST is parsed, routed, rewritten, forwarded, answered and logged
@@ -79,8 +80,10 @@ def load(path: Path, name: str) -> ModuleType:
     return module
 
 
-async def microseconds_per_request(router: ModuleType, requests: int) -> float:
-    text = json.dumps({"models": {"m": {"url": "http://127.0.0.1:9"}}})
+async def microseconds_per_request(router: ModuleType, requests: int, replicas: int) -> float:
+    url = "http://127.0.0.1:9"
+    model = {"url": url} if replicas == 1 else {"urls": [url] * replicas}
+    text = json.dumps({"models": {"m": model}})
     config = router.parse_config(text, router.SecretResolver({}))
     # Copies older than the restructure call the shared state Router, with flush_log.
     state = getattr(router, "RouterState", getattr(router, "Router", None))(
@@ -92,7 +95,10 @@ async def microseconds_per_request(router: ModuleType, requests: int) -> float:
     client.connection_made(client_side)
     upstream = router.UpstreamConnection()
     upstream.connection_made(NullTransport())
-    state.pool.idle[config.models["m"].upstream.pool_key] = [upstream]
+    # Every replica is the same address, so the one pooled connection serves them all.
+    model = config.models["m"]
+    address = model.replicas[0].upstream if hasattr(model, "replicas") else model.upstream
+    state.pool.idle[address.pool_key] = [upstream]
     with open("/dev/null", "w") as null, contextlib.redirect_stderr(null):
         gc.collect()
         gc.disable()
@@ -113,14 +119,19 @@ def main() -> int:
     parser.add_argument("routers", nargs=2, type=Path, metavar="ROUTER.py")
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument(
+        "--replicas", default="1,1", help="upstream URLs of the model, per copy (default 1,1)"
+    )
     args = parser.parse_args()
+    replica_counts = [int(count) for count in args.replicas.split(",")]
     routers = [load(path, f"router_{i}") for i, path in enumerate(args.routers)]
     timings: list[list[float]] = [[] for _ in routers]
     for _ in range(args.runs):
-        for router, runs in zip(routers, timings, strict=True):
-            runs.append(asyncio.run(microseconds_per_request(router, args.requests)))
-    for path, runs in zip(args.routers, timings, strict=True):
-        print(f"{path}: fastest {min(runs):.2f} µs, median {statistics.median(runs):.2f} µs")
+        for router, runs, count in zip(routers, timings, replica_counts, strict=True):
+            runs.append(asyncio.run(microseconds_per_request(router, args.requests, count)))
+    for path, runs, count in zip(args.routers, timings, replica_counts, strict=True):
+        fastest, median = min(runs), statistics.median(runs)
+        print(f"{path} ({count} upstream(s)): fastest {fastest:.2f} µs, median {median:.2f} µs")
     return 0
 
 

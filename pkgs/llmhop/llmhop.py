@@ -42,7 +42,8 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Callable, MutableMapping
+import zlib
+from collections.abc import Callable, Collection, MutableMapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, NamedTuple
@@ -704,17 +705,41 @@ class Listener:
     port: int  # 0 = an ephemeral port, logged at startup
 
 
+class ReplicaState:
+    """What the router knows of one replica at run time; it outlives reloads that keep it."""
+
+    __slots__ = ("connect_failures", "failed_at", "failures", "in_flight", "requests", "retry_at")
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.requests = 0
+        self.connect_failures = 0  # ever, for metrics
+        self.failures = 0  # connection attempts failed in a row; 0 once one succeeds
+        self.failed_at = 0.0  # monotonic time of the last failed attempt
+        self.retry_at = 0.0  # left out of the choice until then
+
+
+@dataclass(slots=True)
+class Replica:
+    """One upstream of a model, with the request headers it gets."""
+
+    index: int  # its place in the model's urls: the replica label of the metrics
+    url: str  # as configured, to find its state again after a reload; never logged
+    upstream: Upstream
+    headers: tuple[tuple[bytes, bytes], ...]  # injected into every request, replacing the client's
+    # Client headers never forwarded to it: hop-by-hop ones, those the proxy sets, those it
+    # sets, and the credential headers when the router checks tokens itself.
+    forwarding_drops: frozenset[bytes]
+    host_header: bytes  # the Host sent upstream: a configured Host wins over the upstream's own
+    state: ReplicaState
+
+
 @dataclass(frozen=True, slots=True)
 class Model:
     name: str
-    upstream: Upstream
-    headers: tuple[tuple[bytes, bytes], ...]  # injected into every request, replacing the client's
-    header_names: frozenset[bytes]  # lower-case names of ``headers``
-    # Client headers never forwarded to this model: hop-by-hop ones, those the proxy sets,
-    # those the model sets, and Authorization when the router checks tokens itself.
-    forwarding_drops: frozenset[bytes]
-    host_header: bytes  # the Host sent upstream: a configured Host wins over the upstream's own
+    replicas: tuple[Replica, ...]  # one for a model given by url
     unlisted: bool
+    affinity: bytes | None  # the lower-case header whose value keeps a client on one replica
 
 
 @dataclass(frozen=True, slots=True)
@@ -767,7 +792,8 @@ _CONFIG_KEYS = {
     "models": dict,
 }
 
-_MODEL_KEYS = {"url": str, "headers": dict, "unlisted": bool}
+_MODEL_KEYS = {"url": str, "urls": list, "headers": dict, "unlisted": bool, "affinity": str}
+_REPLICA_KEYS = {"url": str, "headers": dict}
 _API_KEY_KEYS = {
     "name": str,
     "sha256": str,
@@ -972,29 +998,81 @@ class _ConfigReader:
 
     def model(self, name: str, entry: dict[str, Any], path: str) -> Model | None:
         fields = self.fields(entry, _MODEL_KEYS, f"{path}.")
-        if "url" not in fields:
-            if "url" not in entry:
-                self.problem(f"{path}.url", "is required")
+        problems = len(self.problems)
+        if "url" not in entry and "urls" not in entry:
+            self.problem(f"{path}.url", "is required (or urls, for several upstreams)")
             return None
-        try:
-            upstream = parse_upstream_url(fields["url"])
-        except ValueError as exc:
-            self.problem(f"{path}.url", str(exc))
+        if "url" in entry and "urls" in entry:
+            self.problem(path, "needs exactly one of url and urls")
             return None
         headers = self.model_headers(fields.get("headers", {}), f"{path}.headers")
-        header_names = frozenset(n.lower() for n, _ in headers)
-        configured_host = dict(headers).get(b"host")
+        if "url" in fields:
+            replicas = [self.replica(0, fields["url"], headers, f"{path}.url")]
+        elif "urls" in fields:
+            if not fields["urls"]:
+                self.problem(f"{path}.urls", "must name at least one upstream")
+            replicas = [
+                self.replica_entry(index, element, headers, f"{path}.urls[{index}]")
+                for index, element in enumerate(fields["urls"])
+            ]
+        else:
+            return None
+        affinity = None
+        if (spec := fields.get("affinity")) is not None:
+            kind, _, header = spec.partition(":")
+            if kind != "header" or not _TOKEN.fullmatch(header.encode()):
+                self.problem(f"{path}.affinity", 'must be "header:<header name>"')
+            else:
+                affinity = header.lower().encode()
+        if len(self.problems) > problems or None in replicas:
+            return None
         return Model(
-            name=name,
-            upstream=upstream,
-            headers=tuple((n, v) for n, v in headers if n != b"host"),
-            header_names=header_names,
-            forwarding_drops=HOP_BY_HOP
+            name,
+            tuple(r for r in replicas if r is not None),
+            fields.get("unlisted", False),
+            affinity,
+        )
+
+    def replica_entry(
+        self, index: int, element: Any, model_headers: list[tuple[bytes, bytes]], path: str
+    ) -> Replica | None:
+        """An element of urls: a URL, or {"url", "headers"} whose headers add to the model's
+        or replace those of the same name."""
+        if isinstance(element, str):
+            return self.replica(index, element, model_headers, path)
+        if not isinstance(element, dict):
+            self.problem(path, "must be a URL or an object with url and headers")
+            return None
+        fields = self.fields(element, _REPLICA_KEYS, f"{path}.")
+        if "url" not in fields:
+            if "url" not in element:
+                self.problem(f"{path}.url", "is required")
+            return None
+        own = self.model_headers(fields.get("headers", {}), f"{path}.headers")
+        replaced = {name.lower() for name, _ in own}
+        headers = [(n, v) for n, v in model_headers if n.lower() not in replaced] + own
+        return self.replica(index, fields["url"], headers, f"{path}.url")
+
+    def replica(
+        self, index: int, url: str, headers: list[tuple[bytes, bytes]], path: str
+    ) -> Replica | None:
+        try:
+            upstream = parse_upstream_url(url)
+        except ValueError as exc:
+            self.problem(path, str(exc))
+            return None
+        header_names = frozenset(n.lower() for n, _ in headers)
+        return Replica(
+            index,
+            url,
+            upstream,
+            tuple((n, v) for n, v in headers if n != b"host"),
+            HOP_BY_HOP
             | REPLACED_REQUEST_HEADERS
             | header_names
             | (_CREDENTIAL_HEADERS if self.checks_tokens else set()),
-            host_header=configured_host or upstream.host_header,
-            unlisted=fields.get("unlisted", False),
+            dict(headers).get(b"host") or upstream.host_header,
+            ReplicaState(),
         )
 
     def model_headers(self, headers: dict[str, Any], prefix: str) -> list[tuple[bytes, bytes]]:
@@ -1171,6 +1249,18 @@ class Access:
     @property
     def max_concurrent_requests(self) -> int:
         return 0 if self.key is None else self.key.max_concurrent_requests
+
+
+def carry_replica_states(old: RoutingTable, new: RoutingTable) -> None:
+    """A reload keeps what the router knows of each replica that it keeps (same model, same
+    URL): requests in flight, back-off, counts."""
+    for name, model in new.models.items():
+        previous = old.models.get(name)
+        if previous is None:
+            continue
+        states = {replica.url: replica.state for replica in previous.replicas}
+        for replica in model.replicas:
+            replica.state = states.get(replica.url, replica.state)
 
 
 def _models_list(objects: list[dict[str, Any]]) -> Answer:
@@ -1511,7 +1601,7 @@ def join_query(upstream_query: str, client_query: bytes) -> bytes:
 
 def upstream_request_head(
     request: Request,
-    model: Model,
+    replica: Replica,
     target: bytes,
     length: int,
     client: Peer,
@@ -1520,11 +1610,11 @@ def upstream_request_head(
     """The request head as the upstream gets it (RFC 9110 §7.6).
 
     Hop-by-hop fields go, with those the client's Connection names; the fields the proxy sets
-    itself, the model's own and (when the router checks tokens) Authorization are replaced.
+    itself, the model's own and (when the router checks tokens) the credentials are replaced.
     """
-    upstream = model.upstream
+    upstream = replica.upstream
     path, question, query = target.partition(b"?")
-    dropped = model.forwarding_drops
+    dropped = replica.forwarding_drops
     if not dropped.issuperset(request.connection):
         dropped = dropped.union(request.connection)
     lines = [
@@ -1535,10 +1625,10 @@ def upstream_request_head(
             path,
             join_query(upstream.query, question + query),
         ),
-        b"Host: " + model.host_header,
+        b"Host: " + replica.host_header,
     ]
     lines += request.headers.without(dropped)
-    lines += [n + b": " + v for n, v in model.headers]
+    lines += [n + b": " + v for n, v in replica.headers]
     # Whatever the client claimed in these is replaced by what the router saw.
     client_host = request.header(b"host")
     lines.append(b"Forwarded: " + forwarded_value(client.ip, client_host))
@@ -1633,6 +1723,7 @@ class Exchange:
     route: str = "-"  # health, metrics, models, path, body, error
     model: str = "-"
     key: str = "-"  # the name of the API key it came with
+    tries: int = 1  # replicas tried
     status: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
@@ -1793,6 +1884,28 @@ class Metrics:
                 lines.append(
                     f'llmhop_upstream_errors_total{{model="{_label(model)}",kind="{kind}"}} {count}'
                 )
+        replicated = [
+            (name, model.replicas)
+            for name, model in sorted(table.models.items())
+            if len(model.replicas) > 1 and named(name)
+        ]
+        for name, help_text, field in (
+            ("llmhop_replica_requests_total", "Requests sent to each replica.", "requests"),
+            ("llmhop_replica_requests_in_flight", "Requests at each replica.", "in_flight"),
+            (
+                "llmhop_replica_connect_failures_total",
+                "Failed attempts to connect to each replica.",
+                "connect_failures",
+            ),
+        ):
+            kind = "gauge" if field == "in_flight" else "counter"
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            for model, replicas in replicated:
+                lines += [
+                    f'{name}{{model="{_label(model)}",replica="{replica.index}"}} '
+                    f"{getattr(replica.state, field)}"
+                    for replica in replicas
+                ]
         lines += [
             "# HELP llmhop_upstream_connections_opened_total Connections opened to upstreams.",
             "# TYPE llmhop_upstream_connections_opened_total counter",
@@ -1862,7 +1975,8 @@ class AccessLog:
             f'access: "{exchange.method} {exchange.path}" model={_loggable(exchange.model)} '
             f"key={exchange.key} route={exchange.route} status={exchange.status} "
             f"in={exchange.bytes_in} out={exchange.bytes_out} total_ms={total:.1f} "
-            f"upstream_ms={upstream} id={exchange.request_id.decode('ascii', 'replace')}\n"
+            f"upstream_ms={upstream} id={exchange.request_id.decode('ascii', 'replace')}"
+            f"{'' if exchange.tries == 1 else f' tries={exchange.tries}'}\n"
         )
 
     def flush(self) -> None:
@@ -2546,9 +2660,7 @@ class ClientConnection(asyncio.Protocol):
         refusal = self.router.take_slot(model.name, access, config.max_concurrent_requests)
         if refusal is not None:
             raise refusal
-        length = request.length if body is None else body.length
-        head = upstream_request_head(request, model, target, length, self.peer, exchange.request_id)
-        self.forward = Forward(self, request, exchange, model, access.name, config, head, body)
+        self.forward = Forward(self, request, exchange, model, access.name, config, target, body)
         self.forward.start()
 
     # -- answers of our own ---------------------------------------------------------------------
@@ -2706,6 +2818,52 @@ class RouterState:
 # ---------------------------------------------------------------------------------------------
 
 
+BACKOFF_FIRST = 1.0  # a replica that could not be reached is left out this long, at first,
+BACKOFF_MAX = 30.0  # doubling with each failure in a row up to this
+_turns = itertools.count()  # rotates the choice among equally busy replicas
+
+
+def choose_replica(
+    replicas: tuple[Replica, ...],
+    tried: Collection[int],
+    now: float,
+    preferred: Replica | None,
+    turn: int,
+) -> Replica | None:
+    """The replica for the next attempt at a request, None when all have been tried.
+
+    ``preferred`` (by affinity) while it is not backing off; else the one with the fewest
+    requests in flight from this router, ties taken in turn; when every untried replica is
+    backing off, the one that failed longest ago rather than none.
+    """
+    count = len(replicas)
+    chosen = fallback = None
+    least = 0
+    # One pass, starting at a different replica each turn: the first of the least busy is
+    # taken, so ties rotate, and nothing is allocated.
+    for step in range(count):
+        replica = replicas[(turn + step) % count]
+        if replica.index in tried:
+            continue
+        state = replica.state
+        if state.retry_at > now:
+            if fallback is None or state.failed_at < fallback.state.failed_at:
+                fallback = replica
+        elif replica is preferred:
+            return replica
+        elif chosen is None or state.in_flight < least:
+            chosen, least = replica, state.in_flight
+    return chosen if chosen is not None else fallback
+
+
+def replica_failed(state: ReplicaState, now: float) -> None:
+    """Connecting failed: back off, twice as long as last time, up to BACKOFF_MAX."""
+    state.connect_failures += 1
+    state.failures += 1
+    state.failed_at = now
+    state.retry_at = now + min(BACKOFF_FIRST * 2 ** (state.failures - 1), BACKOFF_MAX)
+
+
 class Tunnel:
     """After 101 Switching Protocols: bytes copied both ways, unread, until both sides end.
 
@@ -2768,7 +2926,9 @@ class Tunnel:
 class Forward:
     """One proxied request: sent to the upstream, its response relayed back as it arrives.
 
-    It holds the request's concurrency slot until it ends, one of five ways: ``_complete``
+    It picks one of the model's replicas and moves on to another when connecting fails, before
+    any byte of the request went out. It holds the request's concurrency slot until it ends,
+    one of five ways: ``_complete``
     (the response went out whole), ``_cut_off`` (the response broke after its head: the client
     connection closes), ``_no_response`` (nothing usable came: the router answers in its
     place), ``_switch_to_tunnel`` (101: the slot passes to the tunnel), or ``cancel`` (the
@@ -2790,12 +2950,17 @@ class Forward:
         "framing",
         "head",
         "key",
+        "length",
         "model",
         "payload",
+        "replayed",
+        "replica",
         "request",
         "request_sent",
         "reused",
         "sent_at",
+        "target",
+        "tried",
         "upstream",
         "upstream_keep_alive",
     )
@@ -2808,7 +2973,7 @@ class Forward:
         model: Model,
         key: str,
         config: Config,
-        head: bytes,
+        target: bytes,
         body: BufferedBody | None,
     ) -> None:
         self.client = client
@@ -2817,11 +2982,16 @@ class Forward:
         self.model = model
         self.key = key  # the name of the API key whose slot it holds
         self.config = config
-        self.head = head
+        self.target = target
         self.body = body
+        self.length = request.length if body is None else body.length
+        self.replica: Replica | None = None  # the one being tried or used
+        self.tried: set[int] | None = None  # replicas tried, once there is a second
+        self.head = b""  # the request head for the replica
         self.upstream: UpstreamConnection | None = None
         self.connecting: asyncio.Task[None] | None = None
-        self.attempts = 0
+        self.attempts = 0  # replicas tried
+        self.replayed = False
         self.reused = False
         self.request_sent = False  # the whole request has gone to the upstream
         self.framing: Framing | None = None  # of the response body, once its head is in
@@ -2833,7 +3003,7 @@ class Forward:
 
     def start(self) -> None:
         self.sent_at = time.monotonic()
-        self._attempt()
+        self._try_replica(self._first_choice())
 
     def cancel(self) -> None:
         """The exchange ends elsewhere (the client left, say): drop the upstream side.
@@ -2846,7 +3016,12 @@ class Forward:
     def _release(self) -> None:
         if not self.ended:
             self.ended = True
+            self._leave_replica()
             self.client.router.release_slot(self.model.name, self.key)
+
+    def _leave_replica(self) -> None:
+        if self.replica is not None:
+            self.replica.state.in_flight -= 1
 
     def _drop_upstream(self) -> None:
         if self.upstream is not None:
@@ -2856,40 +3031,87 @@ class Forward:
 
     # -- the request ----------------------------------------------------------------------------
 
+    def _first_choice(self) -> Replica:
+        replicas = self.model.replicas
+        if len(replicas) == 1:
+            return replicas[0]
+        preferred = None
+        if self.model.affinity is not None:
+            value = self.request.header(self.model.affinity)
+            if value is not None:
+                preferred = replicas[zlib.crc32(value) % len(replicas)]
+        chosen = choose_replica(replicas, (), time.monotonic(), preferred, next(_turns))
+        assert chosen is not None
+        return chosen
+
+    def _try_replica(self, replica: Replica) -> None:
+        self.replica = replica
+        self.attempts += 1
+        self.exchange.tries = self.attempts
+        state = replica.state
+        state.in_flight += 1
+        state.requests += 1
+        client = self.client
+        self.head = upstream_request_head(
+            self.request, replica, self.target, self.length, client.peer, self.exchange.request_id
+        )
+        self._attempt()
+
     def _attempt(self) -> None:
-        connection = self.client.router.pool.take(self.model.upstream)
+        assert self.replica is not None
+        connection = self.client.router.pool.take(self.replica.upstream)
         if connection is None:
-            self.connecting = self.client.loop.create_task(self._connect())
+            self.connecting = self.client.loop.create_task(self._connect(self.replica))
         else:
             self._send(connection, reused=True)
 
-    async def _connect(self) -> None:
+    async def _connect(self, replica: Replica) -> None:
         pool = self.client.router.pool
         try:
-            connection = await pool.open(self.model.upstream, self.config.connect_timeout)
+            connection = await pool.open(replica.upstream, self.config.connect_timeout)
         except UpstreamError as exc:
             self.connecting = None
-            if self.ended:
-                return
-            timed_out = exc.status == 504
-            self.exchange.upstream_failure = "timeout" if timed_out else "connect"
-            code = "upstream_timeout" if timed_out else "upstream_unavailable"
-            self._no_response(HTTPError(exc.status, str(exc), code))
+            replica_failed(replica.state, time.monotonic())
+            if not self.ended:
+                self._connect_failed(exc)
             return
         self.connecting = None
+        replica.state.failures = 0
+        replica.state.retry_at = 0.0
         if self.ended:
-            pool.release(self.model.upstream, connection)
+            pool.release(replica.upstream, connection)
             return
         try:
             self._send(connection, reused=False)
         except Exception as exc:
             self.client.internal_error(exc)
 
+    def _connect_failed(self, error: UpstreamError) -> None:
+        """Nothing of the request went out: the next replica may take it, if there is one."""
+        replicas = self.model.replicas
+        assert self.replica is not None
+        if len(replicas) > 1:
+            if self.tried is None:
+                self.tried = set()
+            self.tried.add(self.replica.index)
+            self._leave_replica()
+            self.replica = None
+            chosen = choose_replica(replicas, self.tried, time.monotonic(), None, next(_turns))
+            if chosen is not None:
+                self._try_replica(chosen)
+                return
+        timed_out = error.status == 504
+        self.exchange.upstream_failure = "timeout" if timed_out else "connect"
+        code = "upstream_timeout" if timed_out else "upstream_unavailable"
+        message = str(error)
+        if self.attempts > 1:
+            message = f"{message} (tried all {self.attempts} replicas)"
+        self._no_response(HTTPError(error.status, message, code))
+
     def _send(self, connection: UpstreamConnection, *, reused: bool) -> None:
         self.upstream = connection
         connection.handler = self
         self.reused = reused
-        self.attempts += 1
         transport = connection.transport
         assert transport is not None
         if self.body is not None:
@@ -3026,9 +3248,10 @@ class Forward:
         if (
             replayable
             and self.reused
-            and self.attempts == 1
+            and not self.replayed
             and (self.body is not None or self.request.length == 0)
         ):
+            self.replayed = True
             self._attempt()
             return
         self.exchange.upstream_failure = "protocol"
@@ -3041,7 +3264,8 @@ class Forward:
         assert connection is not None
         self.upstream = None
         if self.upstream_keep_alive and not connection.buffer:
-            self.client.router.pool.release(self.model.upstream, connection)
+            assert self.replica is not None
+            self.client.router.pool.release(self.replica.upstream, connection)
         else:
             connection.handler = None
             connection.close()
@@ -3066,6 +3290,7 @@ class Forward:
         connection = self.upstream
         assert connection is not None
         self.upstream = None
+        self._leave_replica()
         self.ended = True  # the slot is the tunnel's now
         tunnel = Tunnel(client, connection, self.model.name, self.key)
         connection.handler = tunnel
@@ -3259,7 +3484,9 @@ class Server:
         else:
             if config.listener != self.router.table.config.listener and not self.activated:
                 log("the listen address changed: that takes effect on restart")
-            self.router.table = RoutingTable(config)
+            table = RoutingTable(config)
+            carry_replica_states(self.router.table, table)
+            self.router.table = table
             metrics.reloads["success"] += 1
             self.reload_note = ""
             log(f"reloaded {self.config_path}: {len(config.models)} model(s)")

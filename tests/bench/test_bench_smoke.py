@@ -155,5 +155,5 @@ def test_python_path_comparison_runs_both_copies(tmp_path: Path) -> None:
     )
     assert completed.returncode == 0, completed.stderr
     lines = completed.stdout.splitlines()
-    assert [line.split(":")[0] for line in lines] == [str(router), str(copy)]
+    assert [line.split(" (")[0] for line in lines] == [str(router), str(copy)]
     assert all(re.search(r"fastest \d+\.\d+ µs, median \d+\.\d+ µs$", line) for line in lines)

@@ -186,9 +186,9 @@ def test_configured_host_header_wins_and_is_not_duplicated() -> None:
     config = parse(
         {"models": {"m": {"url": "http://x:1", "headers": {"Host": "vhost", "X-A": "1"}}}}
     )
-    model = config.models["m"]
-    assert model.host_header == b"vhost"
-    assert model.headers == ((b"X-A", b"1"),)
+    (replica,) = config.models["m"].replicas
+    assert replica.host_header == b"vhost"
+    assert replica.headers == ((b"X-A", b"1"),)
 
 
 # --- the command line ------------------------------------------------------------------------

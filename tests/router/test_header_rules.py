@@ -11,9 +11,10 @@ from support import llmhop
 CLIENT = llmhop.Peer("10.0.0.7", b"X-Forwarded-For: 10.0.0.7")
 
 
-def model(url: str = "http://up:9/base?k=v", **entry: object) -> llmhop.Model:
+def replica(url: str = "http://up:9/base?k=v", **entry: object) -> llmhop.Replica:
     text = json.dumps({"models": {"m": {"url": url, **entry}}})
-    return llmhop.parse_config(text, llmhop.SecretResolver({})).models["m"]
+    (only,) = llmhop.parse_config(text, llmhop.SecretResolver({})).models["m"].replicas
+    return only
 
 
 def request(*lines: str, method: str = "POST", target: str = "/v1/x?q=1") -> llmhop.Request:
@@ -23,11 +24,11 @@ def request(*lines: str, method: str = "POST", target: str = "/v1/x?q=1") -> llm
 
 def upstream_head(
     req: llmhop.Request,
-    to: llmhop.Model | None = None,
+    to: llmhop.Replica | None = None,
     length: int = 0,
     client: llmhop.Peer = CLIENT,
 ) -> list[str]:
-    raw = llmhop.upstream_request_head(req, to or model(), req.target, length, client, b"rid-1")
+    raw = llmhop.upstream_request_head(req, to or replica(), req.target, length, client, b"rid-1")
     assert raw.endswith(b"\r\n\r\n")
     return raw[:-4].decode().split("\r\n")
 
@@ -110,7 +111,7 @@ def test_upstream_request_head(req: llmhop.Request, length: int, expected: list[
 
 
 def test_model_headers_replace_the_clients_and_a_configured_host_wins() -> None:
-    provider = model(
+    provider = replica(
         "https://api.example/v1",
         headers={"Authorization": "Bearer k", "Host": "vhost.example", "X-Org": "o"},
     )
