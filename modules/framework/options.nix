@@ -153,6 +153,8 @@ let
           description = ''
             Whether a native model talks NCCL between its GPU processes: netlink, binds on any
             TCP port (the ephemeral rendezvous), `NCCL_SOCKET_IFNAME=lo` and no InfiniBand.
+          ''
+          + lib.optionalString (parallelFlags != [ ]) ''
             On when a parallelism flag (${lib.concatStringsSep ", " parallelFlags}) exceeds 1.
           '';
         };

@@ -66,8 +66,29 @@ let
     };
 
   render = import ./render.nix { inherit lib pkgs; };
+
+  # An option's documentation as the NixOS manual renders it (lib.optionAttrSetToDocList), without
+  # where it is declared: name, type, default, example, description, readOnly.
+  docView =
+    opt:
+    {
+      inherit (opt)
+        name
+        type
+        description
+        readOnly
+        ;
+    }
+    // lib.optionalAttrs (opt ? default) { inherit (opt) default; }
+    // lib.optionalAttrs (opt ? example) { inherit (opt) example; };
 in
 {
+  # The documented (visible, not internal) options of services.llmhop; read only when asked
+  # for (cli.nix `what = "options"`).
+  options = map docView (
+    lib.filter (opt: opt.visible && !opt.internal) (lib.optionAttrSetToDocList eval.options.services.llmhop)
+  );
+
   units = render config;
   services = lib.mapAttrs (_: unitView) (units "services");
   sockets = lib.mapAttrs (_: unitView) (units "sockets");

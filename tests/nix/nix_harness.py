@@ -94,22 +94,14 @@ def mk_force(value: Any) -> dict[str, Any]:
     return {"_type": "override", "priority": 50, "content": value}
 
 
-def evaluate(
-    config: dict[str, Any] | None = None,
-    *,
-    module: Path | None = None,
-    pkgs: dict[str, str] | None = None,
-    check_assertions: bool = True,
-    timeout: float = 120,
-) -> dict[str, Any]:
-    """Evaluate llmhop's modules with `config` (a NixOS configuration as JSON) and/or
-    `module` (a Nix file), returning rendered units, units, users, groups, tmpfiles, firewall,
-    failed assertion messages and warnings (see evaluate.nix).
-
-    `pkgs` maps stub package names to real directories (their outPath). Raises NixEvalError
-    when evaluation fails and, unless check_assertions is false, FailedAssertions when an
-    assertion fails.
-    """
+def _instantiate(
+    config: dict[str, Any] | None,
+    module: Path | None,
+    pkgs: dict[str, str] | None,
+    what: str,
+    timeout: float,
+) -> Any:
+    """cli.nix's JSON answer: the evaluated configuration or the documented options."""
     args = [
         "nix-instantiate",
         "--eval",
@@ -130,6 +122,9 @@ def evaluate(
         "--argstr",
         "pkgsJSON",
         json.dumps(pkgs or {}),
+        "--argstr",
+        "what",
+        what,
     ]
     if module is not None:
         args += ["--argstr", "configFile", str(Path(module).resolve())]
@@ -138,10 +133,36 @@ def evaluate(
     )
     if proc.returncode != 0:
         raise NixEvalError(proc.stderr)
-    result: dict[str, Any] = json.loads(proc.stdout)
+    return json.loads(proc.stdout)
+
+
+def evaluate(
+    config: dict[str, Any] | None = None,
+    *,
+    module: Path | None = None,
+    pkgs: dict[str, str] | None = None,
+    check_assertions: bool = True,
+    timeout: float = 120,
+) -> dict[str, Any]:
+    """Evaluate llmhop's modules with `config` (a NixOS configuration as JSON) and/or
+    `module` (a Nix file), returning rendered units, units, users, groups, tmpfiles, firewall,
+    failed assertion messages and warnings (see evaluate.nix).
+
+    `pkgs` maps stub package names to real directories (their outPath). Raises NixEvalError
+    when evaluation fails and, unless check_assertions is false, FailedAssertions when an
+    assertion fails.
+    """
+    result: dict[str, Any] = _instantiate(config, module, pkgs, "config", timeout)
     if check_assertions and result["assertions"]:
         raise FailedAssertions(result["assertions"], result)
     return result
+
+
+def option_docs(timeout: float = 120) -> list[dict[str, Any]]:
+    """The documented options of services.llmhop as nixpkgs' option docs list them
+    (lib.optionAttrSetToDocList): name, type, default, example, description, readOnly."""
+    docs: list[dict[str, Any]] = _instantiate(None, None, None, "options", timeout)
+    return docs
 
 
 def write_units(rendered: dict[str, Any], directory: Path) -> Path:
