@@ -35,6 +35,7 @@ import collections
 import contextlib
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -43,7 +44,7 @@ import ssl
 import sys
 import time
 import zlib
-from collections.abc import Callable, Collection, MutableMapping
+from collections.abc import Callable, Collection, Iterable, MutableMapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, NamedTuple
@@ -56,6 +57,7 @@ DEFAULT_MAX_BODY_BYTES = 100 * 1024 * 1024
 DEFAULT_MAX_CONCURRENT_REQUESTS = 8
 DEFAULT_CONNECT_TIMEOUT = 30.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+DEFAULT_QUEUE_TIMEOUT = 600.0  # a cold start (loading weights) can take minutes
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADER_FIELDS = 256
@@ -740,6 +742,9 @@ class Model:
     replicas: tuple[Replica, ...]  # one for a model given by url
     unlisted: bool
     affinity: bytes | None  # the lower-case header whose value keeps a client on one replica
+    group: str | None  # models of one group are served one at a time
+    queue_timeout: float  # how long a request may wait for its group
+    upstream_idle_timeout: float | None  # pooled connections to it close after this; None: never
 
 
 @dataclass(frozen=True, slots=True)
@@ -789,10 +794,21 @@ _CONFIG_KEYS = {
     "shutdownTimeout": (int, float),
     "authTokens": list,
     "metricsAuth": bool,
+    "queueTimeout": (int, float),
+    "upstreamIdleTimeout": (int, float),
     "models": dict,
 }
 
-_MODEL_KEYS = {"url": str, "urls": list, "headers": dict, "unlisted": bool, "affinity": str}
+_MODEL_KEYS = {
+    "url": str,
+    "urls": list,
+    "headers": dict,
+    "unlisted": bool,
+    "affinity": str,
+    "group": str,
+    "queueTimeout": (int, float),
+    "upstreamIdleTimeout": (int, float),
+}
 _REPLICA_KEYS = {"url": str, "headers": dict}
 _API_KEY_KEYS = {
     "name": str,
@@ -841,6 +857,9 @@ class _ConfigReader:
         self.resolve = resolve
         self.problems: list[tuple[str, str]] = []
         self.checks_tokens = False
+        # The defaults of the models' own settings, read before the models.
+        self.queue_timeout = DEFAULT_QUEUE_TIMEOUT
+        self.upstream_idle_timeout: float | None = None
 
     def problem(self, path: str, message: str) -> None:
         self.problems.append((path, message))
@@ -898,10 +917,10 @@ class _ConfigReader:
             self.problem(key, "must not be negative (0 disables the limit)")
         return value
 
-    def seconds(self, fields: dict[str, Any], key: str, default: float) -> float:
+    def seconds(self, fields: dict[str, Any], key: str, default: float, prefix: str = "") -> float:
         value = float(fields.get(key, default))
         if value <= 0:
-            self.problem(key, "must be a positive number of seconds")
+            self.problem(f"{prefix}{key}", "must be a positive number of seconds")
         return value
 
     def api_keys(self, entries: list[Any]) -> tuple[ApiKey, ...]:
@@ -1024,6 +1043,13 @@ class _ConfigReader:
                 self.problem(f"{path}.affinity", 'must be "header:<header name>"')
             else:
                 affinity = header.lower().encode()
+        group = fields.get("group")
+        if group is not None and not group:
+            self.problem(f"{path}.group", "must not be empty")
+        queue_timeout = self.seconds(fields, "queueTimeout", self.queue_timeout, f"{path}.")
+        idle_timeout = self.upstream_idle_timeout
+        if "upstreamIdleTimeout" in fields:
+            idle_timeout = self.seconds(fields, "upstreamIdleTimeout", 0, f"{path}.")
         if len(self.problems) > problems or None in replicas:
             return None
         return Model(
@@ -1031,6 +1057,9 @@ class _ConfigReader:
             tuple(r for r in replicas if r is not None),
             fields.get("unlisted", False),
             affinity,
+            group,
+            queue_timeout,
+            idle_timeout,
         )
 
     def replica_entry(
@@ -1116,6 +1145,9 @@ def parse_config(text: str | bytes, resolve: Callable[[str, str], str]) -> Confi
     fields = reader.fields(document, _CONFIG_KEYS, "")
     # What models forward depends on whether the router checks tokens itself.
     reader.checks_tokens = bool(fields.get("authTokens"))
+    reader.queue_timeout = reader.seconds(fields, "queueTimeout", DEFAULT_QUEUE_TIMEOUT)
+    if "upstreamIdleTimeout" in fields:
+        reader.upstream_idle_timeout = reader.seconds(fields, "upstreamIdleTimeout", 0)
     config = Config(
         listener=reader.listener(fields),
         max_body_bytes=reader.count(fields, "maxBodyBytes", DEFAULT_MAX_BODY_BYTES),
@@ -1276,6 +1308,7 @@ class RoutingTable:
         created = int(time.time()) if created is None else created
         listed = sorted(name for name, model in config.models.items() if not model.unlisted)
         self.listed = frozenset(listed)
+        self.groups = frozenset(m.group for m in config.models.values() if m.group is not None)
         objects = {
             name: {"id": name, "object": "model", "created": created, "owned_by": "llmhop"}
             for name in listed
@@ -1724,6 +1757,7 @@ class Exchange:
     model: str = "-"
     key: str = "-"  # the name of the API key it came with
     tries: int = 1  # replicas tried
+    queued_seconds: float | None = None  # how long it waited for its model's group
     status: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
@@ -1781,6 +1815,9 @@ class Metrics:
         self.reloads: collections.Counter[str] = collections.Counter()
         self.key_requests: collections.Counter[tuple[str, int]] = collections.Counter()
         self.key_in_flight: collections.Counter[str] = collections.Counter()
+        self.queue_wait: collections.defaultdict[str, Histogram] = collections.defaultdict(
+            Histogram
+        )
 
     def observe(self, exchange: Exchange, model: str) -> None:
         self.requests[model, exchange.route, exchange.status] += 1
@@ -1794,7 +1831,13 @@ class Metrics:
         if exchange.key != "-":
             self.key_requests[exchange.key, exchange.status] += 1
 
-    def render(self, table: RoutingTable, connections_opened: int, scrape: Scrape) -> bytes:
+    def render(
+        self,
+        table: RoutingTable,
+        connections_opened: int,
+        scrape: Scrape,
+        groups: Collection[Group] = (),
+    ) -> bytes:
         """The metrics text, naming only the models and keys ``scrape`` may see."""
         shown = scrape.models
         if shown is None:
@@ -1862,6 +1905,11 @@ class Metrics:
                 "Time from forwarding until the upstream's response head.",
                 self.first_byte,
             ),
+            (
+                "llmhop_queue_wait_seconds",
+                "Time a request waited for its model's group.",
+                self.queue_wait,
+            ),
         ):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
             for model, histogram in sorted(histograms.items()):
@@ -1884,6 +1932,28 @@ class Metrics:
                 lines.append(
                     f'llmhop_upstream_errors_total{{model="{_label(model)}",kind="{kind}"}} {count}'
                 )
+        lines += [
+            "# HELP llmhop_queue_depth Requests waiting for their model's group.",
+            "# TYPE llmhop_queue_depth gauge",
+        ]
+        shown_groups = [
+            group
+            for group in sorted(groups, key=lambda g: g.name)
+            if any(named(m.name) for m in table.models.values() if m.group == group.name)
+        ]
+        for group in shown_groups:
+            depth = collections.Counter(waiter.model for waiter in group.waiters)
+            for model in sorted(filter(named, depth)):
+                labels = f'group="{_label(group.name)}",model="{_label(model)}"'
+                lines.append(f"llmhop_queue_depth{{{labels}}} {depth[model]}")
+        lines += [
+            "# HELP llmhop_group_switches_total Times a group changed its active model.",
+            "# TYPE llmhop_group_switches_total counter",
+        ]
+        lines += [
+            f'llmhop_group_switches_total{{group="{_label(group.name)}"}} {group.switches}'
+            for group in shown_groups
+        ]
         replicated = [
             (name, model.replicas)
             for name, model in sorted(table.models.items())
@@ -1968,6 +2038,7 @@ class AccessLog:
         upstream = (
             "-" if exchange.upstream_seconds is None else f"{exchange.upstream_seconds * 1000:.1f}"
         )
+        queued = exchange.queued_seconds
         if not self._lines:
             # However many requests end in this pass of the loop, one write takes them all.
             asyncio.get_running_loop().call_soon(self.flush)
@@ -1976,7 +2047,8 @@ class AccessLog:
             f"key={exchange.key} route={exchange.route} status={exchange.status} "
             f"in={exchange.bytes_in} out={exchange.bytes_out} total_ms={total:.1f} "
             f"upstream_ms={upstream} id={exchange.request_id.decode('ascii', 'replace')}"
-            f"{'' if exchange.tries == 1 else f' tries={exchange.tries}'}\n"
+            f"{'' if exchange.tries == 1 else f' tries={exchange.tries}'}"
+            f"{'' if queued is None else f' queued_ms={queued * 1000:.1f}'}\n"
         )
 
     def flush(self) -> None:
@@ -2005,13 +2077,14 @@ class UpstreamConnection(asyncio.Protocol):
     ``Forward``, or after 101 Switching Protocols its ``Tunnel``.
     """
 
-    __slots__ = ("buffer", "closed", "handler", "transport")
+    __slots__ = ("buffer", "closed", "handler", "idle_until", "transport")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()  # received, not yet relayed: a head in the making, say
         self.closed = False
         self.handler: Forward | Tunnel | None = None
+        self.idle_until = math.inf  # while pooled: when it is closed unless used again
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -2056,12 +2129,18 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class UpstreamPool:
-    """Idle keep-alive connections per upstream, reused most-recent first."""
+    """Idle keep-alive connections per upstream, reused most-recent first.
+
+    A model may ask that its idle connections close after a while: a worker that stops when
+    unused (socket-activated, say) would otherwise never see the router let go of it.
+    """
 
     def __init__(self) -> None:
         self.idle: dict[tuple[str, str, int], list[UpstreamConnection]] = {}
         self.opened = 0  # connections opened since start, for metrics and benchmarks
         self._ssl: ssl.SSLContext | None = None
+        self._sweep: asyncio.TimerHandle | None = None  # closes idle connections when due
+        self._sweep_at = math.inf
 
     def take(self, upstream: Upstream) -> UpstreamConnection | None:
         """An idle connection to the upstream that is still open, if there is one."""
@@ -2072,21 +2151,62 @@ class UpstreamPool:
                 return connection
         return None
 
-    def release(self, upstream: Upstream, connection: UpstreamConnection) -> None:
+    def release(
+        self,
+        upstream: Upstream,
+        connection: UpstreamConnection,
+        idle_timeout: float | None = None,
+    ) -> None:
         connection.handler = None
         idle = self.idle.setdefault(upstream.pool_key, [])
         if len(idle) < MAX_IDLE_UPSTREAM_CONNECTIONS and not connection.closed:
             assert connection.transport is not None
             connection.transport.resume_reading()  # to notice the upstream closing it
             idle.append(connection)
+            if idle_timeout is None:
+                connection.idle_until = math.inf
+            else:
+                connection.idle_until = time.monotonic() + idle_timeout
+                if connection.idle_until < self._sweep_at:
+                    self._schedule_sweep(connection.idle_until)
         else:
             connection.close()
+
+    def close_idle(self, upstreams: Iterable[Upstream]) -> None:
+        """Close the idle connections to these upstreams (a model its group leaves, say)."""
+        for upstream in upstreams:
+            for connection in self.idle.pop(upstream.pool_key, ()):
+                connection.close()
+
+    def _schedule_sweep(self, when: float) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+        loop = asyncio.get_running_loop()
+        self._sweep_at = when
+        self._sweep = loop.call_at(loop.time() + max(when - time.monotonic(), 0.0), self._swept)
+
+    def _swept(self) -> None:
+        self._sweep, self._sweep_at = None, math.inf
+        now = time.monotonic()
+        due = math.inf
+        for key, idle in list(self.idle.items()):
+            kept = [c for c in idle if not c.closed and c.idle_until > now]
+            for connection in idle:
+                if connection.idle_until <= now:
+                    connection.close()
+            self.idle[key] = kept
+            due = min([due, *(c.idle_until for c in kept)])
+        if due < math.inf:
+            self._schedule_sweep(due)
 
     def close(self) -> None:
         for idle in self.idle.values():
             for connection in idle:
                 connection.close()
         self.idle.clear()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep, self._sweep_at = None, math.inf
 
     async def open(self, upstream: Upstream, timeout: float) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
@@ -2152,6 +2272,102 @@ class BodyReading:
         self.payload = payload
 
 
+class Waiter:
+    """A request waiting for its model's group to let it in."""
+
+    __slots__ = ("admit", "admitted", "model", "queued_at", "timer")
+
+    def __init__(self, model: str, admit: Callable[[], None], timer: asyncio.TimerHandle) -> None:
+        self.model = model
+        self.admit = admit  # called (soon, from the event loop) when the request may go
+        self.timer = timer  # its queue timeout
+        self.queued_at = time.monotonic()
+        self.admitted = False  # let in, and counted in flight, but not yet going
+
+
+class Group:
+    """Models that share a group (a GPU, say) are served one at a time.
+
+    While the active model has requests in flight, a request for another model waits; when
+    the last of them ends, the group switches to the model of the longest-waiting request
+    and lets in every request already waiting for it. Requests for the active model that
+    arrive while anyone waits queue too, so a steady stream cannot starve a waiting model.
+    The state outlives reloads: a queue is never dropped.
+    """
+
+    __slots__ = ("active", "in_flight", "name", "on_switch", "switches", "waiters")
+
+    def __init__(self, name: str, on_switch: Callable[[str | None, str], None]) -> None:
+        self.name = name
+        self.active: str | None = None  # the model that may have requests in flight
+        self.in_flight = 0  # its requests in flight
+        self.waiters: collections.deque[Waiter] = collections.deque()
+        self.switches = 0
+        self.on_switch = on_switch  # told (from, to) when the active model changes
+
+    def enter(self, model: str) -> bool:
+        """Let a request in at once (True), or tell it to queue (False)."""
+        if self.waiters:
+            return False
+        if model != self.active:
+            if self.in_flight:
+                return False
+            self._activate(model)
+        self.in_flight += 1
+        return True
+
+    def wait(self, waiter: Waiter) -> None:
+        self.waiters.append(waiter)
+
+    def leave(self, waiter: Waiter) -> None:
+        """A waiter gives up (timed out, or its client left)."""
+        with contextlib.suppress(ValueError):
+            self.waiters.remove(waiter)
+        if not self.in_flight:
+            self._let_in_next()
+
+    def release(self) -> None:
+        """A request of the active model ended."""
+        self.in_flight -= 1
+        if not self.in_flight:
+            self._let_in_next()
+
+    def disband(self) -> None:
+        """The group is gone from the config: its waiters go to their models unhindered."""
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            self.in_flight += 1
+            _admit(waiter)
+
+    def _let_in_next(self) -> None:
+        if not self.waiters:
+            return
+        model = self.waiters[0].model
+        if model != self.active:
+            self._activate(model)
+        staying = collections.deque()
+        for waiter in self.waiters:
+            if waiter.model == model:
+                self.in_flight += 1
+                _admit(waiter)
+            else:
+                staying.append(waiter)
+        self.waiters = staying
+
+    def _activate(self, model: str) -> None:
+        previous, self.active = self.active, model
+        if previous is not None:
+            self.switches += 1
+        self.on_switch(previous, model)
+
+
+def _admit(waiter: Waiter) -> None:
+    waiter.admitted = True
+    waiter.timer.cancel()
+    # Not from inside the call that released the group: the admitted request starts afresh.
+    asyncio.get_running_loop().call_soon(waiter.admit)
+
+
 class Phase:
     """Where a client connection stands in its exchanges, which says where its bytes go."""
 
@@ -2194,6 +2410,8 @@ class ClientConnection(asyncio.Protocol):
         self.body: BodyReading | None = None  # while the body is being read
         self.forward: Forward | None = None
         self.tunnel: Tunnel | None = None
+        self.waiting: Waiter | None = None  # while the request waits for its model's group
+        self._waiting_in: Group | None = None
         self._answer_after_body: Callable[[], None] | None = None
         self._dispatching = False
         self._leaving: asyncio.TimerHandle | None = None
@@ -2245,6 +2463,8 @@ class ClientConnection(asyncio.Protocol):
                 self._exchange_failed(ClientGone())
             elif self.phase != Phase.EXCHANGE:
                 self._serve_next()  # an incomplete head is an error, none at all the end
+            elif self.waiting is not None and not self.buffer:
+                self._client_left()  # nothing went upstream: nothing to wait for
             elif self.forward is not None and not self.buffer and self._leaving is None:
                 # The request is whole, so the client leaving is all this can mean, or a
                 # half-close: answers that come within the grace still reach the latter.
@@ -2443,7 +2663,9 @@ class ClientConnection(asyncio.Protocol):
             self._answer(200, decision.body, decision.content_type)
         elif type(decision) is Scrape:
             router = self.router
-            metrics = router.metrics.render(self.table, router.pool.opened, decision)
+            metrics = router.metrics.render(
+                self.table, router.pool.opened, decision, router.groups.values()
+            )
             self._answer(200, metrics, PROMETHEUS_TEXT)
         else:
             assert type(decision) is Refusal
@@ -2480,6 +2702,8 @@ class ClientConnection(asyncio.Protocol):
             self.forward.cancel()
         if self.tunnel is not None:
             self.tunnel.close()
+        if self.waiting is not None:
+            self._stop_waiting()
         if self.exchange is not None:
             self._end_exchange()
 
@@ -2494,6 +2718,7 @@ class ClientConnection(asyncio.Protocol):
         if self.gone and exchange.status == 0:
             exchange.status = 499  # nginx's "client closed request"
         self.request = self.exchange = self.forward = self.tunnel = self.body = None
+        self.waiting = self._waiting_in = None
         self._answer_after_body = None
         self.phase = Phase.IDLE
         if self._leaving is not None:
@@ -2657,11 +2882,82 @@ class ClientConnection(asyncio.Protocol):
             raise HTTPError(413, _too_large(cap), "request_too_large")
         access = self.access
         assert access is not None
-        refusal = self.router.take_slot(model.name, access, config.max_concurrent_requests)
+        refusal = self.router.take_slot(model, access, config.max_concurrent_requests)
         if refusal is not None:
             raise refusal
+        if model.group is not None:
+            group = self.router.group(model.group)
+            if not group.enter(model.name):
+                self._wait_for(group, model, target, body)
+                return
+        self._forward(model, target, body)
+
+    def _forward(self, model: Model, target: bytes, body: BufferedBody | None) -> None:
+        request, exchange, access = self.request, self.exchange, self.access
+        assert request is not None and exchange is not None and access is not None
+        config = self.table.config
         self.forward = Forward(self, request, exchange, model, access.name, config, target, body)
         self.forward.start()
+
+    # -- waiting for a group --------------------------------------------------------------------
+
+    def _wait_for(
+        self, group: Group, model: Model, target: bytes, body: BufferedBody | None
+    ) -> None:
+        """Queue the request until its group lets it in, within the model's queue timeout.
+
+        It keeps its concurrency slot meanwhile; a body still to come waits in the buffer.
+        """
+        timer = self.loop.call_later(model.queue_timeout, self._queue_timed_out)
+
+        def admitted() -> None:
+            if self.waiting is not waiter:
+                return  # gave up meanwhile, and gave the admission back
+            self.waiting = self._waiting_in = None
+            self._waited(waiter)
+            try:
+                self._forward(model, target, body)
+            except Exception as exc:
+                self.internal_error(exc)
+
+        waiter = Waiter(model.name, admitted, timer)
+        self.waiting, self._waiting_in = waiter, group
+        group.wait(waiter)
+
+    def _waited(self, waiter: Waiter) -> None:
+        assert self.exchange is not None
+        self.exchange.queued_seconds = waited = time.monotonic() - waiter.queued_at
+        self.router.metrics.queue_wait[waiter.model].observe(waited)
+
+    def _stop_waiting(self) -> None:
+        """Leave the group's queue (or give back an admission not yet used) and the slot."""
+        waiter, group = self.waiting, self._waiting_in
+        assert waiter is not None and group is not None
+        self.waiting = self._waiting_in = None
+        waiter.timer.cancel()
+        self._waited(waiter)
+        access = self.access
+        assert access is not None
+        if waiter.admitted:
+            group.release()
+        else:
+            group.leave(waiter)
+        self.router.release_slot(waiter.model, access.name)
+
+    def _queue_timed_out(self) -> None:
+        waiter, group = self.waiting, self._waiting_in
+        if waiter is None or group is None:
+            return
+        try:
+            active = group.active
+            self._stop_waiting()
+            message = (
+                f"model {json.dumps(waiter.model)} is busy: its group {json.dumps(group.name)} "
+                f"is serving {json.dumps(active)}; try again later"
+            )
+            self._refuse(HTTPError(503, message, "model_busy", headers=_RETRY_SOON))
+        except Exception as exc:
+            self.internal_error(exc)
 
     # -- answers of our own ---------------------------------------------------------------------
 
@@ -2768,6 +3064,7 @@ class RouterState:
         self.all_idle = asyncio.Event()  # set whenever no request is being served
         self.all_idle.set()
         self.draining = False
+        self.groups: dict[str, Group] = {}  # by name; kept across reloads
         self.head_timeout = HEAD_TIMEOUT
         self.idle_timeout = IDLE_TIMEOUT
 
@@ -2784,7 +3081,7 @@ class RouterState:
         if not self.busy_connections:
             self.all_idle.set()
 
-    def take_slot(self, model: str, access: Access, limit: int) -> HTTPError | None:
+    def take_slot(self, model: Model, access: Access, limit: int) -> HTTPError | None:
         """Admit a proxied request, or say why not: its key's own limit first (429), then the
         router's (503); 0 is no limit."""
         key_limit = access.max_concurrent_requests
@@ -2798,7 +3095,7 @@ class RouterState:
             message = f"too many concurrent requests (the limit is {limit})"
             return HTTPError(503, message, "too_many_concurrent_requests", headers=_RETRY_SOON)
         self.in_flight += 1
-        self.metrics.in_flight[model] += 1
+        self.metrics.in_flight[model.name] += 1
         key_in_flight[access.name] += 1
         return None
 
@@ -2806,6 +3103,31 @@ class RouterState:
         self.in_flight -= 1
         self.metrics.in_flight[model] -= 1
         self.metrics.key_in_flight[key] -= 1
+
+    def finished(self, model: Model, key: str) -> None:
+        """A proxied request (or the tunnel it became) ended: its slot and its group's turn."""
+        self.release_slot(model.name, key)
+        if model.group is not None:
+            self.groups[model.group].release()
+
+    def group(self, name: str) -> Group:
+        group = self.groups.get(name)
+        if group is None:
+            group = self.groups[name] = Group(name, self._group_switched)
+        return group
+
+    def _group_switched(self, previous: str | None, model: str) -> None:
+        # The model left behind may stop when idle: the router's pooled connections to it
+        # would keep it in use.
+        left = self.table.models.get(previous) if previous is not None else None
+        if left is not None:
+            self.pool.close_idle(replica.upstream for replica in left.replicas)
+
+    def reloaded(self) -> None:
+        """The table was replaced: a group no longer in it lets its waiters go."""
+        for name, group in self.groups.items():
+            if name not in self.table.groups:
+                group.disband()
 
     def record(self, exchange: Exchange) -> None:
         model = exchange.model if exchange.model in self.table.models else "-"
@@ -2873,7 +3195,7 @@ class Tunnel:
     __slots__ = ("client", "closed", "ends", "key", "model", "upstream")
 
     def __init__(
-        self, client: ClientConnection, upstream: UpstreamConnection, model: str, key: str
+        self, client: ClientConnection, upstream: UpstreamConnection, model: Model, key: str
     ) -> None:
         self.client = client
         self.upstream = upstream
@@ -2907,7 +3229,7 @@ class Tunnel:
             self.closed = True
             self.upstream.handler = None
             self.upstream.close()
-            self.client.router.release_slot(self.model, self.key)
+            self.client.router.finished(self.model, self.key)
 
     def _end_of_stream(self, target: asyncio.Transport) -> None:
         if self.closed:
@@ -3017,7 +3339,7 @@ class Forward:
         if not self.ended:
             self.ended = True
             self._leave_replica()
-            self.client.router.release_slot(self.model.name, self.key)
+            self.client.router.finished(self.model, self.key)
 
     def _leave_replica(self) -> None:
         if self.replica is not None:
@@ -3079,7 +3401,7 @@ class Forward:
         replica.state.failures = 0
         replica.state.retry_at = 0.0
         if self.ended:
-            pool.release(replica.upstream, connection)
+            pool.release(replica.upstream, connection, self.model.upstream_idle_timeout)
             return
         try:
             self._send(connection, reused=False)
@@ -3265,7 +3587,8 @@ class Forward:
         self.upstream = None
         if self.upstream_keep_alive and not connection.buffer:
             assert self.replica is not None
-            self.client.router.pool.release(self.replica.upstream, connection)
+            pool = self.client.router.pool
+            pool.release(self.replica.upstream, connection, self.model.upstream_idle_timeout)
         else:
             connection.handler = None
             connection.close()
@@ -3292,7 +3615,7 @@ class Forward:
         self.upstream = None
         self._leave_replica()
         self.ended = True  # the slot is the tunnel's now
-        tunnel = Tunnel(client, connection, self.model.name, self.key)
+        tunnel = Tunnel(client, connection, self.model, self.key)
         connection.handler = tunnel
         client.switch_to_tunnel(tunnel)
         if connection.buffer:
@@ -3487,6 +3810,7 @@ class Server:
             table = RoutingTable(config)
             carry_replica_states(self.router.table, table)
             self.router.table = table
+            self.router.reloaded()
             metrics.reloads["success"] += 1
             self.reload_note = ""
             log(f"reloaded {self.config_path}: {len(config.models)} model(s)")
