@@ -2,7 +2,7 @@
 # `pkgs.testers.runNixOSTest` exists), the first two also KVM:
 #
 # - vm-native: the router and native llama.cpp, vLLM and SGLang workers, whose servers are fakes
-#   (vm/fake_engine.py), driven with the official openai client (vm/scripts/native.py).
+#   (tests/support/fake_engine.py), driven with the official openai client (vm/scripts/native.py).
 # - vm-containers: vLLM and SGLang as rootless Podman containers, llama.cpp as a rootful one and
 #   the SGL Model Gateway, from fake images, with a CDI spec standing in for a GPU
 #   (vm/scripts/containers.py).

@@ -1,6 +1,7 @@
-# What the VM checks run besides the module: the fake servers (fake_engine.py) under the names
-# the module starts them by, the official openai client (client.py) as `llmhop-vm-client`, and
-# one OCI image of the fakes per role, streamed by dockerTools.streamLayeredImage.
+# What the VM checks run besides the module: the fake servers (tests/support/fake_engine.py,
+# the tests' own) under the names the module starts them by, the official openai client
+# (client.py) as `llmhop-vm-client`, and one OCI image of the fakes per role, streamed by
+# dockerTools.streamLayeredImage.
 { pkgs }:
 let
   inherit (pkgs) lib;
@@ -29,7 +30,7 @@ let
   fakeEngine = scripts {
     name = "llmhop-fake-engine";
     python = pkgs.python3Minimal;
-    file = ./fake_engine.py;
+    file = ../../tests/support/fake_engine.py;
     programs = {
       llama-server = [ "llama-server" ];
       vllm = [ "vllm" ];

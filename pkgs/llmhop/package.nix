@@ -7,15 +7,18 @@
 let
   root = ../..;
 
-  # What the package and its check read: the router, and the router's tests with the examples
-  # they check. Trees are kept whole; plain cleanSourceWith works with Nix 2.8.
+  # What the package and its check read: the router, and the router's tests with the test
+  # support they import (tests.support, the fake engine among it) and the examples they check.
+  # Trees are kept whole; plain cleanSourceWith works with Nix 2.8.
   files = [
     "pyproject.toml"
     "pkgs/llmhop/llmhop.py"
     "examples/config.json"
+    "tests/__init__.py"
   ];
   trees = [
     "tests/router"
+    "tests/support"
     "examples/systemd"
   ];
   filter =

@@ -1,4 +1,4 @@
-"""The fake servers of the VM checks (checks/vm/fake_engine.py) and their openai client
+"""The fake servers of the VM checks (tests/support/fake_engine.py) and their openai client
 (checks/vm/client.py), run here for real: loading then ready, flag and credential checks,
 streaming, auth, the gateway's forwarding, and the real router in front of them."""
 
@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from nix_harness import REPO
 
-FAKE = REPO / "checks" / "vm" / "fake_engine.py"
+FAKE = REPO / "tests" / "support" / "fake_engine.py"
 CLIENT = REPO / "checks" / "vm" / "client.py"
 ROUTER = REPO / "pkgs" / "llmhop" / "llmhop.py"
 WAIT = 15.0

@@ -1,6 +1,7 @@
-"""Fake inference servers for the VM checks (checks/vm.nix) and their tests: stand-ins for
-llama.cpp's `llama-server`, `vllm serve`, SGLang, the SGL Model Gateway and a hosted provider,
-speaking enough of the OpenAI API to be routed to. Standard library only.
+"""The one fake inference server of the tests, the VM checks (checks/vm.nix) and their images:
+stand-ins for llama.cpp's `llama-server`, `vllm serve`, SGLang, the SGL Model Gateway and a
+hosted provider, speaking enough of the OpenAI API to be routed to. One file, standard library
+only: the VM checks install it by path.
 
     fake_engine.py MODE [ARGS...]      MODE: llama-server, vllm, sglang, gateway, upstream
 
@@ -9,9 +10,14 @@ Each mode parses the flags the NixOS module renders as strictly as the real serv
 Credential files (`--api-key-file`, `HF_TOKEN_PATH`) must lie in `$CREDENTIALS_DIRECTORY` (a
 native unit) or in /run/llmhop/credentials (a container), and are read at start.
 
-Engines answer `GET /health` with 503 ("loading") for the first `--fake-loading-probes`
-probes (default 1), or until `--fake-ready-file` exists, then 200; `--fake-die-while-loading`
-exits 3 at the first probe. Every other route needs the API key when one is configured:
+Engines answer `GET /health` (or `--fake-health-path`) with 503 ("loading") for the first
+`--fake-loading-probes` probes (default 1), or until `--fake-ready-file` exists, then 200 (or
+`--fake-health-status`); `--fake-die-while-loading` exits 3 at the first probe,
+`--fake-exit-after-ready CODE` exits CODE after its first healthy answer, and
+`--fake-probe-log FILE` appends `<path> <status>` per probe. A first SIGINT or SIGTERM stops an
+engine cleanly, a second one exits 1 at once, as the real servers do; with
+`--fake-plain-signals` it dies of the signal instead. Every other route needs the API key when
+one is configured:
 
     GET  /v1/models
     POST /v1/chat/completions   also streamed; `"fake_hold": true` holds the stream after its
@@ -86,6 +92,11 @@ def add_loading_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fake-loading-probes", type=int, default=1, metavar="N")
     parser.add_argument("--fake-ready-file", type=Path)
     parser.add_argument("--fake-die-while-loading", action="store_true")
+    parser.add_argument("--fake-health-path", default="/health")
+    parser.add_argument("--fake-health-status", type=int, default=200)
+    parser.add_argument("--fake-exit-after-ready", type=int, metavar="CODE")
+    parser.add_argument("--fake-probe-log", type=Path)
+    parser.add_argument("--fake-plain-signals", action="store_true")
 
 
 def llama_server_parser() -> argparse.ArgumentParser:
@@ -187,6 +198,8 @@ class App:
     mode = ""
     name = ""
     api_key: str | None = None
+    health_path = "/health"
+    plain_signals = False
 
     def health(self, request: Request) -> None:
         request.send_json(200, {"status": "ok"})
@@ -209,6 +222,11 @@ class Engine(App):
         self.loading_probes: int = options.fake_loading_probes
         self.ready_file: Path | None = options.fake_ready_file
         self.die_while_loading: bool = options.fake_die_while_loading
+        self.health_path: str = options.fake_health_path
+        self.healthy_status: int = options.fake_health_status
+        self.exit_after_ready: int | None = options.fake_exit_after_ready
+        self.probe_log: Path | None = options.fake_probe_log
+        self.plain_signals: bool = options.fake_plain_signals
         self.credentials: dict[str, JSON] = {}
         self.lock = threading.Lock()
         self.probes = 0
@@ -233,17 +251,33 @@ class Engine(App):
         log(f"health probe {probe}")
         loading = {"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}}
         if self.die_while_loading:
-            request.send_json(503, loading)
+            self.answer_probe(request, 503, loading)
             log("failed to load the model")
             os._exit(3)
         loaded = self.ready_file.exists() if self.ready_file else probe > self.loading_probes
-        if loaded:
-            with self.lock:
-                if self.ready_at_us is None:
-                    self.ready_at_us = time.monotonic_ns() // 1000
-            request.send_json(200, {"status": "ok"})
-        else:
-            request.send_json(503, loading)
+        if not loaded:
+            self.answer_probe(request, 503, loading)
+            return
+        with self.lock:
+            if self.ready_at_us is None:
+                self.ready_at_us = time.monotonic_ns() // 1000
+        self.answer_probe(request, self.healthy_status, {"status": "ok"})
+        if self.healthy_status == 200 and self.exit_after_ready is not None:
+            request.wfile.flush()
+            log(f"exiting with {self.exit_after_ready} after the first healthy answer")
+            os._exit(self.exit_after_ready)
+
+    def answer_probe(self, request: Request, status: int, body: JSON) -> None:
+        if self.probe_log is not None:
+            with self.probe_log.open("a") as probes:
+                probes.write(f"{request.route} {status}\n")
+        if status in (301, 302):
+            request.send_response(status)
+            request.send_header("Location", "/elsewhere")
+            request.send_header("Content-Length", "0")
+            request.end_headers()
+            return
+        request.send_json(status, body)
 
     def info(self) -> JSON:
         with self.lock:
@@ -297,7 +331,10 @@ class Engine(App):
         prompt = last_prompt(body) if chat else str(body.get("prompt", ""))
         text = f"{self.mode} {self.name}: {prompt}"
         if not body.get("stream"):
-            request.send_json(200, completion(self.name, text, chat=chat))
+            reply = completion(self.name, text, chat=chat)
+            # How the request reached the engine: a router behind a socket should use it.
+            reply["via"] = "tcp" if isinstance(request.client_address, tuple) else "socket"
+            request.send_json(200, reply)
             return
         hold = threading.Event() if body.get("fake_hold") else None
         request.start_stream()
@@ -569,7 +606,7 @@ class Request(BaseHTTPRequestHandler):
     def dispatch(self) -> None:
         self.body = self.read_body()
         app = self.app
-        if (self.command, self.route) in (("GET", "/health"), ("HEAD", "/health")):
+        if self.command in ("GET", "HEAD") and self.route == app.health_path:
             app.health(self)
             return
         if app.api_key is not None and self.headers.get("Authorization") != f"Bearer {app.api_key}":
@@ -695,8 +732,9 @@ def main(argv: list[str]) -> int:
         for server in servers:
             threading.Thread(target=server.shutdown, daemon=True).start()
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop)
+    if not app.plain_signals:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, stop)
 
     for listener_app, address in listeners:
         try:

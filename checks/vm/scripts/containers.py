@@ -1,7 +1,7 @@
 # The vm-containers check (checks/vm.nix): vLLM and SGLang as rootless Podman containers of
 # their lingering users behind llmhop, SGLang also behind the SGL Model Gateway, llama.cpp as a
 # rootful container; configured by checks/vm/containers-config.nix. Every image is the fake
-# (checks/vm/fake_engine.py) and a CDI spec maps nvidia.com/gpu=all to /dev/null. The nixosTest
+# (tests/support/fake_engine.py) and a CDI spec maps nvidia.com/gpu=all to /dev/null. The nixosTest
 # driver provides `machine`, `start_all`, `subtest` and type-checks this script with mypy.
 import json
 import shlex

@@ -1,6 +1,6 @@
 # The vm-native check (checks/vm.nix): the router and native llama.cpp, vLLM and SGLang workers
 # on one node, configured by checks/vm/native-config.nix; the workers' servers are fakes
-# (checks/vm/fake_engine.py). The nixosTest driver provides `machine`, `start_all`, `subtest`
+# (tests/support/fake_engine.py). The nixosTest driver provides `machine`, `start_all`, `subtest`
 # and type-checks this script with mypy (so no `from __future__` here).
 import json
 import re

@@ -1,0 +1,1 @@
+"""The test suites; `tests.support` is what they share."""
