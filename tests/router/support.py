@@ -1,4 +1,5 @@
-"""Test doubles and clients for the router tests: a scripted upstream and raw HTTP clients.
+"""Test doubles and clients for the router tests: a scripted upstream, the router in this
+process, and (from tests.support, re-exported here) raw HTTP and the router as a process.
 
 The fake upstream is deliberately independent of the router's own HTTP code, so a bug there
 cannot hide itself by being on both sides of a test.
@@ -14,79 +15,54 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-ROUTER_SCRIPT = ROOT / "pkgs" / "llmhop" / "llmhop.py"
+from tests.support import REPO as ROOT
+from tests.support import ROUTER_SCRIPT
+from tests.support.router import RouterProcess
+from tests.support.wire import (
+    Reply,
+    SocketReader,
+    chunk,
+    dechunk,
+    header_map,
+    http_response,
+    read_reply,
+    read_request,
+    request_bytes,
+)
+
 sys.path.insert(0, str(ROUTER_SCRIPT.parent))
 
-import llmhop  # noqa: E402
+import llmhop
+
+__all__ = [
+    "ROOT",
+    "ROUTER_SCRIPT",
+    "WAIT",
+    "FakeUpstream",
+    "Handler",
+    "Received",
+    "Reply",
+    "RouterProcess",
+    "RunningRouter",
+    "SocketReader",
+    "chat",
+    "chunk",
+    "dechunk",
+    "exchange",
+    "header_map",
+    "http_response",
+    "llmhop",
+    "read_reply",
+    "read_request",
+    "request_bytes",
+    "respond_with",
+    "send_raw",
+]
 
 WAIT = 5.0  # the bound on every wait in these tests
-
-
-class SocketReader:
-    """Reads HTTP framing off a blocking socket, keeping every byte it received."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.buffer = b""
-
-    def _more(self) -> bool:
-        data = self.sock.recv(65536)
-        self.buffer += data
-        return bool(data)
-
-    def until(self, marker: bytes) -> bytes | None:
-        while (index := self.buffer.find(marker)) < 0:
-            if not self._more():
-                return None
-        data, self.buffer = self.buffer[: index + len(marker)], self.buffer[index + len(marker) :]
-        return data
-
-    def exactly(self, size: int) -> bytes:
-        while len(self.buffer) < size:
-            if not self._more():
-                raise EOFError(f"wanted {size} bytes, connection closed after {len(self.buffer)}")
-        data, self.buffer = self.buffer[:size], self.buffer[size:]
-        return data
-
-    def chunked(self) -> bytes:
-        """A whole chunked body, raw, trailers included."""
-        raw = b""
-        while True:
-            line = self.until(b"\r\n")
-            if line is None:
-                raise EOFError("connection closed inside a chunked body")
-            raw += line
-            size = int(line.split(b";")[0], 16)
-            if size == 0:
-                break
-            raw += self.exactly(size + 2)
-        while (line := self.until(b"\r\n")) not in (b"\r\n", None):
-            raw += line
-        return raw + b"\r\n"
-
-    def rest(self) -> bytes:
-        """Everything up to the peer closing the connection."""
-        while self._more():
-            pass
-        data, self.buffer = self.buffer, b""
-        return data
-
-
-def header_map(head: bytes) -> dict[str, str]:
-    """Lower-cased header names to values; a repeated name keeps its values comma-joined."""
-    result: dict[str, str] = {}
-    for line in head.split(b"\r\n")[1:]:
-        if not line:
-            continue
-        name, _, value = line.decode("latin-1").partition(":")
-        key = name.strip().lower()
-        result[key] = f"{result[key]}, {value.strip()}" if key in result else value.strip()
-    return result
 
 
 @dataclass
@@ -110,30 +86,7 @@ class Received:
         return [line for line in self.head.split(b"\r\n")[1:] if line]
 
 
-def read_request(reader: SocketReader) -> tuple[bytes, bytes] | None:
-    head = reader.until(b"\r\n\r\n")
-    if head is None:
-        return None
-    headers = header_map(head)
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        return head, reader.chunked()
-    return head, reader.exactly(int(headers.get("content-length", "0")))
-
-
 Handler = Callable[["Received", socket.socket], bool | None]
-
-
-def http_response(
-    status: int = 200,
-    body: bytes = b'{"ok":true}',
-    headers: dict[str, str] | None = None,
-    reason: str = "OK",
-) -> bytes:
-    lines = [f"HTTP/1.1 {status} {reason}"]
-    all_headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
-    all_headers.update(headers or {})
-    lines += [f"{name}: {value}" for name, value in all_headers.items() if value is not None]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
 def respond_with(response: bytes) -> Handler:
@@ -142,10 +95,6 @@ def respond_with(response: bytes) -> Handler:
         return True
 
     return handler
-
-
-def chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 class FakeUpstream:
@@ -243,63 +192,6 @@ class RunningRouter:
         self.loop.close()
 
 
-@dataclass
-class Reply:
-    status: int
-    head: bytes
-    body: bytes
-    headers: dict[str, str] = field(default_factory=dict)
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def read_reply(reader: SocketReader, method: str = "GET") -> Reply:
-    """One response off the socket, its body de-chunked."""
-    while True:
-        head = reader.until(b"\r\n\r\n")
-        if head is None:
-            raise EOFError("connection closed before a response")
-        status = int(head.split(b" ", 2)[1])
-        if status >= 200 or status == 101:
-            break
-    headers = header_map(head)
-    if method == "HEAD" or status in (204, 304) or status == 101:
-        body = b""
-    elif headers.get("transfer-encoding") == "chunked":
-        body = dechunk(reader.chunked())
-    elif "content-length" in headers:
-        body = reader.exactly(int(headers["content-length"]))
-    else:
-        body = reader.rest()
-    return Reply(status, head, body, headers)
-
-
-def dechunk(raw: bytes) -> bytes:
-    payload = b""
-    while True:
-        line, _, raw = raw.partition(b"\r\n")
-        size = int(line.split(b";")[0], 16)
-        if size == 0:
-            return payload
-        payload, raw = payload + raw[:size], raw[size + 2 :]
-
-
-def request_bytes(
-    method: str = "GET",
-    path: str = "/",
-    body: bytes | None = None,
-    headers: dict[str, str] | None = None,
-) -> bytes:
-    all_headers = {"Host": "router.test"}
-    if body is not None:
-        all_headers["Content-Length"] = str(len(body))
-    all_headers.update(headers or {})
-    lines = [f"{method} {path} HTTP/1.1"]
-    lines += [f"{name}: {value}" for name, value in all_headers.items() if value is not None]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
-
-
 def exchange(
     router: RunningRouter,
     method: str = "GET",
@@ -325,46 +217,3 @@ def send_raw(router: RunningRouter, data: bytes) -> bytes:
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
         return SocketReader(sock).rest()
-
-
-class RouterProcess:
-    """The router as its own process, as users run it; its stderr is collected as it comes.
-
-    Reading stderr all the time matters: a full pipe would block the router's log writes.
-    """
-
-    def __init__(self, config: dict[str, Any], tmp_path: Path, env: dict[str, str] | None = None):
-        import re
-        import subprocess
-
-        path = tmp_path / "config.json"
-        path.write_text(json.dumps({"host": "127.0.0.1", "port": 0, **config}))
-        self.process = subprocess.Popen(
-            [sys.executable, str(ROUTER_SCRIPT), "--config", str(path)],
-            stderr=subprocess.PIPE,
-            text=True,
-            env={"PATH": os.environ["PATH"], **(env or {})},
-        )
-        assert self.process.stderr is not None
-        self.first_line = self.process.stderr.readline()
-        self.lines: list[str] = [self.first_line]
-        self._reader = threading.Thread(target=self._collect, daemon=True)
-        self._reader.start()
-        match = re.search(r"listening on 127\.0\.0\.1:(\d+) ", self.first_line)
-        assert match, self.first_line
-        self.address = ("127.0.0.1", int(match[1]))
-
-    def _collect(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-
-    def connect(self) -> socket.socket:
-        return socket.create_connection(self.address, timeout=WAIT)
-
-    def stop(self) -> str:
-        """Terminate, wait, and return everything the router wrote to stderr."""
-        self.process.terminate()
-        self.process.wait(WAIT * 2)
-        self._reader.join(WAIT)
-        return "".join(self.lines)

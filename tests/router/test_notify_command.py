@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,46 +11,41 @@ from pathlib import Path
 import pytest
 from support import ROUTER_SCRIPT, WAIT
 
-FAKE_WORKER = str(Path(__file__).with_name("fake_worker.py"))
+from tests.support import FAKE_ENGINE
+from tests.support.notify import NotifyReceiver
+from tests.support.processes import Process, free_port
 
 
 class Notify:
+    """llmhop-notify with NOTIFY_SOCKET, in a session of its own so that the worker it
+    starts is stopped with it."""
+
     def __init__(self, tmp_path: Path, args: list[str], *, argv0: list[str] | None = None):
-        self.socket_path = str(tmp_path / "notify.sock")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.socket_path)
-        self.sock.settimeout(WAIT)
+        self.receiver = NotifyReceiver(tmp_path / "notify.sock")
         command = argv0 or [sys.executable, str(ROUTER_SCRIPT), "notify"]
-        # A session of its own, so the worker it starts can be stopped with it.
-        self.process = subprocess.Popen(
+        self.process = Process(
             [*command, *args],
-            env={"PATH": os.environ["PATH"], "NOTIFY_SOCKET": self.socket_path},
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
+            name="llmhop-notify",
+            env={"PATH": os.environ["PATH"], "NOTIFY_SOCKET": self.receiver.path},
+            new_session=True,
         )
 
     def message(self) -> str:
-        return self.sock.recv(4096).decode()
+        return self.receiver.next(WAIT)
 
     def pending_message(self) -> str | None:
-        self.sock.setblocking(False)
-        try:
-            return self.sock.recv(4096).decode()
-        except BlockingIOError:
-            return None
-        finally:
-            self.sock.settimeout(WAIT)
+        return self.receiver.pending()
 
     def wait(self) -> int:
-        return self.process.wait(WAIT * 2)
+        return self.process.exit_status(WAIT * 2)
+
+    def output(self) -> str:
+        return self.process.output
 
     def close(self) -> None:
-        """Kill llmhop-notify and its worker, whether or not the test got to stop them."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(WAIT)
-        self.sock.close()
+        """Stop llmhop-notify and its worker, whether or not the test got to stop them."""
+        self.process.stop()
+        self.receiver.close()
 
 
 @pytest.fixture
@@ -70,8 +62,22 @@ def notify(tmp_path: Path):
         item.close()
 
 
-def worker(*args: str) -> list[str]:
-    return [sys.executable, FAKE_WORKER, *args]
+def worker(*listen: str, loading: int = 0, **fake: str) -> list[str]:
+    """The fake engine as llama-server listening on `listen` (`--host` …), answering 503 to
+    its first `loading` probes and dying of signals as a plain server does; `fake` are
+    its other `--fake-*` flags."""
+    flags = [f"--fake-{key.replace('_', '-')}={value}" for key, value in fake.items()]
+    return [
+        sys.executable,
+        "-I",
+        str(FAKE_ENGINE),
+        "llama-server",
+        *listen,
+        "--alias=worker",
+        f"--fake-loading-probes={loading}",
+        "--fake-plain-signals",
+        *flags,
+    ]
 
 
 def probes(path: Path) -> list[str]:
@@ -88,28 +94,31 @@ def test_ready_only_once_healthy_on_a_unix_socket(notify, tmp_path: Path) -> Non
             "-health-path",
             "/health",
             "--",
-            *worker("--unix", sock, "--loading", "2", "--probes", str(probe_log)),
+            *worker("--host", sock, loading=2, probe_log=str(probe_log)),
         ]
     )
     ready = run.message()
     name = os.path.basename(sys.executable)
     assert ready == f"READY=1\nSTATUS={name} is healthy at unix://{sock}/health"
     assert probes(probe_log) == ["/health 503", "/health 503", "/health 200"]
-    run.process.send_signal(signal.SIGTERM)  # forwarded: the worker dies of it
+    run.process.process.send_signal(signal.SIGTERM)  # forwarded: the worker dies of it
     assert run.wait() == 128 + signal.SIGTERM
 
 
 def test_tcp_url_with_base_path_and_custom_health_path(notify, tmp_path: Path) -> None:
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_port()
     probe_log = tmp_path / "probes"
     run = notify(
         [
             f"--url=http://127.0.0.1:{port}/base",
             "-health-path",
             "/v1/models",
-            *worker("--port", str(port), "--probes", str(probe_log)),
+            *worker(
+                "--host=127.0.0.1",
+                f"--port={port}",
+                health_path="/base/v1/models",
+                probe_log=str(probe_log),
+            ),
         ]
     )
     assert run.message().startswith("READY=1\n")
@@ -122,12 +131,12 @@ def test_child_dying_before_ready_fails_at_once(notify) -> None:
     assert run.wait() == 3
     assert time.monotonic() - started < WAIT
     assert run.pending_message() is None
-    assert "exited before it was ready" in run.process.stderr.read()
+    assert "exited before it was ready" in run.output()
 
 
 def test_exit_code_of_the_child_after_ready(notify, tmp_path: Path) -> None:
     sock = str(tmp_path / "http.sock")
-    run = notify(["-url", f"unix://{sock}", *worker("--unix", sock, "--exit-after-ready", "7")])
+    run = notify(["-url", f"unix://{sock}", *worker("--host", sock, exit_after_ready="7")])
     assert run.message().startswith("READY=1\n")
     assert run.wait() == 7
 
@@ -139,7 +148,7 @@ def test_redirect_is_not_ready(notify, tmp_path: Path) -> None:
         [
             "-url",
             f"unix://{sock}",
-            *worker("--unix", sock, "--health-status", "301", "--probes", str(probe_log)),
+            *worker("--host", sock, health_status="301", probe_log=str(probe_log)),
         ]
     )
     deadline = time.monotonic() + WAIT
@@ -162,7 +171,7 @@ def test_redirect_is_not_ready(notify, tmp_path: Path) -> None:
 def test_usage_errors(notify, args: list[str], message: str) -> None:
     run = notify(args)
     assert run.wait() == 1
-    stderr = run.process.stderr.read()
+    stderr = run.output()
     assert message in stderr
     assert "usage: llmhop-notify -url" in stderr
 

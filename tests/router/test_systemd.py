@@ -33,6 +33,9 @@ from support import (
     request_bytes,
 )
 
+from tests.support.notify import NotifyReceiver
+from tests.support.processes import Process, free_port
+
 Factory = Callable[..., Any]
 
 needs_socket_activate = pytest.mark.skipif(
@@ -41,93 +44,29 @@ needs_socket_activate = pytest.mark.skipif(
 )
 
 
-class NotifySocket:
-    """A datagram socket standing in for systemd's notification socket."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(WAIT)
-        self.messages: list[str] = []
-
-    def next(self) -> str:
-        message = self.sock.recv(4096).decode()
-        self.messages.append(message)
-        return message
-
-    def until(self, predicate: Callable[[str], bool]) -> str:
-        """The first message that satisfies predicate, skipping others (bounded by WAIT each)."""
-        for _ in range(100):
-            message = self.next()
-            if predicate(message):
-                return message
-        raise AssertionError(f"no such message in {self.messages}")
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
-    notify = NotifySocket(tmp_path / "notify.sock")
+def notify_socket(tmp_path: Path) -> Iterator[NotifyReceiver]:
+    notify = NotifyReceiver(tmp_path / "notify.sock")
     yield notify
     notify.close()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Service:
+class Service(Process):
     """The router started as systemd would: a process with a config file and an environment."""
 
     def __init__(self, argv: list[str], env: dict[str, str]):
-        self.process = subprocess.Popen(
-            argv,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={"PATH": os.environ["PATH"], **env},
-        )
-        self.lines: list[str] = []
-        self.line_added = threading.Condition()
-        threading.Thread(target=self._collect, daemon=True).start()
+        super().__init__(argv, name="llmhop", env={"PATH": os.environ["PATH"], **env})
 
-    def _collect(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            with self.line_added:
-                self.lines.append(line)
-                self.line_added.notify_all()
+    def wait_for_line(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:  # type: ignore[override]
+        return super().wait_for_line(pattern, timeout)
 
-    def wait_for_line(self, pattern: str) -> re.Match[str]:
-        deadline = time.monotonic() + WAIT
-        with self.line_added:
-            while True:
-                for line in self.lines:
-                    if match := re.search(pattern, line):
-                        return match
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self.line_added.wait(remaining):
-                    raise AssertionError(f"no line matching {pattern!r} in {self.lines}")
-
-    def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-    def exit_status(self) -> int:
+    def exit_status(self, timeout: float = WAIT * 2) -> int:
         """Wait for the process to end by itself."""
-        return self.process.wait(WAIT * 2)
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.terminate()
-        return self.process.wait(WAIT * 2)
+        return super().exit_status(timeout)
 
     @property
     def log(self) -> str:
-        return "".join(self.lines)
+        return self.output
 
 
 @pytest.fixture
@@ -172,7 +111,7 @@ def post(address: Any, path: str, body: bytes) -> Any:
 
 @needs_socket_activate
 def test_one_activated_tcp_listener(
-    tmp_path: Path, upstream: FakeUpstream, services: Factory, notify_socket: NotifySocket
+    tmp_path: Path, upstream: FakeUpstream, services: Factory, notify_socket: NotifyReceiver
 ) -> None:
     port = free_port()
     config = write_config(
@@ -200,7 +139,7 @@ def test_one_activated_tcp_listener(
 
 @needs_socket_activate
 def test_activated_tcp_and_unix_listeners_together(
-    tmp_path: Path, upstream: FakeUpstream, services: Factory, notify_socket: NotifySocket
+    tmp_path: Path, upstream: FakeUpstream, services: Factory, notify_socket: NotifyReceiver
 ) -> None:
     port = free_port()
     unix_path = str(tmp_path / "local.sock")
@@ -275,7 +214,7 @@ def start_plain(
 
 
 def test_notify_messages_in_order(
-    tmp_path: Path, upstream: FakeUpstream, services: Factory, notify_socket: NotifySocket
+    tmp_path: Path, upstream: FakeUpstream, services: Factory, notify_socket: NotifyReceiver
 ) -> None:
     env = {"NOTIFY_SOCKET": notify_socket.path}
     service, address, path = start_plain(
@@ -348,7 +287,7 @@ def test_unreachable_notify_socket_fails_the_start(
 
 
 def test_watchdog_is_fed_at_half_the_interval(
-    tmp_path: Path, upstream: FakeUpstream, services: Factory, notify_socket: NotifySocket
+    tmp_path: Path, upstream: FakeUpstream, services: Factory, notify_socket: NotifyReceiver
 ) -> None:
     env = {"NOTIFY_SOCKET": notify_socket.path, "WATCHDOG_USEC": "400000"}
     start_plain(tmp_path, {"models": {"m": {"url": upstream.url}}}, services, env)
@@ -417,7 +356,7 @@ class Load:
 
 
 def test_reload_adds_models_and_survives_a_broken_config_without_losing_requests(
-    tmp_path: Path, upstream_factory: Factory, services: Factory, notify_socket: NotifySocket
+    tmp_path: Path, upstream_factory: Factory, services: Factory, notify_socket: NotifyReceiver
 ) -> None:
     first, second = upstream_factory(), upstream_factory()
     env = {"NOTIFY_SOCKET": notify_socket.path}
@@ -456,7 +395,7 @@ def test_reload_adds_models_and_survives_a_broken_config_without_losing_requests
 
 
 def test_sigterm_drains_a_stream_in_flight_and_refuses_new_connections(
-    tmp_path: Path, services: Factory, notify_socket: NotifySocket
+    tmp_path: Path, services: Factory, notify_socket: NotifyReceiver
 ) -> None:
     upstream_listener = socket.create_server(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{upstream_listener.getsockname()[1]}"
@@ -491,7 +430,7 @@ def test_sigterm_drains_a_stream_in_flight_and_refuses_new_connections(
 
 
 def test_drain_timeout_cuts_what_is_left(
-    tmp_path: Path, services: Factory, notify_socket: NotifySocket
+    tmp_path: Path, services: Factory, notify_socket: NotifyReceiver
 ) -> None:
     upstream_listener = socket.create_server(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{upstream_listener.getsockname()[1]}"
