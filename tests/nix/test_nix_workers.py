@@ -1,7 +1,8 @@
 """The module's router and llama.cpp units under a real systemd (like the reference's VM test).
 
-The router is the real pkgs/llmhop/llmhop.py; `llama-server` is fake_llama_server.py, which
-answers 503 while "loading" and needs the API key the module passes as `%d/api-keys`.
+The router is the real pkgs/llmhop/llmhop.py; `llama-server` is the fake engine
+(tests/support/fake_engine.py), which answers 503 while "loading" and needs the API key the
+module passes as `%d/api-keys`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ import pytest
 from nix_harness import evaluate, llmhop_package, make_package, mk_force
 from systemd_ns import SystemdNamespace
 
-HERE = Path(__file__).resolve().parent
+from tests.support import FAKE_ENGINE
+from tests.support.processes import wait_until
 
 pytestmark = [pytest.mark.nix, pytest.mark.systemd, pytest.mark.usefixtures("real_systemd")]
 
@@ -29,14 +31,6 @@ SOCKET_DIR = "/run/llmhop/llama-cpp-fake-model"
 CHAT = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]})
 
 
-def wait_until(what: str, predicate: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {timeout}s: {what}")
-        time.sleep(0.2)
-
-
 def scenario(scratch: Path) -> dict[str, Any]:
     secrets = scratch / "secrets"
     secrets.mkdir()
@@ -45,14 +39,14 @@ def scenario(scratch: Path) -> dict[str, Any]:
     for secret in secrets.iterdir():
         secret.chmod(0o600)
     # Copied out of the checkout, which may sit below /tmp where PrivateTmp= hides it.
-    fake = shutil.copy(HERE / "fake_llama_server.py", scratch)
+    fake = shutil.copy(FAKE_ENGINE, scratch)
     pkgs = {
         "llmhop": str(llmhop_package(scratch / "pkgs")),
         "llama-cpp": str(
             make_package(
                 scratch / "pkgs",
                 "llama-cpp",
-                {"llama-server": f'#!/bin/sh\nexec /usr/bin/python3 -I {fake} "$@"\n'},
+                {"llama-server": f'#!/bin/sh\nexec /usr/bin/python3 -I {fake} llama-server "$@"\n'},
             )
         ),
         "coreutils": "/usr",
@@ -86,14 +80,14 @@ def scenario(scratch: Path) -> dict[str, Any]:
                             "credentials": worker_credentials,
                             "settings": {
                                 "api-key-file": "${cred:api-keys}",
-                                "ready-file": str(scratch / "ready"),
+                                "fake-ready-file": str(scratch / "ready"),
                             },
                         },
                         "dying-model": {
                             "credentials": worker_credentials,
                             "settings": {
                                 "api-key-file": "${cred:api-keys}",
-                                "die-while-loading": True,
+                                "fake-die-while-loading": True,
                             },
                         },
                     },
@@ -186,7 +180,7 @@ def test_router_and_llama_cpp_worker(ns: SystemdNamespace, scratch: Path) -> Non
     # A SIGKILLed worker restarts although its last socket was never unlinked.
     pid = ns.show(WORKER, "MainPID")["MainPID"]
     assert ns.systemctl("kill", "--signal=SIGKILL", WORKER).returncode == 0
-    wait_until("the worker is dead", lambda: state(ns, WORKER) != "active")
+    wait_until(lambda: state(ns, WORKER) != "active", 30, "the worker is dead", interval=0.2)
     assert ns.systemctl("restart", WORKER, timeout=30).returncode == 0
     assert state(ns, WORKER) == "active"
     assert ns.show(WORKER, "MainPID")["MainPID"] != pid
