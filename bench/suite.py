@@ -29,7 +29,7 @@ from bench import harness, sse_client
 from bench.harness import Pinning, Service, WrkResult
 from bench.report import Results, Target, markdown, text_table, write_document
 
-PHASES = ("small", "large", "models", "sse", "streams", "llama")
+PHASES = ("small", "large", "models", "replicas", "sse", "streams", "llama")
 SMALL_CONCURRENCIES = (1, 16, 64)
 LARGE_BODY_BYTES = 1024 * 1024
 LARGE_CONCURRENCY = 4
@@ -66,6 +66,7 @@ CHAT_PATH = "/v1/chat/completions"
 STARTUP_SECTION = "Startup and idle memory (3 models: fast, sse, tiny)"
 LARGE_SECTION = f"1 MiB POST, concurrency {LARGE_CONCURRENCY}"
 MODELS_SECTION = f"{MANY_MODELS:,} models in the config (concurrency {MODELS_CONCURRENCY})"
+REPLICAS_SECTION = f"A model with 2 upstreams against 1 (concurrency {MODELS_CONCURRENCY})"
 SSE_SECTION = f"SSE: {SSE_STREAMS} streams x {SSE_CHUNKS} chunks, {SSE_INTERVAL_MS:g} ms apart"
 STREAMS_SECTION = f"{IDLE_STREAMS:,} concurrent SSE streams, one chunk a second for {IDLE_CHUNKS} s"
 LLAMA_SECTION = f"llama.cpp (tiny GGUF): streamed chat, {LLAMA_TOKENS} tokens"
@@ -357,6 +358,34 @@ class Bench:
             self.results.add(section, f"startup to listening, {label}", "s", values, 3)
         self.raw["models"] = {"rates": rates, "startups": startups}
 
+    def phase_replicas(self) -> None:
+        """The fast upstream given once, and twice as two replicas: what choosing costs."""
+        assert self.fast is not None
+        url = self.fast.url
+        one = harness.llmhop_config({"fast": url})
+        two = {**one, "models": {"fast": {"urls": [url, url]}}}
+        cpu: dict[str, list[float]] = {"1 upstream": [], "2 upstreams": []}
+        for round_number in range(MODELS_ROUNDS):
+            for label, config in (("1 upstream", one), ("2 upstreams", two)):
+                self.log(f"{label}, concurrency {MODELS_CONCURRENCY}, round {round_number + 1}")
+                router = harness.start_llmhop(
+                    f"llmhop-replicas-{label.split()[0]}",
+                    config,
+                    self.options.work_dir,
+                    self.pinning.proxy_cores,
+                )
+                try:
+                    endpoint = Endpoint(label, router.host, {"fast": router.port}, router.pid)
+                    run = self.load(endpoint, MODELS_CONCURRENCY)
+                    if (value := run.cpu_us_per_request()) is not None:
+                        cpu[label].append(value)
+                finally:
+                    router.stop()
+        for label, values in cpu.items():
+            figures = {"direct": None, "nginx": None, "llmhop": _mean(values)}
+            self.results.add(REPLICAS_SECTION, f"proxy CPU per request, {label}", "µs", figures, 1)
+        self.raw["replicas"] = cpu
+
     def phase_sse(self) -> None:
         records = {}
         for name, endpoint in self.endpoints.items():
@@ -589,6 +618,7 @@ class Bench:
             False,
         )
         self._check_many_models()
+        self._check_replicas()
         check(
             "10,000 models: startup <= 0.5 s",
             MODELS_SECTION,
@@ -625,8 +655,26 @@ class Bench:
         measured = f"{many_rate:,.0f} vs {one_rate:,.0f} req/s ({change:+.1%})"
         self.results.targets.append(Target(goal, measured, abs(change) <= 0.05))
 
+    def _check_replicas(self) -> None:
+        goal = "2 replicas: CPU per request within 5 % of one upstream's"
+        figures = [
+            self.results.find(REPLICAS_SECTION, f"proxy CPU per request, {label}")
+            for label in ("1 upstream", "2 upstreams")
+        ]
+        one, two = (None if f is None else f.value("llmhop") for f in figures)
+        if not one or two is None:
+            self.results.targets.append(Target(goal, "not measured", None))
+            return
+        ratio = two / one
+        measured = f"{two:.1f} vs {one:.1f} µs ({ratio:.3f}x)"
+        self.results.targets.append(Target(goal, measured, ratio <= 1.05))
+
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.mean(values) if values else None
 
 
 def _mib(size: int | None) -> float | None:
