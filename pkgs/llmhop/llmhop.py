@@ -9,16 +9,18 @@ The file follows a request's way through the router; nothing is used above its d
 
 1. protocol      -- HTTP/1.1 vocabulary and messages (RFC 9110, RFC 9112) on bytes, no I/O
 2. secrets       -- ``${env:...}``, ``${file:...}``, ``${cred:...}`` references
-3. config        -- the strict JSON config
-4. routing       -- the routing table and ``route``: what a request gets, from its head alone;
-                    the ``model`` of a JSON body
+3. config        -- the strict JSON config: models and their replicas, keys
+4. routing       -- the routing table, what each key may reach, and ``route``: what a request
+                    gets, from its head alone; the ``model`` of a JSON body
 5. header rules  -- how a request head is rewritten for the upstream, and a response head for
                     the client (RFC 9110 §7.6)
 6. errors        -- the OpenAI error shape of the router's own answers
 7. observability -- the record of an exchange, metrics, request ids, the access log
 8. upstreams     -- connections to the model servers, pooled for keep-alive
-9. client        -- one client connection: its phase, keep-alive, request bodies, answers
-10. forward      -- one proxied request and its response; the tunnel after 101
+9. client        -- groups and their queues; one client connection: its phase, keep-alive,
+                    request bodies, answers; the state all connections share
+10. forward      -- the choice of a replica; one proxied request and its response; the
+                    tunnel after 101
 11. server       -- listeners (socket activation too), sd_notify, reload, drain
 12. notify       -- ``llmhop-notify``: sd_notify readiness for workers that lack it
 13. command line
@@ -2238,7 +2240,7 @@ class UpstreamPool:
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. The client connection: its phase, keep-alive, request bodies, answers of its own
+# 9. The client connection: groups, its phase, keep-alive, request bodies, its own answers
 # ---------------------------------------------------------------------------------------------
 
 
@@ -3136,7 +3138,7 @@ class RouterState:
 
 
 # ---------------------------------------------------------------------------------------------
-# 10. The forward: one proxied request and its response; the tunnel after 101
+# 10. The forward: the choice of a replica, one proxied request, the tunnel after 101
 # ---------------------------------------------------------------------------------------------
 
 
