@@ -7,14 +7,9 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import queue
-import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,72 +17,13 @@ from typing import Any
 import pytest
 from nix_harness import REPO
 
-FAKE = REPO / "tests" / "support" / "fake_engine.py"
+from tests.support import FAKE_ENGINE as FAKE
+from tests.support.processes import Process, free_port
+from tests.support.router import RouterProcess
+from tests.support.wire import request
+
 CLIENT = REPO / "checks" / "vm" / "client.py"
-ROUTER = REPO / "pkgs" / "llmhop" / "llmhop.py"
 WAIT = 15.0
-
-
-class Process:
-    """A child process whose stderr lines can be awaited."""
-
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self.argv = argv
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def wait_for_line(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        for line in self.seen:
-            if match := re.search(pattern, line):
-                return match
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise TimeoutError(f"no line matching {pattern!r} in {self.seen}") from None
-            if line is None:
-                raise AssertionError(f"exited ({self.proc.wait()}) before {pattern!r}: {self.seen}")
-            self.seen.append(line)
-            if match := re.search(pattern, line):
-                return match
-
-    def exit_status(self, timeout: float = WAIT) -> int:
-        status = self.proc.wait(timeout)
-        self.wait_for_eof()
-        return status
-
-    def wait_for_eof(self) -> None:
-        while (line := self.lines.get(timeout=WAIT)) is not None:
-            self.seen.append(line)
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.seen)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture
@@ -95,7 +31,7 @@ def spawn() -> Iterator[Callable[..., Process]]:
     started: list[Process] = []
 
     def start(argv: list[str], env: dict[str, str] | None = None) -> Process:
-        process = Process(argv, env)
+        process = Process(argv, env={**os.environ, **(env or {})})
         started.append(process)
         return process
 
@@ -110,53 +46,10 @@ def fake(spawn: Callable[..., Process]) -> Callable[..., Process]:
 
     def start(mode: str, *args: str, env: dict[str, str] | None = None) -> Process:
         process = spawn([sys.executable, "-I", str(FAKE), mode, *args], env)
-        process.wait_for_line(r"listening on")
+        process.wait_for_line(r"listening on", WAIT)
         return process
 
     return start
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=WAIT)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(WAIT)
-        self.sock.connect(self.socket_path)
-
-
-def request(
-    address: str | int,
-    path: str,
-    body: Any = None,
-    *,
-    method: str | None = None,
-    token: str | None = None,
-) -> tuple[int, dict[str, str], bytes]:
-    """One request to a unix socket path or a loopback port: status, headers, body."""
-    connection = (
-        UnixConnection(address)
-        if isinstance(address, str)
-        else http.client.HTTPConnection("127.0.0.1", address, timeout=WAIT)
-    )
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    data = None if body is None else json.dumps(body).encode()
-    if data is not None:
-        headers["Content-Type"] = "application/json"
-    try:
-        connection.request(method or ("GET" if data is None else "POST"), path, data, headers)
-        response = connection.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        connection.close()
 
 
 def status(address: str | int, path: str, **kwargs: Any) -> int:
@@ -202,7 +95,7 @@ def test_loading_then_ready(fake: Callable[..., Process]) -> None:
     args = ("serve", "org/m", "--served-model-name", "m", "--host", "127.0.0.1")
     engine = fake("vllm", *args, "--port", str(port), "--fake-loading-probes", "2")
     assert [status(port, "/health") for _ in range(3)] == [503, 503, 200]
-    engine.wait_for_line(r"health probe 3")
+    engine.wait_for_line(r"health probe 3", WAIT)
     assert as_json(port, "/v1/models")["data"][0]["id"] == "m"
 
 
@@ -215,7 +108,7 @@ def test_ready_file_and_stale_socket(fake: Callable[..., Process], tmp_path: Pat
     ready.touch()
     assert status(sock, "/health") == 200
     # Killed, it leaves its socket behind; binding over it fails as with the real servers.
-    engine.proc.kill()
+    engine.process.kill()
     engine.exit_status()
     assert Path(sock).is_socket()
     again = Process([sys.executable, "-I", str(FAKE), "llama-server", *args])
@@ -344,7 +237,7 @@ def test_held_stream_waits_for_its_release(fake: Callable[..., Process]) -> None
     response = connection.getresponse()
     first = response.read1(65536)
     assert b'"content": "fake "' in first
-    engine.wait_for_line("holding a stream")
+    engine.wait_for_line("holding a stream", WAIT)
     assert as_json(port, "/fake/info")["holding"] == 1
     assert as_json(port, "/fake/release", {})["released"] == 1
     rest = response.read()
@@ -387,7 +280,7 @@ def test_gateway_forwards_by_model(fake: Callable[..., Process]) -> None:
 
 def test_stops_cleanly_on_sigint(fake: Callable[..., Process]) -> None:
     engine = fake("upstream", "--port", str(free_port()))
-    engine.proc.send_signal(signal.SIGINT)
+    engine.process.send_signal(signal.SIGINT)
     assert engine.exit_status() == 0
 
 
@@ -468,18 +361,17 @@ class Stack:
                 },
             },
         }
-        (tmp / "llmhop.json").write_text(json.dumps(config))
-        self.router = spawn(
-            [sys.executable, "-I", str(ROUTER), "--config", str(tmp / "llmhop.json")]
-        )
-        self.port = int(self.router.wait_for_line(r"listening on 127\.0\.0\.1:(\d+) ").group(1))
+        self.router = RouterProcess(config, tmp)
+        self.port = self.router.address[1]
 
 
 @pytest.fixture
 def stack(
     openai_client: None, spawn: Callable[..., Process], fake: Callable[..., Process], tmp_path: Path
-) -> Stack:
-    return Stack(spawn, fake, tmp_path)
+) -> Iterator[Stack]:
+    stack = Stack(spawn, fake, tmp_path)
+    yield stack
+    stack.router.stop()
 
 
 def test_every_fake_through_the_router_with_the_openai_client(stack: Stack) -> None:
@@ -520,9 +412,9 @@ def test_a_held_stream_survives_a_router_reload(stack: Stack) -> None:
         text=True,
     )
     try:
-        stack.vllm.wait_for_line("holding a stream")
-        stack.router.proc.send_signal(signal.SIGHUP)
-        stack.router.wait_for_line(r"reloaded .*: 4 model\(s\)")
+        stack.vllm.wait_for_line("holding a stream", WAIT)
+        stack.router.process.send_signal(signal.SIGHUP)
+        stack.router.wait_for_line(r"reloaded .*: 4 model\(s\)", WAIT)
         released = request(stack.ports["vllm"], "/fake/release", {})
         assert json.loads(released[2]) == {"released": 1}
         out, err = held.communicate(timeout=60)
