@@ -1,9 +1,9 @@
 """Building blocks of the benchmark: pinned processes, nginx and llmhop configs, wrk, /proc.
 
 Everything listens on 127.0.0.1 only, and every wait has a deadline. Process handling comes
-from the e2e suite's support module (`spawn`, `ManagedProcess`, `cpu_seconds`), imported, not
-copied; `taskset` in front of a command pins it, and `taskset` execs, so the pid is the
-program's own.
+from the tests' support package (`Process`, `cpu_seconds`, `free_port` of tests.support),
+imported, not copied; `taskset` in front of a command pins it, and `taskset` execs, so the pid
+is the program's own.
 """
 
 from __future__ import annotations
@@ -21,12 +21,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-E2E_DIR = REPO_ROOT / "tests" / "e2e"
-if str(E2E_DIR) not in sys.path:
-    sys.path.insert(0, str(E2E_DIR))
-
-from e2e_support import ManagedProcess, cpu_seconds, free_port, spawn  # noqa: E402
+from tests.support import REPO as REPO_ROOT
+from tests.support.processes import Process, cpu_seconds, free_port
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROUTER_SCRIPT = Path(
@@ -137,6 +133,11 @@ def machine_busy_fraction(seconds: float) -> float:
     return (busy_after - busy_before) / max(total_after - total_before, 1)
 
 
+def _spawn(name: str, command: list[str], log_path: Path) -> Process:
+    """A benchmark process, its output straight to `log_path` (nothing read in this one)."""
+    return Process(command, name=name, log_path=log_path, cwd=REPO_ROOT)
+
+
 # -- services --------------------------------------------------------------------------------
 
 
@@ -144,7 +145,7 @@ def machine_busy_fraction(seconds: float) -> float:
 class Service:
     """A started server: its process and where it listens."""
 
-    managed: ManagedProcess
+    managed: Process
     host: str
     port: int
     startup_seconds: float
@@ -161,7 +162,7 @@ class Service:
         self.managed.stop()
 
 
-def _wait_for_port(managed: ManagedProcess, port: int, started: float) -> float:
+def _wait_for_port(managed: Process, port: int, started: float) -> float:
     deadline = started + START_TIMEOUT
     while True:
         if managed.process.poll() is not None:
@@ -175,7 +176,7 @@ def _wait_for_port(managed: ManagedProcess, port: int, started: float) -> float:
         time.sleep(READY_POLL)
 
 
-def _wait_for_listening_line(managed: ManagedProcess, started: float) -> tuple[str, int, float]:
+def _wait_for_listening_line(managed: Process, started: float) -> tuple[str, int, float]:
     """Wait for `listening on HOST:PORT` in the log; the time it took is the startup time."""
     deadline = started + START_TIMEOUT
     while True:
@@ -229,7 +230,7 @@ def start_llmhop(
         cores, [sys.executable, "-I", str(launcher), "--config", str(config_path)]
     )
     started = time.monotonic()
-    managed = spawn(name, command, work_dir / f"{name}.log")
+    managed = _spawn(name, command, work_dir / f"{name}.log")
     host, port, startup = _wait_for_listening_line(managed, started)
     return Service(managed, host, port, startup)
 
@@ -248,7 +249,7 @@ def start_sse_upstream(work_dir: Path, cores: str) -> Service:
     work_dir.mkdir(parents=True, exist_ok=True)
     command = Pinning.command(cores, [sys.executable, str(SSE_UPSTREAM_SCRIPT), "--port", "0"])
     started = time.monotonic()
-    managed = spawn("sse upstream", command, work_dir / "sse-upstream.log")
+    managed = _spawn("sse upstream", command, work_dir / "sse-upstream.log")
     host, port, startup = _wait_for_listening_line(managed, started)
     return Service(managed, host, port, startup)
 
@@ -325,7 +326,7 @@ def start_nginx(name: str, servers: str, ports: list[int], work_dir: Path, cores
         cores, [nginx_binary(), "-p", str(prefix), "-c", str(config_path), "-e", "stderr"]
     )
     started = time.monotonic()
-    managed = spawn(name, command, prefix / "nginx.log")
+    managed = _spawn(name, command, prefix / "nginx.log")
     startup = max(_wait_for_port(managed, port, started) for port in ports)
     return Service(managed, LOOPBACK, ports[0], startup)
 

@@ -185,8 +185,8 @@ class Bench:
 
     def _start_llama(self) -> Service | None:
         try:
-            from e2e_support import missing_backend_reason, start_llama_server
-            from tiny_model import write_tiny_llama_gguf
+            from tests.e2e.e2e_support import missing_backend_reason, start_llama_server
+            from tests.e2e.tiny_model import write_tiny_llama_gguf
         except ImportError as error:
             self.results.notes.append(f"llama.cpp phase skipped: {error}")
             return None
