@@ -127,6 +127,12 @@ def test_bad_listeners_are_rejected(listen: dict[str, Any], message: str) -> Non
     assert any(message in m for m in messages), messages
 
 
+def test_a_host_name_for_the_default_listener_is_rejected() -> None:
+    assert assertions(llmhop(host="localhost")) == [
+        'services.llmhop.host must be empty or an IP literal, not "localhost".'
+    ]
+
+
 # --- the router: identity ---------------------------------------------------------------------
 
 
