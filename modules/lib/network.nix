@@ -40,6 +40,9 @@ in
   # Routing keys and the unit names made from them.
   modelNamePattern = "[[:alnum:]][[:alnum:].-]*";
 
+  # Names of the router's keys, as the router accepts them (they label metrics).
+  apiKeyNamePattern = "[A-Za-z0-9][A-Za-z0-9._-]{0,63}";
+
   # Listener names become unit names (llmhop-<name>.socket).
   listenerNamePattern = "[[:alnum:]_][[:alnum:]_.-]*";
 

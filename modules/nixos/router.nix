@@ -23,9 +23,26 @@ let
 
   canCheck = pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform;
 
+  # The named keys of apiKeys as authTokens entries, after the plain tokens of settings.
+  apiKeyEntries = lib.mapAttrsToList (
+    name: key:
+    { inherit name; }
+    // (
+      if key.hash != null then
+        { sha256 = key.hash; }
+      else
+        # A reference: the token itself stays out of the Nix store.
+        { token = "\${cred:${toString key.tokenCredential}}"; }
+    )
+    // lib.optionalAttrs (key.models != null) { inherit (key) models; }
+    // lib.optionalAttrs (key.maxConcurrentRequests != 0) { inherit (key) maxConcurrentRequests; }
+  ) cfg.apiKeys;
+
   configFile = pkgs.writeTextFile {
     name = "llmhop.json";
-    text = builtins.toJSON cfg.settings;
+    text = builtins.toJSON (
+      cfg.settings // { authTokens = cfg.settings.authTokens ++ apiKeyEntries; }
+    );
     # Secret references are checked for syntax only: credentials exist only at run time.
     checkPhase = lib.optionalString canCheck ''
       ${lib.getExe' cfg.package "llmhop"} --check --config "$target"
@@ -53,6 +70,43 @@ let
         socketMode = socketModeOption;
       };
     };
+
+  apiKeyOptions = {
+    options = {
+      hash = mkOption {
+        type = types.nullOr (types.strMatching "[0-9a-fA-F]{64}");
+        default = null;
+        example = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        description = ''
+          The SHA-256 of the token in hex, as `llmhop hash-token` prints it; it may sit in
+          the Nix store.
+        '';
+      };
+      tokenCredential = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "llmhop.chat-ui-token";
+        description = "The name of the router's credential (in `credentials`) holding the token, instead of `hash`.";
+      };
+      models = mkOption {
+        type = types.nullOr (types.nonEmptyListOf types.str);
+        default = null;
+        example = [
+          "qwen3-*"
+          "embed"
+        ];
+        description = ''
+          Globs (`*`, `?`) of the models the key may use; `null` means every model. Any other
+          model answers as an unknown one does (404), and {file}`/v1/models` lists only these.
+        '';
+      };
+      maxConcurrentRequests = mkOption {
+        type = types.ints.unsigned;
+        default = 0;
+        description = "Requests of this key in flight; more get 429 at once; `0` means no cap of its own.";
+      };
+    };
+  };
 
   socketOption =
     default:
@@ -192,6 +246,26 @@ in
 
     credentials = llmhopLib.mkCredentialsOption "the router";
 
+    apiKeys = mkOption {
+      type = types.attrsOf (types.submodule apiKeyOptions);
+      default = { };
+      example = lib.literalExpression ''
+        {
+          ci = {
+            hash = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+            models = [ "qwen3-*" ];
+            maxConcurrentRequests = 2;
+          };
+          chat-ui.tokenCredential = "llmhop.chat-ui-token";
+        }
+      '';
+      description = ''
+        Named client keys, by name (1 to 64 letters, digits, `.`, `_`, `-`), rendered into
+        the router's `authTokens` after `settings.authTokens`. Each has exactly one of `hash`
+        and `tokenCredential`; its name, never its token, shows in the access log and metrics.
+      '';
+    };
+
     settings = mkOption {
       type = types.submodule {
         freeformType = settingsFormat.type;
@@ -200,12 +274,15 @@ in
             type = types.listOf types.str;
             default = [ ];
             example = [ "\${cred:llmhop.client-token}" ];
-            description = "Bearer tokens clients must send; empty turns auth off.";
+            description = ''
+              Tokens that reach every model; with `apiKeys`, the clients' keys. Both empty turn
+              auth off.
+            '';
           };
           metricsAuth = mkOption {
             type = types.bool;
-            default = cfg.settings.authTokens != [ ];
-            defaultText = lib.literalExpression "config.services.llmhop.settings.authTokens != [ ]";
+            default = cfg.settings.authTokens != [ ] || cfg.apiKeys != { };
+            defaultText = lib.literalExpression "config.services.llmhop.settings.authTokens != [ ] || config.services.llmhop.apiKeys != { }";
             description = ''
               Whether {file}`/metrics` needs a token. `false` opens it to anonymous scrapers,
               which are shown only the models {file}`/v1/models` lists.
@@ -290,7 +367,23 @@ in
         assertion = builtins.match llmhopLib.listenerNamePattern name != null && name != "default";
         message = ''services.llmhop.listen."${name}": listener names must match ${llmhopLib.listenerNamePattern} and not be "default" (that is services.llmhop.host/port/socket).'';
       }) (lib.attrNames cfg.listen)
-      ++ llmhopLib.credentialNameAssertions "services.llmhop" cfg.credentials;
+      ++ llmhopLib.credentialNameAssertions "services.llmhop" cfg.credentials
+      ++ lib.concatLists (
+        lib.mapAttrsToList (name: key: [
+          {
+            assertion = builtins.match llmhopLib.apiKeyNamePattern name != null;
+            message = ''services.llmhop.apiKeys."${name}": a key name is 1 to 64 letters, digits, ".", "_" or "-", starting with a letter or digit.'';
+          }
+          {
+            assertion = (key.hash == null) != (key.tokenCredential == null);
+            message = "services.llmhop.apiKeys.${name}: set exactly one of hash and tokenCredential.";
+          }
+          {
+            assertion = key.tokenCredential == null || cfg.credentials ? ${key.tokenCredential};
+            message = "services.llmhop.apiKeys.${name}.tokenCredential: ${toString key.tokenCredential} is not a credential of the router (services.llmhop.credentials has: ${lib.concatStringsSep ", " (lib.attrNames cfg.credentials)}).";
+          }
+        ]) cfg.apiKeys
+      );
 
     warnings =
       lib.optional (lib.any (key: cfg.settings ? ${key}) [

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ def shown(name: str) -> str:
     return match.group(1)
 
 
-@pytest.mark.parametrize("name", ["complete.nix", "native-vllm.nix"])
+@pytest.mark.parametrize("name", ["complete.nix", "native-vllm.nix", "sharing.nix"])
 def test_the_docs_show_the_example_files(name: str) -> None:
     assert shown(name) == (EXAMPLES / name).read_text().rstrip("\n")
 
@@ -105,3 +107,28 @@ def test_the_native_vllm_example() -> None:
     assert config["models"] == {
         "llama-3-8b": {"url": "unix:///run/llmhop/vllm-llama-3-8b/http.sock"}
     }
+
+
+def test_the_sharing_example() -> None:
+    result = evaluate(module=EXAMPLES / "sharing.nix")
+    path = Path(result["etc"]["llmhop/llmhop.json"]["source"])
+    config = json.loads(path.read_text())
+    keys = {key["name"]: key for key in config["authTokens"]}
+    assert sorted(keys) == ["admin", "chat-ui", "ci", "family"]
+    assert keys["chat-ui"]["token"] == "${cred:llmhop.chat-ui-token}"
+    assert "models" not in keys["admin"]
+    assert keys["family"]["models"] == ["qwen3-8b", "gemma"]
+    assert keys["ci"]["maxConcurrentRequests"] == 2
+    assert all(len(keys[name]["sha256"]) == 64 for name in ("admin", "family", "ci"))
+    assert config["metricsAuth"] is True
+    router = result["services"]["llmhop"]["serviceConfig"]
+    assert router["LoadCredential"] == ["llmhop.chat-ui-token:/run/secrets/llmhop/chat-ui-token"]
+    # The build-time check of the config file, by the real router.
+    check = subprocess.run(
+        [sys.executable, "-I", str(REPO / "pkgs/llmhop/llmhop.py"), "--check", "--config", path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert check.returncode == 0, check.stderr
