@@ -11,7 +11,7 @@
 #   podman's generator, no VM needed.
 #
 # The llmhop part of each node is vm/{native,containers}-config.nix, which
-# tests/nix/test_nix_vm.py also evaluates and the test scripts are checked against.
+# tests/nix/test_nix_vm_checks.py also evaluates and the test scripts are checked against.
 { pkgs, module }:
 let
   inherit (pkgs) lib;

@@ -1,5 +1,5 @@
 # The llmhop part of the vm-containers node (checks/vm.nix), also evaluated here by
-# tests/nix/test_nix_vm.py: vLLM and SGLang as rootless containers of their lingering users,
+# tests/nix/test_nix_vm_checks.py: vLLM and SGLang as rootless containers of their lingering users,
 # SGLang behind the SGL Model Gateway, llama.cpp as one rootful container; every image is a
 # fake (`fakeImages`, checks/vm/packages.nix) that quadlet-nix loads before its unit starts.
 { lib, fakeImages, ... }:

@@ -1,5 +1,5 @@
 # The llmhop part of the vm-native node (checks/vm.nix), also evaluated here by
-# tests/nix/test_nix_vm.py: the router on TCP and a unix socket, its token and the hosted
+# tests/nix/test_nix_vm_checks.py: the router on TCP and a unix socket, its token and the hosted
 # provider's key imported from the system credstore, and native llama.cpp, vLLM and SGLang
 # workers whose servers are fakes (`fakeEngine`: fake_engine.py under the real programs' names).
 { lib, fakeEngine, ... }:

@@ -1,9 +1,9 @@
-"""Real systemd: boot it as PID 1 in namespaces with the module's units and run scenarios."""
+"""The router's units under a real systemd (PID 1 in namespaces): socket activation, sd_notify and
+reload with a stand-in router, then the real router."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,53 +17,11 @@ HERE = Path(__file__).resolve().parent
 
 pytestmark = [pytest.mark.systemd, pytest.mark.usefixtures("real_systemd")]
 
-HELLO = {
-    "files": {
-        "hello.service": (
-            "[Unit]\nDescription=hello\n[Service]\n"
-            "ExecStart=/bin/sh -c 'echo hello from a unit; exec sleep infinity'\n"
-        ),
-        "broken.service": (
-            "[Unit]\nDescription=broken\n[Service]\nType=notify\nExecStart=/bin/false\n"
-        ),
-    },
-    "links": {"multi-user.target.wants/hello.service": "hello.service"},
-}
-
 
 def bpf_framework() -> bool:
     """SocketBindDeny= needs systemd built with the BPF framework (Debian 12's is not)."""
     out = subprocess.run(["systemctl", "--version"], capture_output=True, text=True, check=True)
     return "+BPF_FRAMEWORK" in out.stdout
-
-
-# --- the fixture itself -------------------------------------------------------------------
-
-
-def test_boots_runs_units_and_leaves_nothing_behind() -> None:
-    host_run = sorted(os.listdir("/run"))
-    with SystemdNamespace(HELLO) as ns:
-        assert ns.pid is not None
-        assert ns.boot_status  # systemd's STATUS= from the READY=1 notification
-        assert ns.systemctl("is-system-running").stdout.strip() == "running"
-        assert ns.show("hello.service", "ActiveState")["ActiveState"] == "active"
-        assert "hello from a unit" in ns.wait_for_journal("hello.service", "hello from a unit")
-        # systemd is PID 1 of its own PID namespace and sees only its own processes.
-        assert ns.run("cat", "/proc/1/comm").stdout.strip() == "systemd"
-        cgroup, work, pid = ns.cgroup, ns.work, ns.pid
-        assert cgroup is not None and cgroup.is_dir()
-    assert not cgroup.exists()
-    assert work is not None and not work.exists()
-    assert not Path(f"/proc/{pid}").exists()
-    assert sorted(os.listdir("/run")) == host_run
-
-
-def test_a_failing_unit_is_reported() -> None:
-    with SystemdNamespace(HELLO) as ns:
-        start = ns.systemctl("start", "broken.service")
-        assert start.returncode != 0
-        assert ns.systemctl("is-failed", "broken.service").stdout.strip() == "failed"
-        assert ns.systemctl("is-system-running").stdout.strip() == "degraded"
 
 
 # --- the module's units under systemd -------------------------------------------------------

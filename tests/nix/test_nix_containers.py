@@ -1,84 +1,32 @@
-"""vLLM, SGLang and the container runtime: Quadlet texts (real quadlet-nix), users, tmpfiles,
-ordering, registries, the SGL Model Gateway, native vLLM/SGLang units and rejected inputs."""
+"""The container runtime (modules/framework/container.nix) for every backend: Quadlet texts
+(real quadlet-nix), images, devices, warnings, users, sockets, ACL, credentials, layers."""
 
 from __future__ import annotations
 
-import json
-import shutil
-import ssl
-import subprocess
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from typing import Any
-
 import pytest
+from module_configs import (
+    DIGEST,
+    acl_settings,
+    assertions,
+    config_file,
+    container,
+    llmhop,
+    warnings,
+)
 from nix_harness import (
     REPO,
-    FailedAssertions,
     NixEvalError,
-    analyze_verify,
     evaluate,
-    llmhop_package,
-    make_package,
-    write_units,
 )
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
 
 
-DIGEST = "sha256:" + "ab" * 32
-
-
-def llmhop(**backends: Any) -> dict[str, Any]:
-    return {"services": {"llmhop": {"enable": True, **backends}}}
-
-
-def quadlet(text: str) -> dict[str, dict[str, list[str]]]:
-    """A Quadlet unit's text as {section: {key: [values]}}."""
-    sections: dict[str, dict[str, list[str]]] = {}
-    current: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        if line.startswith("[") and line.endswith("]"):
-            current = sections.setdefault(line[1:-1], {})
-        elif "=" in line:
-            key, value = line.split("=", 1)
-            current.setdefault(key, []).append(value)
-    return sections
-
-
-def container(result: dict[str, Any], name: str) -> dict[str, dict[str, list[str]]]:
-    return quadlet(result["quadlet"][name])
-
-
-def config_file(result: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(Path(result["etc"]["llmhop/llmhop.json"]["source"]).read_text())
-
-
-def acl_settings(result: dict[str, Any]) -> dict[str, Any]:
-    """The module's tmpfiles settings, without the defaults of unset fields."""
-    return {
-        path: {
-            kind: {key: value for key, value in entry.items() if value != "-" and key != "type"}
-            for kind, entry in kinds.items()
-        }
-        for path, kinds in result["tmpfiles"]["settings"].get("llmhop", {}).items()
-    }
-
-
-def assertions(config: dict[str, Any]) -> list[str]:
-    with pytest.raises(FailedAssertions) as info:
-        evaluate(config)
-    return info.value.messages
-
-
-# --- the quickstart example ------------------------------------------------------------------
+pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
 
 
 def test_the_quickstart_example() -> None:
-    # docs/module.md shows it (tests/nix/test_nix_docs.py).
+    # docs/module.md shows it (tests/nix/test_nix_examples.py).
     result = evaluate(module=REPO / "examples" / "nixos" / "quickstart.nix")
     # llama.cpp: a native system unit.
     assert "llama-cpp-qwen3-8b" in result["services"]
@@ -114,9 +62,6 @@ def test_the_quickstart_example() -> None:
     assert found[1].startswith(
         "services.llmhop.vllm.models.llama-3-8b runs docker.io/vllm/vllm-openai:latest,"
     )
-
-
-# --- the container --------------------------------------------------------------------------
 
 
 def test_container_hardening_health_and_mounts() -> None:
@@ -229,13 +174,6 @@ def test_tag_and_digest_together_are_rejected() -> None:
         evaluate(llmhop(vllm={"models": {"m": {"port": 1, "model": "x", "digest": "latest"}}}))
 
 
-# --- what a configuration gets warned about ----------------------------------------------
-
-
-def warnings(config: dict[str, Any]) -> list[str]:
-    return [" ".join(w.split()) for w in evaluate(config)["warnings"]]
-
-
 def test_a_gpu_container_without_devices_warns() -> None:
     model = {"port": 20001, "model": "org/m", "tag": "v0.11.0"}
     [message] = warnings(llmhop(vllm={"models": {"m": model}}))
@@ -324,23 +262,6 @@ def test_an_empty_tag_is_refused() -> None:
     for tag in ["", "v1@sha256:00"]:
         with pytest.raises(NixEvalError, match=r"models\.m\.tag.*not of type"):
             evaluate(llmhop(vllm={"models": {"m": {"port": 1, "model": "x", "tag": tag}}}))
-
-
-def test_sglang_needs_a_port() -> None:
-    with pytest.raises(
-        NixEvalError, match=r"sglang\.models\.m\.port.*accessed but has no value defined"
-    ):
-        evaluate(llmhop(sglang={"models": {"m": {"model": "org/m"}}}))
-
-
-def test_vllm_needs_a_model() -> None:
-    with pytest.raises(
-        NixEvalError, match=r"vllm\.models\.m\.model.*accessed but has no value defined"
-    ):
-        evaluate(llmhop(vllm={"models": {"m": {"port": 20001}}}))
-
-
-# --- sockets, users, scopes -----------------------------------------------------------------
 
 
 def test_rootless_socket() -> None:
@@ -523,336 +444,6 @@ def test_quadlet_layers() -> None:
     assert unit["Install"]["WantedBy"] == ["gpu.target"]
 
 
-def test_collisions_across_backends() -> None:
-    messages = assertions(
-        llmhop(
-            vllm={"models": {"m": {"port": 20001, "model": "x"}}},
-            sglang={"models": {"m": {"port": 20001, "model": "x"}}},
-        )
-    )
-    assert messages == [
-        "services.llmhop: port 20001 is claimed more than once, by sglang.models.m, vllm.models.m.",
-        "services.llmhop: routing key m is claimed more than once,"
-        " by sglang.models.m, vllm.models.m.",
-    ]
-
-
-# --- the SGL Model Gateway ------------------------------------------------------------------
-
-
-def gateway(**options: Any) -> dict[str, Any]:
-    return llmhop(
-        sglang={
-            "gateway": {"enable": True, "port": 19000, **options},
-            "models": {
-                "a": {"port": 30001, "model": "org/a"},
-                "b": {"port": 30002, "model": "org/b"},
-            },
-        }
-    )
-
-
-def test_gateway_in_front_of_the_workers() -> None:
-    result = evaluate(gateway())
-    unit = container(result, "sglang-gateway")
-    c = unit["Container"]
-    assert c["Network"] == ["host"]
-    assert c["Image"] == ["docker.io/lmsysorg/sgl-model-gateway:latest"]
-    assert c["Exec"] == [
-        "--enable-igw '--host=127.0.0.1' '--port=19000' '--prometheus-host=127.0.0.1'"
-        " '--prometheus-port=29000' --worker-urls http://127.0.0.1:30001 http://127.0.0.1:30002"
-    ]
-    # The gateway's image removes curl after its build; python3 is what it runs.
-    assert c["HealthCmd"] == [
-        "python3 -c 'import sys, urllib.request;"
-        " urllib.request.urlopen(sys.argv[1], timeout=4)' http://127.0.0.1:19000/health"
-    ]
-    assert c["Notify"] == ["healthy"]
-    assert unit["Unit"]["After"] == ["sglang-a.service", "sglang-b.service"]
-    assert unit["Unit"]["Requires"] == ["sglang-a.service", "sglang-b.service"]
-    assert unit["Unit"]["ConditionUser"] == ["60603"]
-    assert unit["Service"]["TimeoutStartSec"] == ["600"]
-    registries = result["registries"]
-    assert registries["portsRegistry"]["sglang.gateway"] == 19000
-    assert registries["portsRegistry"]["sglang.gateway.metrics"] == 29000
-    assert registries["unitsRegistry"]["sglang.gateway"] == "sglang-gateway.service"
-    assert "sglang.gateway" not in registries["modelsRegistry"]
-
-
-def test_gateway_route_tls_and_wildcard() -> None:
-    result = evaluate(
-        gateway(
-            route="sglang",
-            bindAddress="::",
-            enableMetrics=False,
-            credentials={"tls.key": "/run/secrets/tls.key"},
-            settings={"tls-cert-path": "/etc/ssl/gw.pem", "tls-key-path": "${cred:tls.key}"},
-        )
-    )
-    c = container(result, "sglang-gateway")["Container"]
-    assert c["HealthCmd"] == [
-        "python3 -c 'import ssl, sys, urllib.request; c = ssl.create_default_context();"
-        " c.check_hostname = False; c.verify_mode = ssl.CERT_NONE;"
-        " urllib.request.urlopen(sys.argv[1], timeout=4, context=c)' https://[::1]:19000/health"
-    ]
-    assert "'--tls-key-path=/run/llmhop/credentials/tls.key'" in c["Exec"][0]
-    assert "prometheus" not in c["Exec"][0]
-    assert c["Volume"] == ["%d:/run/llmhop/credentials:ro"]
-    assert config_file(result)["models"]["sglang"] == {"url": "https://[::1]:19000"}
-    assert "sglang.gateway.metrics" not in result["registries"]["portsRegistry"]
-
-
-def test_gateway_port_clash_and_bad_credential_names_are_rejected() -> None:
-    messages = assertions(gateway(port=30001))
-    assert messages == [
-        "services.llmhop: port 30001 is claimed more than once, by sglang.gateway, sglang.models.a."
-    ]
-    messages = assertions(gateway(credentials={"tls/key": "/run/secrets/tls.key"}))
-    assert messages == [
-        'services.llmhop.sglang.gateway.credentials."tls/key": a credential name is one path'
-        " component matching [[:alnum:]_][[:alnum:]_.-]{0,254}."
-    ]
-
-
-class Health(BaseHTTPRequestHandler):
-    """/health answers `status` (of the server); anything else 404."""
-
-    def do_GET(self) -> None:
-        status = self.server.status if self.path == "/health" else 404  # type: ignore[attr-defined]
-        self.send_response(status)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@contextmanager
-def health_server(tls: ssl.SSLContext | None = None) -> Iterator[ThreadingHTTPServer]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
-    server.status = 200  # type: ignore[attr-defined]
-    if tls is not None:
-        server.socket = tls.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
-
-
-def probe(command: str) -> int:
-    """Run a HealthCmd= as podman does (`/bin/sh -c`), here with the host's python3."""
-    return subprocess.run(
-        ["/bin/sh", "-c", command], capture_output=True, timeout=30, check=False
-    ).returncode
-
-
-@pytest.mark.parametrize("tls", [False, True])
-def test_the_gateway_health_check_runs(tls: bool, tmp_path: Path) -> None:
-    """The gateway's probe is python3 (its image has no curl): run it against a server that is
-    healthy, then unhealthy, then gone."""
-    if shutil.which("python3") is None or (tls and shutil.which("openssl") is None):
-        pytest.skip("LOUD SKIP: the probe needs python3 (and openssl for the TLS case) here")
-    context = None
-    settings: dict[str, Any] = {}
-    if tls:
-        key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-        openssl = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        subprocess.run(
-            [*openssl, "-subj", "/CN=gateway", "-keyout", str(key), "-out", str(cert)],
-            capture_output=True,
-            timeout=60,
-            check=True,
-        )
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert, key)
-        settings = {"tls-cert-path": str(cert), "tls-key-path": str(key)}
-    with health_server(context) as server:
-        port = server.server_address[1]
-        result = evaluate(gateway(port=port, settings=settings))
-        [command] = container(result, "sglang-gateway")["Container"]["HealthCmd"]
-        scheme = "https" if tls else "http"
-        assert command.endswith(f" {scheme}://127.0.0.1:{port}/health")
-        assert probe(command) == 0
-        server.status = 503  # type: ignore[attr-defined]
-        assert probe(command) != 0
-    assert probe(command) != 0
-
-
-@pytest.mark.parametrize("rootless", [True, False])
-def test_gateway_in_front_of_native_workers(rootless: bool) -> None:
-    config = gateway()
-    sglang = config["services"]["llmhop"]["sglang"]
-    sglang["package"] = "/opt/sglang-env"
-    sglang["models"]["a"]["runtime"] = "native"
-    if not rootless:
-        sglang["quadlet"] = {"user": None}
-    result = evaluate(config)
-    assert "sglang-a" in result["services"]
-    unit = container(result, "sglang-gateway")
-    workers = "--worker-urls http://127.0.0.1:30001 http://127.0.0.1:30002"
-    assert workers in unit["Container"]["Exec"][0]
-    # A user manager cannot order itself after a system unit; a rootful gateway can.
-    expected = ["sglang-b.service"] if rootless else ["sglang-a.service", "sglang-b.service"]
-    assert unit["Unit"]["After"] == expected
-    assert unit["Unit"]["Requires"] == expected
-    assert ("ConditionUser" in unit["Unit"]) is rootless
-
-
-# --- native vLLM and SGLang -----------------------------------------------------------------
-
-
-def native_vllm() -> dict[str, Any]:
-    return llmhop(
-        vllm={
-            "runtime": "native",
-            "models": {
-                "sock": {"model": "org/sock"},
-                "tcp": {"port": 20001, "model": "org/tcp", "settings": {"tensor-parallel-size": 2}},
-            },
-        }
-    )
-
-
-def test_native_vllm() -> None:
-    result = evaluate(native_vllm())
-    assert result["quadlet"] == {}
-    sock = result["services"]["vllm-sock"]["serviceConfig"]
-    assert '-vllm/bin/vllm" "serve" "org/sock"' in sock["ExecStart"]
-    assert '"-url" "unix:///run/llmhop/vllm-sock/http.sock"' in sock["ExecStart"]
-    assert sock["ExecStart"].endswith(
-        '"--served-model-name" "sock" "--uds" "/run/llmhop/vllm-sock/http.sock"'
-    )
-    assert (sock["User"], sock["Group"]) == ("vllm", "vllm")
-    assert "DynamicUser" not in sock
-    assert sock["Restart"] == "always"
-    assert sock["KillMode"] == "mixed"
-    assert sock["SuccessExitStatus"] == 130
-    assert sock["RuntimeDirectory"] == "llmhop/vllm-sock"
-    assert sock["PrivateDevices"] is False
-    assert sock["SupplementaryGroups"] == ["render", "video"]
-    assert sock["MemoryDenyWriteExecute"] is False
-    tcp = result["services"]["vllm-tcp"]
-    assert tcp["serviceConfig"]["ExecStart"].endswith(
-        '"--host" "127.0.0.1" "--port" "20001" "--served-model-name" "tcp"'
-        ' "--tensor-parallel-size" "2"'
-    )
-    assert tcp["after"] == ["network-online.target", "vllm-sock.service"]
-    env = tcp["environment"]
-    assert env["HF_HOME"] == "/var/cache/vllm/tcp"
-    assert env["VLLM_CACHE_ROOT"] == "/var/cache/vllm/tcp/vllm"
-    assert env["LD_LIBRARY_PATH"] == "/run/opengl-driver/lib"
-    # tensor-parallel-size 2: NCCL between the two GPU processes.
-    assert (env["NCCL_SOCKET_IFNAME"], env["NCCL_IB_DISABLE"]) == ("lo", "1")
-    assert tcp["serviceConfig"]["RestrictAddressFamilies"][-1] == "AF_NETLINK"
-    assert tcp["serviceConfig"]["SocketBindAllow"] == "tcp"
-    assert "NCCL_SOCKET_IFNAME" not in result["services"]["vllm-sock"]["environment"]
-    assert sock["RestrictAddressFamilies"] == ["AF_INET", "AF_INET6", "AF_UNIX"]
-    assert "SocketBindAllow" not in sock
-    # Triton and the flashinfer JIT compile kernels at run time.
-    assert [path.rsplit("-", 1)[-1] for path in tcp["path"]] == ["wrapper", "ninja", "bash"]
-    assert result["users"]["vllm"]["uid"] == 60602
-    assert result["users"]["vllm"]["linger"] is None
-    assert result["services"]["llmhop"]["serviceConfig"]["SupplementaryGroups"] == ["vllm"]
-
-
-def test_native_sglang_needs_a_package() -> None:
-    config = llmhop(
-        sglang={"runtime": "native", "models": {"m": {"port": 30001, "model": "org/m"}}}
-    )
-    messages = assertions(config)
-    assert len(messages) == 1 and messages[0].startswith("services.llmhop.sglang.package is null")
-    config["services"]["llmhop"]["sglang"]["package"] = "/opt/sglang-env"
-    unit = evaluate(config)["services"]["sglang-m"]["serviceConfig"]
-    assert unit["ExecStart"].endswith(
-        '"/opt/sglang-env/bin/python" "-m" "sglang.launch_server" "--host" "127.0.0.1"'
-        ' "--model-path" "org/m" "--port" "30001" "--served-model-name" "m"'
-    )
-    assert unit["SocketBindAllow"] == "tcp:30001"
-    assert unit["Restart"] == "always"
-
-
-@pytest.mark.parametrize(
-    ("settings", "nccl", "expected"),
-    [
-        ({"pipeline-parallel-size": 2}, None, True),
-        ({"tensor-parallel-size": 1}, None, False),
-        # Only numbers count: a string is the server's business.
-        ({"tensor-parallel-size": "2"}, None, False),
-        ({"tensor-parallel-size": 4}, False, False),
-        ({}, True, True),
-    ],
-)
-def test_nccl_follows_the_parallelism_flags(
-    settings: dict[str, Any], nccl: bool | None, expected: bool
-) -> None:
-    model: dict[str, Any] = {"port": 20001, "model": "org/m", "settings": settings}
-    if nccl is not None:
-        model["nccl"] = nccl
-    service = evaluate(llmhop(vllm={"runtime": "native", "models": {"m": model}}))["services"]
-    assert ("NCCL_IB_DISABLE" in service["vllm-m"]["environment"]) is expected
-    allowed = service["vllm-m"]["serviceConfig"]["SocketBindAllow"]
-    assert allowed == ("tcp" if expected else "tcp:20001")
-
-
-def test_per_model_runtime() -> None:
-    """The complete example's arrangement: a native vLLM beside vLLM containers."""
-    result = evaluate(
-        llmhop(
-            vllm={
-                "models": {
-                    "b-container": {"port": 20002, "model": "org/b"},
-                    "a-container": {"port": 20001, "model": "org/a"},
-                    "native": {"runtime": "native", "model": "org/n"},
-                }
-            }
-        )
-    )
-    assert sorted(result["quadlet"]) == ["vllm-a-container", "vllm-b-container"]
-    assert "vllm-native" in result["services"]
-    assert "vllm-a-container" not in result["services"]
-    # Chained within each runtime: a user manager cannot wait for a system unit.
-    assert container(result, "vllm-b-container")["Unit"]["After"] == ["vllm-a-container.service"]
-    assert "After" not in container(result, "vllm-a-container")["Unit"]
-    assert result["services"]["vllm-native"]["after"] == ["network-online.target"]
-    # One account for both: the container user (lingering) runs the native unit too.
-    user = result["users"]["vllm"]
-    assert (user["uid"], user["linger"], user["description"]) == (60602, True, "vllm workers")
-    native = result["services"]["vllm-native"]["serviceConfig"]
-    assert (native["User"], native["RuntimeDirectory"]) == ("vllm", "llmhop/vllm-native")
-    assert result["services"]["llmhop"]["serviceConfig"]["SupplementaryGroups"] == ["vllm"]
-    assert config_file(result)["models"] == {
-        "a-container": {"url": "http://127.0.0.1:20001"},
-        "b-container": {"url": "http://127.0.0.1:20002"},
-        "native": {"url": "unix:///run/llmhop/vllm-native/http.sock"},
-    }
-
-
-def test_mixed_runtimes_share_a_custom_container_user() -> None:
-    models = {
-        "c": {"port": 20001, "model": "org/c"},
-        "n": {"port": 20002, "model": "org/n", "runtime": "native"},
-    }
-    result = evaluate(llmhop(vllm={"quadlet": {"user": {"uid": 7001}}, "models": models}))
-    assert (result["users"]["vllm"]["uid"], result["groups"]["vllm"]["gid"]) == (7001, 7001)
-    assert container(result, "vllm-c")["Unit"]["ConditionUser"] == ["7001"]
-
-
-def test_a_native_model_needs_the_package_only_when_present() -> None:
-    config = llmhop(sglang={"models": {"c": {"port": 30001, "model": "org/c"}}})
-    assert "sglang-c" in evaluate(config)["quadlet"]
-    config["services"]["llmhop"]["sglang"]["models"]["n"] = {
-        "port": 30002,
-        "model": "org/n",
-        "runtime": "native",
-    }
-    messages = assertions(config)
-    assert len(messages) == 1 and messages[0].startswith("services.llmhop.sglang.package is null")
-
-
 def test_values_reach_the_container_literally() -> None:
     """Quadlet copies Exec= and Environment= into ExecStart=, where systemd would expand
     `%` specifiers and `$` variables."""
@@ -885,26 +476,3 @@ def test_values_reach_the_container_literally() -> None:
     gw = container(result, "sglang-gateway")["Container"]
     assert "'--api-key=a$$b'" in gw["Exec"][0]
     assert any("RUST_LOG=info%%" in line for line in gw["Environment"])
-
-
-@pytest.mark.systemd
-@pytest.mark.usefixtures("systemd_analyze")
-def test_native_units_verify(tmp_path: Path) -> None:
-    config = native_vllm()
-    config["services"]["llmhop"]["sglang"] = {
-        "runtime": "native",
-        "package": str(make_package(tmp_path / "pkgs", "sglang", {"python": "#!/bin/sh\n"})),
-        "models": {"m": {"port": 30001, "model": "org/m"}},
-    }
-    pkgs = {
-        "llmhop": str(llmhop_package(tmp_path / "pkgs")),
-        "vllm": str(make_package(tmp_path / "pkgs", "vllm", {"vllm": "#!/bin/sh\n"})),
-        "coreutils": "/usr",
-    }
-    # PrivateUsers=identity (the GPU relaxations) needs systemd >= 257; the host's is older.
-    for backend in ("vllm", "sglang"):
-        for model in config["services"]["llmhop"][backend]["models"].values():
-            model["gpu"] = False
-    units = write_units(evaluate(config, pkgs=pkgs)["units"]["system"], tmp_path / "units")
-    result = analyze_verify(units, ["vllm-sock.service", "vllm-tcp.service", "sglang-m.service"])
-    assert result.clean, result.stderr
