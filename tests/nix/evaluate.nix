@@ -85,9 +85,14 @@ in
 {
   # The documented (visible, not internal) options of services.llmhop; read only when asked
   # for (cli.nix `what = "options"`).
-  options = map docView (
-    lib.filter (opt: opt.visible && !opt.internal) (lib.optionAttrSetToDocList eval.options.services.llmhop)
-  );
+  options =
+    let
+      docs = lib.optionAttrSetToDocList eval.options.services.llmhop;
+      # An internal option's sub-options are listed as visible: hide them with it.
+      hidden = map (opt: opt.name) (lib.filter (opt: opt.internal || !opt.visible) docs);
+      shown = opt: !lib.any (name: opt.name == name || lib.hasPrefix "${name}." opt.name) hidden;
+    in
+    map docView (lib.filter shown docs);
 
   units = render config;
   services = lib.mapAttrs (_: unitView) (units "services");
