@@ -8,6 +8,7 @@
   options,
   nativeRuntime,
   containerRuntime,
+  onDemand,
 }:
 rec {
   # A backend as a NixOS module: its options (options.nix; with `namedUser`, the `user` and
@@ -26,6 +27,7 @@ rec {
       containersWanted ? false,
       movingTags ? [ ],
       extraConfig ? { },
+      socketCapable ? true,
       ...
     }@args:
     let
@@ -65,6 +67,7 @@ rec {
               nativeUnavailable
               containersWanted
               movingTags
+              socketCapable
               ;
             socketGroup = cfg.group;
             nativeSystem = lib.optionalAttrs namedUser (nativeRuntime.namedUserConfig backend cfg);
@@ -101,13 +104,46 @@ rec {
   # `native` and `container` hold the units of each runtime, sorted by unit name (so by model
   # name), each knowing its predecessor in the same runtime for startupOrdering.
   workloads =
-    backend: cfg:
+    backend: cfg: routerCfg:
     let
       all = lib.mapAttrsToList (attr: model: rec {
         inherit attr model backend;
         owner = "${backend}.models.${attr}";
         unit = "${backend}-${model.name}";
+        # The route: the model's registered address.
         url = llmhopLib.workerUrl { inherit (model) socket port; };
+        onDemand = model.onDemand.enable;
+        # Where the server listens: the registered address, or, on demand, a private one
+        # behind the proxy.
+        listen =
+          if onDemand then
+            {
+              socket =
+                if model.onDemand.workerPort == null then
+                  "${routerCfg.socketDirectory}/${unit}/worker/http.sock"
+                else
+                  null;
+              port = model.onDemand.workerPort;
+            }
+          else
+            { inherit (model) socket port; };
+        serverUrl = llmhopLib.workerUrl listen;
+        # The systemd manager of its units: Requires= and Conflicts= reach no further.
+        manager =
+          if model.runtime == "container" && cfg.quadlet.user != null then
+            "the user manager of ${cfg.quadlet.user.name}"
+          else
+            "the system manager";
+        # The other workers of its group in the same manager: starting it stops them, after
+        # them (an ordering between each pair, one way: stops then precede starts).
+        peers = lib.sort lib.lessThan (
+          map (peer: peer.unit) (
+            lib.filter (
+              peer: model.group != null && peer.group == model.group && peer.manager == manager && peer.unit != "${unit}.service"
+            ) (lib.attrValues routerCfg.workersRegistry)
+          )
+        );
+        peersBefore = lib.filter (peer: peer < "${unit}.service") peers;
         cacheDirectory = "/var/cache/${backend}/${model.name}";
         # The server's flags as the user wrote them: the model's over the backend's.
         settings = cfg.modelSettings // model.settings;
@@ -142,6 +178,44 @@ rec {
       container = chain "container";
     };
 
+  # The assertions of an on-demand model.
+  onDemandAssertions =
+    {
+      workload,
+      routerCfg,
+      socketCapable,
+      optionPath,
+    }:
+    let
+      inherit (workload) model;
+      idle = llmhopLib.timeSpanSeconds model.onDemand.idleTimeout;
+      routed = routerCfg.settings.models.${model.name} or { };
+      routerIdle = routed.upstreamIdleTimeout or routerCfg.settings.upstreamIdleTimeout or null;
+    in
+    [
+      {
+        assertion = model.socket != null || (model.port != null && model.port != 0);
+        message = "${optionPath}: on demand, it needs a unix socket or a fixed port for the proxy's socket unit to own, not port 0.";
+      }
+      {
+        assertion = socketCapable || model.onDemand.workerPort != null;
+        message = "${optionPath}.onDemand.workerPort must be set: the server serves no unix socket, so behind the proxy it needs a loopback port of its own.";
+      }
+      {
+        assertion = routerIdle == null || idle > routerIdle;
+        message = "${optionPath}.onDemand.idleTimeout (${model.onDemand.idleTimeout}) must be longer than the router's upstreamIdleTimeout for ${model.name} (${toString routerIdle} s): its pooled connections would keep the server loaded.";
+      }
+      {
+        assertion = workload.manager != "the system manager" || routerCfg.enable;
+        message = "${optionPath}: on demand, it needs services.llmhop.enable: its proxy runs as the router's user.";
+      }
+      (llmhopLib.socketPathAssertion {
+        inherit (workload.listen) socket;
+        what = "${optionPath}: the server's socket behind the proxy, ${toString workload.listen.socket},";
+        hint = "; shorten the name or services.llmhop.socketDirectory";
+      })
+    ];
+
   # The config of a backend: registries, routes, the router's group, assertions and units.
   # `native` maps a workload to nativeRuntime.service's arguments (minus cfg, routerCfg, workload),
   # `container` to containerRuntime.service's (minus cfg, routerCfg, podman, workload).
@@ -155,6 +229,8 @@ rec {
       # The group owning the worker sockets; the router joins it (native runtime).
       socketGroup,
       container,
+      # False for servers without unix sockets: on demand they need onDemand.workerPort.
+      socketCapable ? true,
       # An assertion that the native runtime cannot work (a missing package), or null.
       nativeUnavailable ? null,
       # Whether the container runtime is needed without container models (the gateway).
@@ -165,7 +241,21 @@ rec {
       movingTags ? [ ],
     }:
     let
-      w = workloads backend cfg;
+      w = workloads backend cfg routerCfg;
+      onDemandWorkloads = lib.filter (wl: wl.onDemand) w.all;
+      # The proxies of the system manager (native and rootful container workers).
+      systemProxies = lib.filter (wl: wl.manager == "the system manager") onDemandWorkloads;
+      userProxies = lib.filter (wl: wl.manager != "the system manager") onDemandWorkloads;
+      proxyUnits =
+        wl: args:
+        onDemand.units (
+          {
+            workload = wl;
+            systemd = config.systemd.package;
+          }
+          // args
+        );
+
       optionPath = workload: "services.llmhop.${workload.owner}";
       nativeSockets = lib.any (wl: wl.model.runtime == "native" && wl.model.socket != null) w.all;
     in
@@ -199,6 +289,10 @@ rec {
                 message = "${optionPath workload}: set either tag or digest, not both.";
               }
             ]
+            ++ lib.optionals workload.onDemand (onDemandAssertions {
+              inherit workload routerCfg socketCapable;
+              optionPath = optionPath workload;
+            })
           ) w.all;
 
         warnings = lib.concatMap (
@@ -216,22 +310,80 @@ rec {
         services.llmhop = {
           portsRegistry = lib.listToAttrs (
             map (wl: lib.nameValuePair wl.owner wl.model.port) (lib.filter (wl: wl.model.port != null) w.all)
+            ++ map (wl: lib.nameValuePair "${wl.owner}.onDemand.workerPort" wl.listen.port) (
+              lib.filter (wl: wl.onDemand && wl.listen.port != null) w.all
+            )
           );
-          unitsRegistry = lib.listToAttrs (map (wl: lib.nameValuePair wl.owner "${wl.unit}.service") w.all);
+          unitsRegistry = lib.listToAttrs (
+            map (wl: lib.nameValuePair wl.owner "${wl.unit}.service") w.all
+            ++ map (wl: lib.nameValuePair "${wl.owner}.onDemand" "${onDemand.proxyName wl.unit}.service") onDemandWorkloads
+          );
           modelsRegistry = lib.listToAttrs (
             map (
               wl:
               lib.nameValuePair wl.owner {
                 inherit (wl.model) name;
-                route.url = wl.url;
+                route = {
+                  inherit (wl) url;
+                }
+                // lib.optionalAttrs (wl.model.group != null) { inherit (wl.model) group; }
+                // lib.optionalAttrs wl.onDemand { upstreamIdleTimeout = onDemand.upstreamIdleTimeout wl.model; };
               }
             ) w.all
           );
+          workersRegistry = lib.listToAttrs (
+            map (
+              wl:
+              lib.nameValuePair wl.owner {
+                unit = "${wl.unit}.service";
+                inherit (wl) manager onDemand;
+                inherit (wl.model) group;
+              }
+            ) (lib.filter (wl: wl.model.group != null) w.all)
+          );
+
           supplementaryGroups = lib.mkIf nativeSockets [ socketGroup ];
         };
       }
 
       (lib.mkIf (w.native != [ ]) nativeSystem)
+
+      {
+        systemd.sockets = lib.listToAttrs (
+          map (
+            wl:
+            lib.nameValuePair (onDemand.proxyName wl.unit)
+              (proxyUnits wl {
+                socketConfig = lib.optionalAttrs (wl.model.runtime == "native") { SocketGroup = socketGroup; };
+              }).socket
+          ) systemProxies
+        );
+        systemd.services = lib.listToAttrs (
+          map (
+            wl:
+            lib.nameValuePair (onDemand.proxyName wl.unit)
+              (proxyUnits wl {
+                serviceConfig = onDemand.systemServiceConfig {
+                  inherit routerCfg;
+                  groups = lib.optional (wl.model.runtime == "native") socketGroup;
+                };
+              }).service
+          ) systemProxies
+        );
+        # A rootless container's proxy runs as its user, in its manager.
+        systemd.user = lib.genAttrs [ "sockets" "services" ] (
+          kind:
+          lib.listToAttrs (
+            map (
+              wl:
+              lib.nameValuePair (onDemand.proxyName wl.unit)
+                (proxyUnits wl { unitConfig.ConditionUser = toString cfg.quadlet.user.uid; }).${
+                  lib.removeSuffix "s" kind
+                }
+            ) userProxies
+          )
+        );
+      }
 
       (lib.mkIf (nativeUnavailable == null) {
         systemd.services = lib.listToAttrs (

@@ -445,8 +445,8 @@ rec {
 
   # Where a containerised server listens: the mounted socket, or every interface of the
   # container (published on the host's loopback only).
-  listen = model: port: {
-    socket = if model.socket != null then "${socketMount}/http.sock" else null;
+  listen = workload: port: {
+    socket = if workload.listen.socket != null then "${socketMount}/http.sock" else null;
     inherit port;
     host = "0.0.0.0";
   };
@@ -471,7 +471,9 @@ rec {
     let
       inherit (workload) model;
       rootless = cfg.quadlet.user != null;
-      onSocket = model.socket != null;
+      # The server's own socket (on demand, the private one behind the proxy).
+      socket = workload.listen.socket;
+      onSocket = socket != null;
       health =
         if onSocket then
           healthCheck {
@@ -527,12 +529,12 @@ rec {
             # for the router.
             { PodmanArgs = [ "--umask=0007" ]; }
           else
-            { PublishPort = "127.0.0.1:${toString model.port}:${toString containerPort}"; }
+            { PublishPort = "127.0.0.1:${toString workload.listen.port}:${toString containerPort}"; }
         );
       volumes = [
         "${cfg.cache.directory}:${cacheDirectory}"
       ]
-      ++ lib.optional onSocket "${dirOf model.socket}:${socketMount}${
+      ++ lib.optional onSocket "${dirOf socket}:${socketMount}${
         lib.optionalString (
           model.quadlet.mountOptions.socket != [ ]
         ) ":${lib.concatStringsSep "," model.quadlet.mountOptions.socket}"
@@ -548,11 +550,11 @@ rec {
           {
             # The user manager cannot create directories below /run: tmpfiles made this one.
             # A socket left by a crash would make the server fail with EADDRINUSE.
-            ExecStartPre = [ "${lib.getExe' podman "podman"} unshare rm -f ${model.socket}" ];
+            ExecStartPre = [ "${lib.getExe' podman "podman"} unshare rm -f ${socket}" ];
           }
         else
           {
-            RuntimeDirectory = "${lib.removePrefix "/run/" routerCfg.socketDirectory}/${workload.unit}";
+            RuntimeDirectory = lib.removePrefix "/run/" (dirOf socket);
             RuntimeDirectoryMode = "0710";
           }
       );
@@ -560,8 +562,17 @@ rec {
         StartLimitBurst = 3;
         StartLimitIntervalSec = 3600;
       }
-      // lib.optionalAttrs (workload.previous != null) { After = "${workload.previous}.service"; };
-    };
+      // (
+        let
+          after = lib.optional (workload.previous != null) "${workload.previous}.service" ++ workload.peersBefore;
+        in
+        lib.optionalAttrs (after != [ ]) { After = after; }
+      )
+      // lib.optionalAttrs (workload.peers != [ ]) { Conflicts = workload.peers; }
+      // lib.optionalAttrs workload.onDemand { StopWhenUnneeded = true; };
+    }
+    # On demand, its proxy starts it.
+    // lib.optionalAttrs workload.onDemand { autoStart = false; };
 
   # What the container runtime of a backend adds to the system: Quadlet itself, the rootless
   # user (lingering, with sub-UID/GID ranges) and its assertions, the cache, the rootless
@@ -585,7 +596,20 @@ rec {
             name = "root";
             group = "root";
           };
-      sockets = lib.filter (wl: wl.model.socket != null) workloads;
+      sockets = lib.filter (wl: wl.model.socket != null || wl.listen.socket != null) workloads;
+      # The directories of rootless sockets, parents first: the registered socket's (bound
+      # by the container, or on demand by the socket unit in the user's manager) and the
+      # server's own behind the proxy.
+      socketDirectories = lib.unique (
+        lib.concatMap (
+          wl:
+          lib.optional (wl.model.socket != null) (dirOf wl.model.socket)
+          ++ lib.optionals (wl.onDemand && wl.listen.socket != null) [
+            (dirOf (dirOf wl.listen.socket))
+            (dirOf wl.listen.socket)
+          ]
+        ) workloads
+      );
       # The IDs of the managed user and group must be theirs alone.
       idClash =
         {
@@ -638,7 +662,7 @@ rec {
         "d ${cfg.cache.directory} 0700 ${owner.name} ${owner.group} - -"
       ]
       ++ lib.optionals rootless (
-        map (wl: "d ${dirOf wl.model.socket} 0710 ${owner.name} ${owner.group} - -") sockets
+        map (directory: "d ${directory} 0710 ${owner.name} ${owner.group} - -") socketDirectories
       );
 
       # The container's UID is not known in advance: an inherited ACL lets the router in.

@@ -4,6 +4,7 @@
 # - options.nix: the options of every backend and model, defined once;
 # - native.nix: the native runtime (hardened system units);
 # - container.nix: the container runtime (Podman through quadlet-nix);
+# - on-demand.nix: the socket and proxy in front of a model started on demand;
 # - assembly.nix: a backend's config (workloads, registries, assertions, units) from them.
 lib:
 let
@@ -11,8 +12,9 @@ let
   container = import ./container.nix { inherit lib llmhopLib; };
   native = import ./native.nix { inherit lib llmhopLib container; };
   options = import ./options.nix { inherit lib llmhopLib container; };
+  onDemand = import ./on-demand.nix { inherit lib llmhopLib; };
   assembly = import ./assembly.nix {
-    inherit lib llmhopLib options;
+    inherit lib llmhopLib options onDemand;
     nativeRuntime = native;
     containerRuntime = container;
   };

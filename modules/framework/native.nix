@@ -35,7 +35,7 @@ in
       # `%d` is escaped with the rest of ExecStart=, so a placeholder stands for it until then.
       settings = workload.settingsIn llmhopLib.credentialsDirectoryPlaceholder;
       argv = command ++ llmhopLib.renderCliArgs dialect (settings // managedFlags);
-      onSocket = model.socket != null;
+      onSocket = workload.listen.socket != null;
       # The module's keys: a model's serviceConfig cannot replace them.
       fixed = {
         Type = "notify";
@@ -46,7 +46,7 @@ in
           [
             (lib.getExe' routerCfg.package "llmhop-notify")
             "-url"
-            workload.url
+            workload.serverUrl
             "-health-path"
             "/health"
             "--"
@@ -57,9 +57,15 @@ in
     in
     {
       inherit description path;
-      wantedBy = [ "multi-user.target" ];
+      # On demand, its proxy starts it.
+      wantedBy = lib.optional (!workload.onDemand) "multi-user.target";
       wants = [ "network-online.target" ];
-      after = [ "network-online.target" ] ++ lib.optional (workload.previous != null) "${workload.previous}.service";
+      after = [
+        "network-online.target"
+      ]
+      ++ lib.optional (workload.previous != null) "${workload.previous}.service"
+      ++ workload.peersBefore;
+      conflicts = workload.peers;
       startLimitBurst = 3;
       startLimitIntervalSec = 3600;
       environment =
@@ -68,7 +74,7 @@ in
         // lib.optionalAttrs model.nccl llmhopLib.ncclEnvironment
         // cfg.environment
         // model.environment;
-      inherit (model) unitConfig;
+      unitConfig = lib.optionalAttrs workload.onDemand { StopWhenUnneeded = true; } // model.unitConfig;
       serviceConfig =
         llmhopLib.withCredentials model.credentials (
           llmhopLib.hardening
@@ -101,14 +107,15 @@ in
           // (
             if onSocket then
               {
-                # <socketDirectory>/<unit>/, removed on every stop: no stale socket survives.
-                RuntimeDirectory = "${lib.removePrefix "/run/" routerCfg.socketDirectory}/${workload.unit}";
+                # <socketDirectory>/<unit>/ (on demand …/<unit>/worker/), removed on every stop:
+                # no stale socket survives.
+                RuntimeDirectory = lib.removePrefix "/run/" (dirOf workload.listen.socket);
                 RuntimeDirectoryMode = "0710";
                 UMask = "0007";
               }
             else
               {
-                SocketBindAllow = "tcp:${toString model.port}";
+                SocketBindAllow = "tcp:${toString workload.listen.port}";
                 UMask = "0077";
               }
           )

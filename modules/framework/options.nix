@@ -158,6 +158,42 @@ let
             On when a parallelism flag (${lib.concatStringsSep ", " parallelFlags}) exceeds 1.
           '';
         };
+        onDemand = {
+          enable = lib.mkEnableOption ''
+            starting this model on its first connection and stopping it when idle: a socket unit
+            owns its `socket` or `port`, and `systemd-socket-proxyd` in front of the server
+            starts it and passes the connection on once it is healthy
+          '';
+          idleTimeout = mkOption {
+            type = types.strMatching llmhopLib.timeSpanPattern;
+            default = "10min";
+            example = "30min";
+            description = ''
+              How long the model stays loaded without a connection (a systemd time span); the
+              router's `upstreamIdleTimeout` for it is set below it.
+            '';
+          };
+          workerPort = mkOption {
+            type = types.nullOr types.port;
+            default = null;
+            example = 30101;
+            description = ''
+              The loopback port the server listens on behind the proxy; `null` gives it a
+              private unix socket, {file}`<socketDirectory>/${backend}-<name>/worker/http.sock`.
+            ''
+            + lib.optionalString (!socketCapable) "Required: the server serves no unix socket.";
+          };
+        };
+        group = mkOption {
+          type = types.nullOr types.nonEmptyStr;
+          default = null;
+          example = "gpu0";
+          description = ''
+            The router's `group` of this model (not a unix group): models of one group are
+            served one at a time, and their workers conflict, so starting one stops the
+            other. Every member must be on demand and run under the same systemd manager.
+          '';
+        };
         gpu = mkOption {
           type = types.bool;
           default = gpuDefault;

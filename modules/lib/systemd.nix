@@ -9,6 +9,49 @@
   # One ExecStart= argument, quoted and escaped (as NixOS' utils do).
   escapeExecArg = arg: llmhopLib.escapeSystemdValue (builtins.toJSON (toString arg));
 
+  # A systemd time span (systemd.time(7)) as the on-demand options take it: numbers with units
+  # (`10min`, `1h 30min`, `1.5s`), a bare number meaning seconds.
+  timeSpanPattern =
+    let
+      units = "us|usec|ms|msec|s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hour|hours|d|day|days|w|week|weeks";
+    in
+    "[[:space:]]*([0-9]+(\\.[0-9]+)?[[:space:]]*(${units})?[[:space:]]*)+";
+
+  # Its length in seconds (a float where a fraction remains).
+  timeSpanSeconds =
+    span:
+    let
+      factors = {
+        us = 1.0e-6;
+        usec = 1.0e-6;
+        ms = 1.0e-3;
+        msec = 1.0e-3;
+        "" = 1;
+        s = 1;
+        sec = 1;
+        secs = 1;
+        second = 1;
+        seconds = 1;
+        m = 60;
+        min = 60;
+        mins = 60;
+        minute = 60;
+        minutes = 60;
+        h = 3600;
+        hr = 3600;
+        hour = 3600;
+        hours = 3600;
+        d = 86400;
+        day = 86400;
+        days = 86400;
+        w = 604800;
+        week = 604800;
+        weeks = 604800;
+      };
+      terms = lib.filter lib.isList (builtins.split "([0-9]+(\\.[0-9]+)?)[[:space:]]*([[:alpha:]]*)" span);
+    in
+    lib.foldl' (sum: term: sum + builtins.fromJSON (lib.elemAt term 0) * factors.${lib.elemAt term 2}) 0 terms;
+
   # ExecStart= from an argv; the credentials placeholder becomes `%d` after escaping.
   escapeExecArgs =
     args:

@@ -51,7 +51,12 @@ framework.backendModule {
   };
 
   native =
-    { model, cacheDirectory, ... }:
+    {
+      model,
+      cacheDirectory,
+      listen,
+      ...
+    }:
     {
       description = "llama.cpp worker ${model.name}";
       command = [ (lib.getExe' cfg.package "llama-server") ];
@@ -59,7 +64,7 @@ framework.backendModule {
       managedFlags = {
         alias = model.name;
       }
-      // listenFlags { inherit (model) socket port; };
+      // listenFlags listen;
       environment.LLAMA_CACHE = cacheDirectory;
       identity = {
         Group = cfg.group;
@@ -68,7 +73,7 @@ framework.backendModule {
     };
 
   container =
-    { model, ... }:
+    { model, ... }@workload:
     {
       dialect = "llama-cpp";
       containerPort = 8080;
@@ -77,7 +82,7 @@ framework.backendModule {
       managedFlags = {
         alias = model.name;
       }
-      // listenFlags (framework.container.listen model 8080);
+      // listenFlags (framework.container.listen workload 8080);
     };
 
   extraConfig.users.groups = lib.mkIf (cfg.group == "llama-cpp") { llama-cpp = { }; };

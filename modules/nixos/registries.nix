@@ -71,6 +71,33 @@ in
       internal = true;
       description = "Routes by owner (e.g. `llama-cpp.models.qwen3-8b`); a routing key claimed twice fails evaluation.";
     };
+    workersRegistry = mkOption {
+      type = types.attrsOf (
+        types.submodule {
+          options = {
+            unit = mkOption {
+              type = types.str;
+              description = "The worker's unit.";
+            };
+            manager = mkOption {
+              type = types.str;
+              description = "The systemd manager running it, in words (`the system manager`).";
+            };
+            group = mkOption {
+              type = types.str;
+              description = "The router's group of the model.";
+            };
+            onDemand = mkOption {
+              type = types.bool;
+              description = "Whether it starts on demand.";
+            };
+          };
+        }
+      );
+      default = { };
+      internal = true;
+      description = "Workers in a group, by owner: their workers conflict within a manager.";
+    };
   };
 
   # Checked whether or not the router runs: workers still share ports.
@@ -78,7 +105,27 @@ in
     assertions =
       llmhopLib.collisionAssertions "port" cfg.portsRegistry
       ++ llmhopLib.collisionAssertions "unit" cfg.unitsRegistry
-      ++ llmhopLib.collisionAssertions "routing key" modelClaims;
+      ++ llmhopLib.collisionAssertions "routing key" modelClaims
+      ++ lib.concatLists (
+        lib.mapAttrsToList (
+          group: owners:
+          let
+            members = map (owner: cfg.workersRegistry.${owner}) owners;
+            alwaysOn = lib.filter (owner: !cfg.workersRegistry.${owner}.onDemand) owners;
+            managers = lib.unique (map (m: m.manager) members);
+          in
+          [
+            {
+              assertion = alwaysOn == [ ];
+              message = "services.llmhop: every model of group ${group} must be on demand (onDemand.enable), or it could never be swapped out: ${lib.concatStringsSep ", " alwaysOn} ${if lib.length alwaysOn == 1 then "is" else "are"} not.";
+            }
+            {
+              assertion = lib.length managers == 1;
+              message = "services.llmhop: the workers of group ${group} run in ${lib.concatStringsSep " and " managers}, but Conflicts= works within one: run them all natively or rootful, or as containers of one user (${lib.concatStringsSep ", " (lib.sort lib.lessThan owners)}).";
+            }
+          ]
+        ) (lib.groupBy (owner: cfg.workersRegistry.${owner}.group) (lib.attrNames cfg.workersRegistry))
+      );
 
     services.llmhop.settings.models = lib.mapAttrs (_: lib.mapAttrs (_: lib.mkDefault)) registeredRoutes;
   };

@@ -99,7 +99,19 @@ in
 
   # The SGLang backend provides the container runtime's system part (its user, Quadlet) for it.
   config = lib.mkIf (sglang.enable && gateway.enable) {
-    assertions = llmhopLib.credentialNameAssertions "services.llmhop.sglang.gateway" gateway.credentials;
+    assertions =
+      llmhopLib.credentialNameAssertions "services.llmhop.sglang.gateway" gateway.credentials
+      ++ [
+        (
+          let
+            onDemand = map (m: m.name) (lib.filter (m: m.onDemand.enable) workers);
+          in
+          {
+            assertion = onDemand == [ ];
+            message = "services.llmhop.sglang.gateway: the models ${lib.concatStringsSep ", " onDemand} are on demand, which the gateway's Requires= and health checks would keep loaded; turn it off or run them always on.";
+          }
+        )
+      ];
     warnings = container.unpinnedWarning {
       optionPath = "services.llmhop.sglang.gateway";
       backendCfg = gateway;

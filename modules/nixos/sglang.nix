@@ -55,7 +55,12 @@ framework.backendModule (
     containersWanted = cfg.gateway.enable;
 
     native =
-      { model, cacheDirectory, ... }:
+      {
+        model,
+        cacheDirectory,
+        listen,
+        ...
+      }:
       framework.native.pythonServer { inherit cfg pkgs cacheDirectory; }
       // {
         description = "SGLang worker ${model.name}";
@@ -67,7 +72,7 @@ framework.backendModule (
         dialect = "sglang";
         managedFlags = servedFlags model // {
           host = "127.0.0.1";
-          inherit (model) port;
+          inherit (listen) port;
         };
       };
 

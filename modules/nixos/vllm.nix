@@ -36,7 +36,12 @@ framework.backendModule (
     };
 
     native =
-      { model, cacheDirectory, ... }:
+      {
+        model,
+        cacheDirectory,
+        listen,
+        ...
+      }:
       framework.native.pythonServer {
         inherit cfg pkgs cacheDirectory;
         environment = {
@@ -52,11 +57,11 @@ framework.backendModule (
           model.model
         ];
         dialect = "vllm";
-        managedFlags = servedFlags model // listenFlags { inherit (model) socket port; };
+        managedFlags = servedFlags model // listenFlags listen;
       };
 
     container =
-      { model, ... }:
+      { model, ... }@workload:
       {
         dialect = "vllm";
         containerPort = 8000;
@@ -64,7 +69,7 @@ framework.backendModule (
         # Older images start the API server module, which takes no positional model.
         entrypoint = ''["vllm","serve"]'';
         positional = [ model.model ];
-        managedFlags = servedFlags model // listenFlags (framework.container.listen model 8000);
+        managedFlags = servedFlags model // listenFlags (framework.container.listen workload 8000);
       };
   }
 )

@@ -375,6 +375,10 @@ in
 
     systemd = unitKinds // {
       user = unitKinds;
+      package = mkOption {
+        type = types.package;
+        default = pkgs.systemd;
+      };
       packages = mkOption {
         type = types.listOf types.package;
         default = [ ];

@@ -1,0 +1,83 @@
+# Models on demand: a socket unit owns the model's registered address (its `socket` or `port`)
+# and starts `systemd-socket-proxyd` in front of the server on the first connection; the proxy
+# Requires= the server and is ordered after it, so the connection waits in the socket's backlog
+# until the server is healthy. The proxy exits when idle, and the server, StopWhenUnneeded=,
+# stops with it. All three live in one systemd manager: the system's, or for a rootless
+# container its user's, since Requires= reaches no further.
+{ lib, llmhopLib }:
+rec {
+  # <unit>-proxy.socket and <unit>-proxy.service.
+  proxyName = unit: "${unit}-proxy";
+
+  # The router's upstreamIdleTimeout for an on-demand model: half its idle timeout, at most
+  # 30 s, so that the router's pooled connections never keep an idle server loaded.
+  upstreamIdleTimeout = model: lib.min 30 (llmhopLib.timeSpanSeconds model.onDemand.idleTimeout * 0.5);
+
+  # The socket and proxy of a workload, as systemd.{sockets,services} (or systemd.user.*)
+  # entries. `serviceConfig` is who the proxy runs as and its sandbox, `socketConfig` the
+  # owner of a unix socket, `unitConfig` the conditions of both (a user unit's ConditionUser=).
+  units =
+    {
+      workload,
+      systemd,
+      serviceConfig ? { },
+      socketConfig ? { },
+      unitConfig ? { },
+    }:
+    let
+      inherit (workload) model unit;
+      proxy = proxyName unit;
+      server = workload.listen;
+    in
+    {
+      socket = {
+        description = "llmhop: ${model.name} on demand";
+        wantedBy = [ "sockets.target" ];
+        listenStreams = [
+          (if model.socket != null then model.socket else "127.0.0.1:${toString model.port}")
+        ];
+        socketConfig = {
+          Service = "${proxy}.service";
+        }
+        // lib.optionalAttrs (model.socket != null) (
+          {
+            SocketMode = "0660";
+            RemoveOnStop = true;
+          }
+          // socketConfig
+        );
+        inherit unitConfig;
+      };
+      service = {
+        description = "llmhop: proxy starting ${model.name} on demand";
+        requires = [ "${unit}.service" ];
+        after = [ "${unit}.service" ];
+        inherit unitConfig;
+        serviceConfig = serviceConfig // {
+          ExecStart = llmhopLib.escapeExecArgs [
+            "${systemd}/lib/systemd/systemd-socket-proxyd"
+            "--exit-idle-time=${model.onDemand.idleTimeout}"
+            (if server.socket != null then server.socket else "127.0.0.1:${toString server.port}")
+          ];
+        };
+      };
+    };
+
+  # The sandbox of a proxy in the system manager: the router's, plus the router's identity
+  # (which reaches every worker socket: through the backend's group, or the ACL of container
+  # sockets) and `groups`.
+  systemServiceConfig =
+    { routerCfg, groups }:
+    llmhopLib.hardening
+    // {
+      User = routerCfg.user;
+      Group = routerCfg.group;
+      SupplementaryGroups = groups;
+      PrivateDevices = true;
+      DevicePolicy = "closed";
+      ProtectClock = true;
+      # It binds nothing: the socket unit passes its listener in.
+      SocketBindDeny = "any";
+      UMask = "0077";
+    };
+}

@@ -1,0 +1,229 @@
+"""Models on demand under a real systemd: the module's socket, systemd-socket-proxyd and worker
+units, the real router in front, fake engines (tests/support/fake_engine.py) that take seconds
+to load. Every transition is read from systemd (`systemctl show`), not only from HTTP.
+
+Two llama.cpp models of one group: `a` on a unix socket, `b` on a port, each started by its
+first connection and stopped 2 s after its last (the router's pooled connections close after
+1 s, which the module sets from the idle timeout).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nix_harness import evaluate, llmhop_package, make_package, mk_force
+from systemd_ns import SystemdNamespace
+
+from tests.support import FAKE_ENGINE
+from tests.support.processes import wait_until
+
+pytestmark = [pytest.mark.nix, pytest.mark.systemd, pytest.mark.usefixtures("real_systemd")]
+
+ROUTER = "http://127.0.0.1:8080"
+A, B = "llama-cpp-a.service", "llama-cpp-b.service"
+PROXY_A, PROXY_B = "llama-cpp-a-proxy.service", "llama-cpp-b-proxy.service"
+SOCKET_A, SOCKET_B = "llama-cpp-a-proxy.socket", "llama-cpp-b-proxy.socket"
+# Where `a` itself listens, behind its proxy.
+SERVER_A = "/run/llmhop/llama-cpp-a/worker/http.sock"
+# Health probes answered 503 before the fake is loaded: llmhop-notify probes once a second.
+LOADING_PROBES = 2
+WAIT = 60
+
+
+def scenario(scratch: Path) -> dict[str, Any]:
+    fake = shutil.copy(FAKE_ENGINE, scratch)
+    pkgs = {
+        "llmhop": str(llmhop_package(scratch / "pkgs")),
+        "llama-cpp": str(
+            make_package(
+                scratch / "pkgs",
+                "llama-cpp",
+                {"llama-server": f'#!/bin/sh\nexec /usr/bin/python3 -I {fake} llama-server "$@"\n'},
+            )
+        ),
+        "coreutils": "/usr",
+        # /usr/lib/systemd/systemd-socket-proxyd: the host's, as systemd itself.
+        "systemd": "/usr",
+    }
+    on_demand = {"enable": True, "idleTimeout": "2s"}
+    loading = {"fake-loading-probes": LOADING_PROBES}
+    config = {
+        "services": {
+            "llmhop": {
+                "enable": True,
+                "host": "127.0.0.1",
+                "port": 8080,
+                "llama-cpp": {
+                    "models": {
+                        "a": {"onDemand": on_demand, "group": "gpu", "settings": loading},
+                        "b": {
+                            "port": 18002,
+                            "onDemand": on_demand,
+                            "group": "gpu",
+                            "settings": loading,
+                        },
+                    },
+                },
+            }
+        },
+        # The router starts on its first connection, as the workers do.
+        "systemd": {"services": {"llmhop": {"wantedBy": mk_force([])}}},
+    }
+    return evaluate(config, pkgs=pkgs)
+
+
+@pytest.fixture
+def ns(scratch: Path) -> Iterator[SystemdNamespace]:
+    result = scenario(scratch)
+    etc = {name: e["source"] for name, e in result["etc"].items() if e["source"]}
+    with SystemdNamespace(
+        result["units"]["system"], users=result["users"], groups=result["groups"], etc=etc
+    ) as namespace:
+        yield namespace
+
+
+def states(ns: SystemdNamespace, *units: str) -> dict[str, str]:
+    return {unit: ns.show(unit, "ActiveState")["ActiveState"] for unit in units}
+
+
+def timestamp(ns: SystemdNamespace, unit: str, what: str) -> int:
+    """A unit's CLOCK_MONOTONIC timestamp in µs (`ActiveEnter`, `InactiveExit`, …)."""
+    return int(ns.show(unit, f"{what}TimestampMonotonic")[f"{what}TimestampMonotonic"])
+
+
+def now_us() -> int:
+    # systemd's *TimestampMonotonic and ours share CLOCK_MONOTONIC (no time namespace).
+    return time.monotonic_ns() // 1000
+
+
+def wait_for_state(ns: SystemdNamespace, unit: str, state: str) -> None:
+    wait_until(
+        lambda: states(ns, unit)[unit] == state,
+        WAIT,
+        f"{unit} {state}\n{ns.journal()}",
+        interval=0.1,
+    )
+
+
+def chat(ns: SystemdNamespace, model: str, **extra: Any) -> tuple[int, str]:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+    return ns.http(
+        f"{ROUTER}/v1/chat/completions",
+        method="POST",
+        body=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        timeout=WAIT,
+    )
+
+
+def metric(ns: SystemdNamespace, sample: str) -> float | None:
+    status, text = ns.http(f"{ROUTER}/metrics")
+    assert status == 200, text
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    return None
+
+
+def server_a(ns: SystemdNamespace, path: str, method: str = "GET") -> dict[str, Any]:
+    """`a`'s fake engine, asked directly on its own socket (not through the router)."""
+    body = b"{}" if method == "POST" else None
+    status, text = ns.http(f"http://localhost{path}", method=method, body=body, unix_socket=SERVER_A)
+    assert status == 200, text
+    reply: dict[str, Any] = json.loads(text)
+    return reply
+
+
+def test_models_start_on_demand_stop_when_idle_and_swap_within_a_group(
+    ns: SystemdNamespace,
+) -> None:
+    workers = (A, B, PROXY_A, PROXY_B)
+    # At boot: the sockets listen, nothing is loaded.
+    assert states(ns, *workers) == dict.fromkeys(workers, "inactive")
+    for socket in (SOCKET_A, SOCKET_B):
+        assert ns.show(socket, "ActiveState", "SubState") == {
+            "ActiveState": "active",
+            "SubState": "listening",
+        }
+    status, body = ns.http(f"{ROUTER}/v1/models")
+    assert status == 200 and [m["id"] for m in json.loads(body)["data"]] == ["a", "b"], body
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        # The first request starts `a` and waits, its connection in the socket's backlog, while
+        # the server loads; then it succeeds.
+        sent = now_us()
+        first = pool.submit(chat, ns, "a")
+        wait_for_state(ns, A, "activating")
+        assert states(ns, PROXY_A, B)[PROXY_A] in ("inactive", "activating")
+        assert not first.done()
+        status, body = first.result(timeout=WAIT)
+        assert status == 200, body
+        assert json.loads(body)["model"] == "a"
+        assert states(ns, A, PROXY_A, B) == {A: "active", PROXY_A: "active", B: "inactive"}
+        assert timestamp(ns, A, "InactiveExit") >= sent
+        # Loaded only after its 503s: the unit became active once healthy, the request after.
+        assert server_a(ns, "/fake/info")["probes"] > LOADING_PROBES
+
+        # Idle: the router closes its pooled connection (upstreamIdleTimeout 1 s), the proxy
+        # exits 2 s later, and the worker, no longer needed, stops; the socket listens on.
+        idle_since = now_us()
+        wait_for_state(ns, A, "inactive")
+        assert states(ns, PROXY_A)[PROXY_A] == "inactive"
+        assert timestamp(ns, A, "InactiveEnter") - idle_since >= 2_000_000
+        assert ns.show(SOCKET_A, "SubState")["SubState"] == "listening"
+        assert ns.show(PROXY_A, "Result")["Result"] == "success"
+        assert ns.run("test", "-e", SERVER_A).returncode != 0
+
+        # A stream held open on `a` (started again by it), then a request for `b` of the same
+        # group: it waits in the router while `a` still streams, and nothing starts `b`.
+        stream: Future[tuple[int, str]] = pool.submit(chat, ns, "a", stream=True, fake_hold=True)
+        wait_until(
+            lambda: ns.run("test", "-S", SERVER_A).returncode == 0
+            and server_a(ns, "/fake/info")["holding"] == 1,
+            WAIT,
+            "a holds a stream",
+            interval=0.2,
+        )
+        queued = pool.submit(chat, ns, "b")
+        wait_until(
+            lambda: metric(ns, 'llmhop_queue_depth{group="gpu",model="b"}') == 1,
+            WAIT,
+            "b waits for its group",
+            interval=0.2,
+        )
+        assert states(ns, A, B, PROXY_B) == {A: "active", B: "inactive", PROXY_B: "inactive"}
+        assert not stream.done() and not queued.done()
+
+        # `a`'s last response ends: the router lets `b` in, whose start stops `a` (Conflicts=)
+        # before `b` starts loading.
+        released = now_us()
+        assert server_a(ns, "/fake/release", method="POST") == {"released": 1}
+        status, streamed = stream.result(timeout=WAIT)
+        assert status == 200, streamed
+        assert streamed.rstrip().endswith("data: [DONE]"), streamed
+        status, body = queued.result(timeout=WAIT)
+        assert status == 200, body
+        assert json.loads(body)["model"] == "b"
+
+    assert states(ns, A, PROXY_A, B, PROXY_B) == {
+        A: "inactive",
+        PROXY_A: "inactive",
+        B: "active",
+        PROXY_B: "active",
+    }
+    a_stopping = timestamp(ns, A, "ActiveExit")
+    assert a_stopping >= released
+    assert timestamp(ns, A, "InactiveEnter") <= timestamp(ns, B, "InactiveExit")
+    switches = metric(ns, 'llmhop_group_switches_total{group="gpu"}')
+    assert switches is not None and switches >= 1, switches
+    # And `b`, idle in turn, stops too.
+    wait_for_state(ns, B, "inactive")
+    assert states(ns, PROXY_B)[PROXY_B] == "inactive"
