@@ -325,3 +325,34 @@ def test_a_rejected_key_fails(generator: Path, workdir: Path) -> None:
     assert run.returncode == 1
     assert "unsupported key 'Umask' in group 'Container'" in run.stderr
     assert run.texts == {}
+
+
+def on_demand(*, rootless: bool) -> dict[str, Any]:
+    """vLLM `x` (socket) and `y` (port) started on demand, in one group."""
+    user = {} if rootless else {"quadlet": {"user": None}}
+    on = {"enable": True, "idleTimeout": "2s"}
+    models = {
+        "x": {"model": "org/x", "onDemand": on, "group": "gpu"},
+        "y": {"port": 20002, "model": "org/y", "onDemand": on, "group": "gpu"},
+    }
+    vllm = {**user, "tag": "v0.11.0", "devices": ["nvidia.com/gpu=0"], "models": models}
+    return {"services": {"llmhop": {"enable": True, "vllm": vllm}}}
+
+
+@pytest.mark.parametrize("rootless", [True, False], ids=["rootless", "rootful"])
+def test_containers_on_demand(generator: Path, workdir: Path, rootless: bool) -> None:
+    runs = generate(generator, evaluate(on_demand(rootless=rootless)), workdir)
+    for name, peer in (("vllm-x", "vllm-y"), ("vllm-y", "vllm-x")):
+        run, unit = service(runs, name)
+        section = run.section(unit, "Unit")
+        # Started by its proxy only, stopped once the proxy is gone, and never beside its peer.
+        assert section["StopWhenUnneeded"] == ["true"]
+        assert section["Conflicts"] == [f"{peer}.service"]
+        assert run.section(unit, "Install") == {}
+        argv = podman_run(runs, name)
+        # Its own socket behind the proxy: the worker directory, nothing published.
+        assert f"/run/llmhop/{name}/worker:/run/llmhop/socket:U" in argv
+        assert "--uds=/run/llmhop/socket/http.sock" in argv
+        assert not any(a.startswith("--publish") for a in argv)
+    run, unit = service(runs, "vllm-y")
+    assert "vllm-x.service" in run.section(unit, "Unit")["After"]

@@ -136,7 +136,9 @@ def metric(ns: SystemdNamespace, sample: str) -> float | None:
 def server_a(ns: SystemdNamespace, path: str, method: str = "GET") -> dict[str, Any]:
     """`a`'s fake engine, asked directly on its own socket (not through the router)."""
     body = b"{}" if method == "POST" else None
-    status, text = ns.http(f"http://localhost{path}", method=method, body=body, unix_socket=SERVER_A)
+    status, text = ns.http(
+        f"http://localhost{path}", method=method, body=body, unix_socket=SERVER_A
+    )
     assert status == 200, text
     reply: dict[str, Any] = json.loads(text)
     return reply
@@ -186,8 +188,10 @@ def test_models_start_on_demand_stop_when_idle_and_swap_within_a_group(
         # group: it waits in the router while `a` still streams, and nothing starts `b`.
         stream: Future[tuple[int, str]] = pool.submit(chat, ns, "a", stream=True, fake_hold=True)
         wait_until(
-            lambda: ns.run("test", "-S", SERVER_A).returncode == 0
-            and server_a(ns, "/fake/info")["holding"] == 1,
+            lambda: (
+                ns.run("test", "-S", SERVER_A).returncode == 0
+                and server_a(ns, "/fake/info")["holding"] == 1
+            ),
             WAIT,
             "a holds a stream",
             interval=0.2,
