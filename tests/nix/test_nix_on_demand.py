@@ -12,7 +12,15 @@ from typing import Any
 
 import pytest
 from module_configs import argv, assertions, config_file, container, service
-from nix_harness import analyze_verify, evaluate, llmhop_package, make_package, write_units
+from nix_harness import (
+    REPO,
+    FailedAssertions,
+    analyze_verify,
+    evaluate,
+    llmhop_package,
+    make_package,
+    write_units,
+)
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
 
@@ -411,3 +419,44 @@ def test_units_verify(tmp_path: Path) -> None:
     assert "/usr/lib/systemd/systemd-socket-proxyd" in text
     proxy.write_text(text.replace("systemd-socket-proxyd", "no-such-proxyd"))
     assert not analyze_verify(units, ["llama-cpp-a-proxy.service"]).clean
+
+
+# --- the documented example -------------------------------------------------------------------
+
+
+def test_the_docs_show_the_example_and_it_evaluates() -> None:
+    example = REPO / "examples" / "nixos" / "on-demand.nix"
+    text = (REPO / "docs" / "module.md").read_text()
+    marker = "<!-- example: examples/nixos/on-demand.nix -->\n```nix\n"
+    start = text.index(marker) + len(marker)
+    assert text[start : text.index("\n```", start)] == example.read_text().rstrip("\n")
+    result = evaluate(module=example)
+    assert result["warnings"] == []
+    routes = config_file(result)["models"]
+    assert routes["qwen3-coder"] == {
+        "url": "unix:///run/llmhop/llama-cpp-qwen3-coder/http.sock",
+        "group": "gpu0",
+        "upstreamIdleTimeout": 30,
+    }
+    assert routes["gemma-3-27b"]["group"] == "gpu0"
+    assert routes["embed"] == {"url": "unix:///run/llmhop/llama-cpp-embed/http.sock"}
+    services = result["services"]
+    assert services["llama-cpp-embed"]["wantedBy"] == ["multi-user.target"]
+    assert services["llama-cpp-gemma-3-27b"]["conflicts"] == ["llama-cpp-qwen3-coder.service"]
+    assert argv(result, "llama-cpp-qwen3-coder-proxy")[1] == "--exit-idle-time=15min"
+    assert argv(result, "llama-cpp-gemma-3-27b-proxy")[1] == "--exit-idle-time=10min"
+    assert sorted(result["sockets"]) == [
+        "llama-cpp-gemma-3-27b-proxy",
+        "llama-cpp-qwen3-coder-proxy",
+        "llmhop-default",
+    ]
+    # The message the docs quote, for a group member that is always on.
+    shown = (
+        "services.llmhop: every model of group gpu0 must be on demand (onDemand.enable), or it"
+        " could never be swapped out: llama-cpp.models.embed is not."
+    )
+    assert shown in " ".join(text.split())
+    embed = {"services": {"llmhop": {"llama-cpp": {"models": {"embed": {"group": "gpu0"}}}}}}
+    with pytest.raises(FailedAssertions) as refused:
+        evaluate(embed, module=example)
+    assert refused.value.messages == [shown]
