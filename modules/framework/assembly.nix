@@ -99,17 +99,87 @@ rec {
     }:
     if socket != null then { ${socketFlag} = socket; } else { inherit host port; };
 
-  # The enabled models of a backend with what the framework derives for each; when two share
-  # a unit name only the first (by attribute name) gets a unit, the registries report both.
+  # The units that run the enabled models of a backend: each model, or each of its `replicas`
+  # as the model with the replica's port or socket, devices and environment, in a unit
+  # `<backend>-<name>-<index>`; `upstream` is the model's route (`url`, or `urls` of them all).
+  instances =
+    backend: cfg:
+    lib.concatLists (
+      lib.mapAttrsToList (
+        attr: model:
+        let
+          replicas = lib.imap0 (
+            index: replica:
+            let
+              unit = "${backend}-${model.name}-${toString index}";
+              port =
+                if replica.port != null then
+                  replica.port
+                else if model.port != null then
+                  model.port + index
+                else
+                  null;
+              native = model.runtime == "native";
+            in
+            {
+              inherit attr unit;
+              replica = index;
+              model = model // {
+                inherit port;
+                # Beside the model's own socket directory, which stays unused.
+                socket = if port == null then "${dirOf (dirOf model.socket)}/${unit}/http.sock" else null;
+                devices =
+                  if replica.devices != null then
+                    replica.devices
+                  else if replica.gpus != [ ] && !native then
+                    map (gpu: "nvidia.com/gpu=${gpu}") replica.gpus
+                  else
+                    model.devices;
+                environment =
+                  model.environment
+                  // lib.optionalAttrs (replica.gpus != [ ] && native) {
+                    CUDA_VISIBLE_DEVICES = lib.concatStringsSep "," replica.gpus;
+                  }
+                  // replica.environment;
+              };
+            }
+          ) model.replicas;
+          url = instance: llmhopLib.workerUrl { inherit (instance.model) socket port; };
+        in
+        if replicas == [ ] then
+          [
+            {
+              inherit attr model;
+              replica = null;
+              unit = "${backend}-${model.name}";
+              upstream.url = llmhopLib.workerUrl { inherit (model) socket port; };
+            }
+          ]
+        else
+          map (instance: instance // { upstream.urls = map url replicas; }) replicas
+      ) (lib.filterAttrs (_: m: m.enable) cfg.models)
+    );
+
+  # The enabled models of a backend (each replica apart) with what the framework derives for
+  # each; when two share a unit name only the first (by attribute name) gets a unit, the
+  # registries report both.
   # `native` and `container` hold the units of each runtime, sorted by unit name (so by model
   # name), each knowing its predecessor in the same runtime for startupOrdering.
   workloads =
     backend: cfg: routerCfg:
     let
-      all = lib.mapAttrsToList (attr: model: rec {
-        inherit attr model backend;
-        owner = "${backend}.models.${attr}";
-        unit = "${backend}-${model.name}";
+      all = map (instance: rec {
+        inherit (instance)
+          attr
+          model
+          replica
+          unit
+          upstream
+          ;
+        inherit backend;
+        # The model's own owner: its route is registered under it, once for all replicas.
+        modelOwner = "${backend}.models.${attr}";
+        owner = modelOwner + lib.optionalString (replica != null) ".replicas.${toString replica}";
         # The route: the model's registered address.
         url = llmhopLib.workerUrl { inherit (model) socket port; };
         onDemand = model.onDemand.enable;
@@ -155,7 +225,7 @@ rec {
             names = llmhopLib.credentialRefs settings;
             inherit directory;
           } settings;
-      }) (lib.filterAttrs (_: m: m.enable) cfg.models);
+      }) (instances backend cfg);
       units = lib.attrValues (
         lib.foldl' (acc: w: if acc ? ${w.unit} then acc else acc // { ${w.unit} = w; }) { } all
       );
@@ -209,6 +279,10 @@ rec {
         assertion = workload.manager != "the system manager" || routerCfg.enable;
         message = "${optionPath}: on demand, it needs services.llmhop.enable: its proxy runs as the router's user.";
       }
+      {
+        assertion = model.replicas == [ ];
+        message = "${optionPath}: replicas cannot be on demand (each would need a socket, a proxy and a worker of its own); leave replicas empty or turn onDemand off.";
+      }
       (llmhopLib.socketPathAssertion {
         inherit (workload.listen) socket;
         what = "${optionPath}: the server's socket behind the proxy, ${toString workload.listen.socket},";
@@ -256,12 +330,12 @@ rec {
           // args
         );
 
-      optionPath = workload: "services.llmhop.${workload.owner}";
+      optionPath = workload: "services.llmhop.${workload.modelOwner}";
       nativeSockets = lib.any (wl: wl.model.runtime == "native" && wl.model.socket != null) w.all;
     in
     lib.mkMerge [
       {
-        assertions =
+        assertions = lib.unique (
           lib.optional (w.native != [ ] && nativeUnavailable != null) {
             assertion = false;
             message = nativeUnavailable;
@@ -293,9 +367,11 @@ rec {
               inherit workload routerCfg socketCapable;
               optionPath = optionPath workload;
             })
-          ) w.all;
+          ) w.all
+        );
 
-        warnings = lib.concatMap (
+        warnings = lib.unique (
+          lib.concatMap (
           workload:
           let
             args = {
@@ -305,7 +381,8 @@ rec {
             };
           in
           containerRuntime.gpuWarning args ++ containerRuntime.unpinnedWarning (args // { inherit movingTags; })
-        ) w.container;
+        ) w.container
+        );
 
         services.llmhop = {
           portsRegistry = lib.listToAttrs (
@@ -321,11 +398,10 @@ rec {
           modelsRegistry = lib.listToAttrs (
             map (
               wl:
-              lib.nameValuePair wl.owner {
+              lib.nameValuePair wl.modelOwner {
                 inherit (wl.model) name;
-                route = {
-                  inherit (wl) url;
-                }
+                route =
+                  wl.upstream
                 // lib.optionalAttrs (wl.model.group != null) { inherit (wl.model) group; }
                 // lib.optionalAttrs wl.onDemand { upstreamIdleTimeout = onDemand.upstreamIdleTimeout wl.model; };
               }

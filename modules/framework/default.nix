@@ -22,5 +22,10 @@ in
 {
   inherit llmhopLib native container;
   inherit (options) settingsType environmentOption environmentFileOption;
-  inherit (assembly) backendModule pythonBackend listenFlags;
+  inherit (assembly)
+    backendModule
+    pythonBackend
+    listenFlags
+    instances
+    ;
 }

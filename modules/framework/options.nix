@@ -46,6 +46,38 @@ let
       description = "An `EnvironmentFile=` of ${what}, kept out of the Nix store.";
     };
 
+  # One of a model's replicas (services.llmhop.<backend>.models.<name>.replicas.*).
+  replicaModule = {
+    options = {
+      gpus = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "0" ];
+        description = ''
+          The NVIDIA GPUs of this replica: natively its `CUDA_VISIBLE_DEVICES`, in a container
+          the CDI devices `nvidia.com/gpu=<gpu>` (instead of the model's `devices`).
+        '';
+      };
+      devices = mkOption {
+        type = types.nullOr (types.listOf types.str);
+        default = null;
+        example = [ "amd.com/gpu=1" ];
+        description = "Devices of this replica's container (`AddDevice=`), instead of those of `gpus` or the model.";
+      };
+      port = mkOption {
+        type = types.nullOr types.port;
+        default = null;
+        example = 18011;
+        description = ''
+          The replica's loopback port; `null` takes the model's `port` plus the replica's index
+          or, while the model has no port, the unix socket
+          {file}`<socketDirectory>/<backend>-<name>-<index>/http.sock`.
+        '';
+      };
+      environment = environmentOption "this replica (over the model's; e.g. `HIP_VISIBLE_DEVICES`)";
+    };
+  };
+
   # Options of services.llmhop.<backend>.models.<name>.
   modelModule =
     {
@@ -202,6 +234,17 @@ let
             groups (`PrivateUsers=identity`, systemd ≥ 257), JIT, unlimited locked memory, all
             of {file}`/proc`; pick devices with `CUDA_VISIBLE_DEVICES` and friends in
             `environment`. In a container: a warning when `devices` gives it none.
+          '';
+        };
+        replicas = mkOption {
+          type = types.listOf (types.submodule replicaModule);
+          default = [ ];
+          example = lib.literalExpression ''[ { gpus = [ "0" ]; } { gpus = [ "1" ]; } ]'';
+          description = ''
+            Several servers of this model, e.g. one per GPU: each replica is its own unit
+            `${backend}-<name>-<index>` (from 0) on its own port or socket, and the router
+            spreads requests over them all (the route's `urls`). Empty: one unit,
+            `${backend}-<name>`.
           '';
         };
       };

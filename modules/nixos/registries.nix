@@ -29,9 +29,17 @@ let
     if routes ? ${entry.name} then routes else routes // { ${entry.name} = entry.route; }
   ) { } (lib.attrNames cfg.modelsRegistry);
 
-  # Routing keys written by hand in settings.models whose url differs from the backend's.
+  # Routing keys written by hand in settings.models whose upstream (url or urls) differs from
+  # the backend's.
   handWrittenClaims = lib.filterAttrs (
-    name: route: (cfg.settings.models.${name}.url or null) != route.url
+    name: route:
+    let
+      written = cfg.settings.models.${name} or { };
+    in
+    lib.any (key: written.${key} or null != route.${key} or null) [
+      "url"
+      "urls"
+    ]
   ) registeredRoutes;
 
   modelClaims = lib.mapAttrs (_: entry: entry.name) cfg.modelsRegistry // lib.mapAttrs' (

@@ -41,7 +41,15 @@ let
   configFile = pkgs.writeTextFile {
     name = "llmhop.json";
     text = builtins.toJSON (
-      cfg.settings // { authTokens = cfg.settings.authTokens ++ apiKeyEntries; }
+      cfg.settings
+      // {
+        authTokens = cfg.settings.authTokens ++ apiKeyEntries;
+        # The one of url and urls a route has.
+        models = lib.mapAttrs (
+          _: route:
+          removeAttrs route (lib.optional (route.url == null) "url" ++ lib.optional (route.urls == null) "urls")
+        ) cfg.settings.models;
+      }
     );
     # Secret references are checked for syntax only: credentials exist only at run time.
     checkPhase = lib.optionalString canCheck ''
@@ -316,17 +324,30 @@ in
               types.submodule {
                 freeformType = settingsFormat.type;
                 options.url = mkOption {
-                  type = types.str;
+                  type = types.nullOr types.str;
+                  default = null;
                   example = "unix:///run/llmhop/llama-cpp-qwen3-8b/http.sock";
-                  description = "The upstream: `http(s)://host[:port][/base]` or `unix:///path.sock`.";
+                  description = "The upstream: `http(s)://host[:port][/base]` or `unix:///path.sock`; or `urls`.";
+                };
+                options.urls = mkOption {
+                  type = types.nullOr (types.nonEmptyListOf settingsFormat.type);
+                  default = null;
+                  example = [
+                    "http://127.0.0.1:18001"
+                    "http://192.0.2.2:18001"
+                  ];
+                  description = ''
+                    Several upstreams (replicas) of the model instead of `url`, each a URL or
+                    `{ url; headers; }`; the router sends each request to the least busy one.
+                  '';
                 };
               }
             );
             default = { };
             description = ''
-              Routes by model name (`url`, `headers`, `unlisted`). Every enabled backend
-              model registers its own; adding `headers` to one here is fine, another `url` is
-              a collision.
+              Routes by model name (`url` or `urls`, `headers`, `unlisted`). Every enabled
+              backend model registers its own; adding `headers` to one here is fine, another
+              `url` or `urls` is a collision.
             '';
           };
         };
@@ -368,6 +389,10 @@ in
         message = ''services.llmhop.listen."${name}": listener names must match ${llmhopLib.listenerNamePattern} and not be "default" (that is services.llmhop.host/port/socket).'';
       }) (lib.attrNames cfg.listen)
       ++ llmhopLib.credentialNameAssertions "services.llmhop" cfg.credentials
+      ++ lib.mapAttrsToList (name: route: {
+        assertion = (route.url == null) != (route.urls == null);
+        message = "services.llmhop.settings.models.${name}: set exactly one of url and urls.";
+      }) cfg.settings.models
       ++ lib.concatLists (
         lib.mapAttrsToList (name: key: [
           {

@@ -17,13 +17,15 @@ let
   gateway = sglang.gateway;
 
   workers = lib.filter (m: m.enable) (lib.attrValues sglang.models);
-  workerUrls = map (m: "http://127.0.0.1:${toString m.port}") workers;
+  # Every unit serving a model: each replica apart.
+  instances = framework.instances "sglang" sglang;
+  workerUrls = map (i: "http://127.0.0.1:${toString i.model.port}") instances;
   # The gateway waits for the workers its manager knows: containers under the same user, and
   # native units only when the gateway itself is a system unit. Any other worker is waited
   # for by the gateway (its worker startup timeout).
   rootless = sglang.quadlet.user != null;
-  workerUnits = map (m: "sglang-${m.name}.service") (
-    lib.filter (m: m.runtime == "container" || !rootless) workers
+  workerUnits = map (i: "${i.unit}.service") (
+    lib.filter (i: i.model.runtime == "container" || !rootless) instances
   );
 
   tls = gateway.settings.tls-cert-path or null != null;

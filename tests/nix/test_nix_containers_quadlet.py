@@ -315,6 +315,61 @@ def test_the_gateway_with_tls(generator: Path, workdir: Path, rootless: bool) ->
     assert "%d:/run/llmhop/credentials:ro" in gateway
 
 
+def replicas(*, rootless: bool) -> dict[str, Any]:
+    """Container replicas of each backend: by GPU, by device, on ports and on sockets."""
+    user = {} if rootless else {"quadlet": {"user": None}}
+    gpus = [{"gpus": ["0"]}, {"gpus": ["1"]}]
+    return {
+        "services": {
+            "llmhop": {
+                "enable": True,
+                "llama-cpp": {
+                    **user,
+                    "runtime": "container",
+                    "models": {"l": {"replicas": [{"devices": ["/dev/dri/renderD128"]}, {}]}},
+                },
+                "vllm": {
+                    **user,
+                    "models": {"v": {"port": 20001, "model": "org/v", "replicas": gpus}},
+                },
+                "sglang": {
+                    **user,
+                    "models": {"s": {"port": 30001, "model": "org/s", "replicas": gpus}},
+                    "gateway": {"enable": True, "port": 19000},
+                },
+            }
+        }
+    }
+
+
+@pytest.mark.parametrize("rootless", [True, False], ids=["rootless", "rootful"])
+def test_replicas(generator: Path, workdir: Path, rootless: bool) -> None:
+    result = evaluate(replicas(rootless=rootless))
+    runs = generate(generator, result, workdir)
+    assert sorted(result["quadlet"]) == [
+        "llama-cpp-l-0",
+        "llama-cpp-l-1",
+        "sglang-gateway",
+        "sglang-s-0",
+        "sglang-s-1",
+        "vllm-v-0",
+        "vllm-v-1",
+    ]
+    for backend, port, inside in (("vllm-v", 20001, 8000), ("sglang-s", 30001, 30000)):
+        for index in (0, 1):
+            argv = podman_run(runs, f"{backend}-{index}")
+            assert argv[argv.index("--device") + 1] == f"nvidia.com/gpu={index}"
+            assert argv[argv.index("--publish") + 1] == f"127.0.0.1:{port + index}:{inside}"
+    for index in (0, 1):
+        argv = podman_run(runs, f"llama-cpp-l-{index}")
+        assert f"/run/llmhop/llama-cpp-l-{index}:/run/llmhop/socket:U" in argv
+        assert "--umask=0007" in argv
+    assert "/dev/dri/renderD128" in podman_run(runs, "llama-cpp-l-0")
+    gateway = podman_run(runs, "sglang-gateway")
+    urls = gateway[gateway.index("--worker-urls") + 1 :][:2]
+    assert urls == ["http://127.0.0.1:30001", "http://127.0.0.1:30002"]
+
+
 def test_a_rejected_key_fails(generator: Path, workdir: Path) -> None:
     # The container file of a socket model as the module wrote it before: Umask= in [Container].
     result = evaluate(every_backend(rootless=True))

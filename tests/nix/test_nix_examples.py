@@ -26,7 +26,16 @@ def shown(name: str) -> str:
     return match.group(1)
 
 
-@pytest.mark.parametrize("name", ["complete.nix", "native-vllm.nix", "sharing.nix"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "complete.nix",
+        "native-vllm.nix",
+        "sharing.nix",
+        "two-hosts-front.nix",
+        "two-hosts-gpu.nix",
+    ],
+)
 def test_the_docs_show_the_example_files(name: str) -> None:
     assert shown(name) == (EXAMPLES / name).read_text().rstrip("\n")
 

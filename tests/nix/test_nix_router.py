@@ -196,9 +196,15 @@ def test_settings_are_typed() -> None:
         evaluate(llmhop(settings={"maxConcurrentRequests": -1}))
 
 
-def test_a_route_needs_a_url() -> None:
-    with pytest.raises(NixEvalError, match=r"settings\.models\.m\.url.*(used|accessed)"):
-        evaluate(llmhop(settings={"models": {"m": {"unlisted": True}}}))
+@pytest.mark.parametrize(
+    "route",
+    [{"unlisted": True}, {"url": "http://127.0.0.1:1", "urls": ["http://127.0.0.1:2"]}],
+    ids=["neither", "both"],
+)
+def test_a_route_needs_a_url_or_urls(route: dict[str, Any]) -> None:
+    assert assertions(llmhop(settings={"models": {"m": route}})) == [
+        "services.llmhop.settings.models.m: set exactly one of url and urls."
+    ]
 
 
 def test_shutdown_timeout_sets_the_stop_timeout() -> None:
