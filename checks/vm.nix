@@ -6,6 +6,8 @@
 # - vm-containers: vLLM and SGLang as rootless Podman containers, llama.cpp as a rootful one and
 #   the SGL Model Gateway, from fake images, with a CDI spec standing in for a GPU
 #   (vm/scripts/containers.py).
+# - vm-on-demand: two native llama.cpp models of one group started on demand, stopped when idle
+#   and swapped by the router's schedule; fakes that load for seconds (vm/scripts/on-demand.py).
 # - eval: both node configurations and the documented examples (examples/nixos/) evaluated as
 #   real NixOS systems; the router configs checked by `llmhop --check` and the Quadlet files by
 #   podman's generator, no VM needed.
@@ -107,7 +109,7 @@ let
   unitFile = config: name: "${config.systemd.units.${name}.unit}/${name}";
 
   # What docs/module.md shows; no assertion of the module or NixOS may fail on them.
-  examples = lib.genAttrs [ "quickstart" "complete" "native-vllm" ] (
+  examples = lib.genAttrs [ "quickstart" "complete" "native-vllm" "on-demand" ] (
     name: evalNode { imports = [ module ../examples/nixos/${name}.nix ]; }
   );
 in
@@ -116,6 +118,18 @@ in
     name = "llmhop-native";
     nodes.machine = nativeNode;
     testScript = builtins.readFile ./vm/scripts/native.py;
+  };
+
+  vm-on-demand = pkgs.testers.runNixOSTest {
+    name = "llmhop-on-demand";
+    nodes.machine = {
+      imports = [
+        common
+        ./vm/on-demand-config.nix
+      ];
+      _module.args = { inherit fakeEngine; };
+    };
+    testScript = builtins.readFile ./vm/scripts/on-demand.py;
   };
 
   vm-containers = pkgs.testers.runNixOSTest {

@@ -18,7 +18,7 @@ import pytest
 from nix_harness import HERE, REPO, eval_expression, evaluate, locked_store_path
 
 VM = REPO / "checks" / "vm"
-SCRIPTS = {name: VM / "scripts" / f"{name}.py" for name in ("native", "containers")}
+SCRIPTS = {name: VM / "scripts" / f"{name}.py" for name in ("native", "containers", "on-demand")}
 DRIVER_GLOBALS = {"machine", "start_all", "subtest"}
 
 # The Machine methods the scripts may call, with their keyword parameters, as in nixpkgs'
@@ -360,7 +360,7 @@ def test_vm_checks_evaluate_with_stub_packages() -> None:
         }};
       }}"""
     result = eval_expression(expression)
-    assert result["names"] == ["eval", "vm-containers", "vm-native"]
+    assert result["names"] == ["eval", "vm-containers", "vm-native", "vm-on-demand"]
     assert result["scripts"] == [SCRIPTS[n].read_text() for n in ("native", "containers")]
     native = result["native"]
     assert native["etc"] == [
@@ -384,3 +384,30 @@ def test_vm_checks_evaluate_with_stub_packages() -> None:
         {"path": "/dev/nvidia-fake", "hostPath": "/dev/null"}
     ]
     assert containers["images"] == ["gateway", "llama-cpp", "sglang", "vllm"]
+
+
+@pytest.mark.nix
+@pytest.mark.usefixtures("nix_inputs")
+def test_on_demand_node_matches_its_script(tmp_path: Path) -> None:
+    result = node_config(tmp_path, "on-demand")
+    script = script_constants("on-demand")
+    services, sockets = result["services"], result["sockets"]
+    assert sorted(f"{name}.socket" for name in sockets if name != "llmhop-default") == sorted(
+        script["SOCKETS"]
+    )
+    for worker, proxy in ((script["A"], script["PROXY_A"]), (script["B"], script["PROXY_B"])):
+        unit = services[worker.removesuffix(".service")]
+        assert "wantedBy" not in unit and unit["unitConfig"]["StopWhenUnneeded"] is True
+        assert services[proxy.removesuffix(".service")]["requires"] == [worker]
+        assert (
+            f'"--fake-loading-probes" "{script["LOADING_PROBES"]}"'
+            in (unit["serviceConfig"]["ExecStart"])
+        )
+    assert services["llama-cpp-b"]["conflicts"] == [script["A"]]
+    a = services["llama-cpp-a"]["serviceConfig"]["ExecStart"]
+    assert f'"--host" "{script["SERVER_A"]}"' in a
+    config = json.loads(Path(result["etc"]["llmhop/llmhop.json"]["source"]).read_text())
+    assert {name: route["group"] for name, route in config["models"].items()} == {
+        "a": "gpu",
+        "b": "gpu",
+    }
