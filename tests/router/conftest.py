@@ -4,7 +4,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from support import FakeUpstream, Handler, RunningRouter
+from support import FakeUpstream, Handler, HeldUpstream, RunningRouter
 
 
 @pytest.fixture
@@ -44,3 +44,23 @@ def router_factory() -> Iterator[Callable[..., RunningRouter]]:
 def router(router_factory: Callable[..., RunningRouter], upstream: FakeUpstream) -> RunningRouter:
     """One model, "m", on the default fake upstream; auth off."""
     return router_factory({"models": {"m": {"url": upstream.url}}})
+
+
+@pytest.fixture
+def held_factory() -> Iterator[Callable[[], HeldUpstream]]:
+    """Upstreams that answer only when the test lets them (see HeldUpstream)."""
+    made: list[HeldUpstream] = []
+
+    def make() -> HeldUpstream:
+        upstream = HeldUpstream()
+        made.append(upstream)
+        return upstream
+
+    yield make
+    for upstream in made:
+        upstream.close()
+
+
+@pytest.fixture
+def held(held_factory: Callable[[], HeldUpstream]) -> HeldUpstream:
+    return held_factory()

@@ -43,6 +43,7 @@ __all__ = [
     "WAIT",
     "FakeUpstream",
     "Handler",
+    "HeldUpstream",
     "Received",
     "Reply",
     "RouterProcess",
@@ -148,6 +149,49 @@ class FakeUpstream:
     def close(self) -> None:
         self._stopped = True
         self.listener.close()
+
+
+class HeldUpstream(FakeUpstream):
+    """An upstream that holds each request until the test lets it be answered: some
+    (``allow``) or all from now on (``release_all``). What arrives is reported in order."""
+
+    def __init__(self) -> None:
+        self.arrived: queue.Queue[Received] = queue.Queue()
+        self._may_answer = threading.Condition()
+        self._credits = 0
+        self._all = False
+
+        def handler(request: Received, conn: socket.socket) -> bool:
+            self.arrived.put(request)
+            with self._may_answer:
+                if not self._may_answer.wait_for(lambda: self._all or self._credits, WAIT):
+                    return False
+                if not self._all:
+                    self._credits -= 1
+            conn.sendall(http_response())
+            return True
+
+        super().__init__(handler)
+
+    def next_arrival(self) -> Received:
+        return self.arrived.get(timeout=WAIT)
+
+    def nothing_arrived(self) -> bool:
+        return self.arrived.empty()
+
+    def allow(self, count: int = 1) -> None:
+        with self._may_answer:
+            self._credits += count
+            self._may_answer.notify_all()
+
+    def release_all(self) -> None:
+        with self._may_answer:
+            self._all = True
+            self._may_answer.notify_all()
+
+    def close(self) -> None:
+        self.release_all()
+        super().close()
 
 
 class RunningRouter:

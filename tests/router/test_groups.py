@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import queue
 import re
 import signal
-import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,60 +14,18 @@ import pytest
 from support import (
     WAIT,
     FakeUpstream,
-    Received,
+    HeldUpstream,
     RouterProcess,
     RunningRouter,
     SocketReader,
     chat,
     exchange,
-    http_response,
     llmhop,
     read_reply,
     request_bytes,
 )
 
 Factory = Callable[..., Any]
-
-
-class GatedUpstream(FakeUpstream):
-    """Answers each request only when the test lets one through; reports what arrives."""
-
-    def __init__(self) -> None:
-        self.allowed = threading.Semaphore(0)
-        self.arrived: queue.Queue[Received] = queue.Queue()
-
-        def handler(request: Received, conn: socket.socket) -> bool:
-            self.arrived.put(request)
-            if self.allowed.acquire(timeout=WAIT):
-                conn.sendall(http_response())
-            return True
-
-        super().__init__(handler)
-
-    def next_arrival(self) -> Received:
-        return self.arrived.get(timeout=WAIT)
-
-    def nothing_arrived(self) -> bool:
-        return self.arrived.empty()
-
-    def allow(self, count: int = 1) -> None:
-        for _ in range(count):
-            self.allowed.release()
-
-
-@pytest.fixture
-def gated() -> Iterator[Callable[[], GatedUpstream]]:
-    made: list[GatedUpstream] = []
-
-    def make() -> GatedUpstream:
-        upstream = GatedUpstream()
-        made.append(upstream)
-        return upstream
-
-    yield make
-    for upstream in made:
-        upstream.allow(100)
-        upstream.close()
 
 
 class Client:
@@ -110,9 +66,9 @@ def until(condition: Callable[[], bool]) -> None:
 
 
 def test_a_model_waits_while_another_of_its_group_has_requests(
-    router_factory: Factory, gated: Callable[[], GatedUpstream]
+    router_factory: Factory, held_factory: Callable[[], HeldUpstream]
 ) -> None:
-    a, b = gated(), gated()
+    a, b = held_factory(), held_factory()
     router = router_factory(group_config(a, b))
     first = Client(router, "a")
     a.next_arrival()
@@ -138,9 +94,9 @@ def test_a_model_waits_while_another_of_its_group_has_requests(
 
 
 def test_on_a_switch_every_request_waiting_for_the_model_goes_in(
-    router_factory: Factory, gated: Callable[[], GatedUpstream]
+    router_factory: Factory, held_factory: Callable[[], HeldUpstream]
 ) -> None:
-    a, b = gated(), gated()
+    a, b = held_factory(), held_factory()
     router = router_factory({**group_config(a, b), "maxConcurrentRequests": 0})
     holding = Client(router, "a")
     a.next_arrival()
@@ -155,9 +111,9 @@ def test_on_a_switch_every_request_waiting_for_the_model_goes_in(
 
 
 def test_models_without_a_group_are_not_held_up(
-    router_factory: Factory, gated: Callable[[], GatedUpstream], upstream: FakeUpstream
+    router_factory: Factory, held_factory: Callable[[], HeldUpstream], upstream: FakeUpstream
 ) -> None:
-    a, b = gated(), gated()
+    a, b = held_factory(), held_factory()
     config = group_config(a, b)
     config["models"]["free"] = {"url": upstream.url}
     router = router_factory(config)
@@ -169,9 +125,9 @@ def test_models_without_a_group_are_not_held_up(
 
 
 def test_a_request_not_let_in_in_time_gets_503(
-    router_factory: Factory, gated: Callable[[], GatedUpstream]
+    router_factory: Factory, held_factory: Callable[[], HeldUpstream]
 ) -> None:
-    a, b = gated(), gated()
+    a, b = held_factory(), held_factory()
     config = group_config(a, b)
     config["models"]["b"]["queueTimeout"] = 0.2
     router = router_factory(config)
@@ -191,9 +147,9 @@ def test_a_request_not_let_in_in_time_gets_503(
 
 
 def test_a_client_that_leaves_the_queue_costs_nothing_upstream(
-    router_factory: Factory, gated: Callable[[], GatedUpstream]
+    router_factory: Factory, held_factory: Callable[[], HeldUpstream]
 ) -> None:
-    a, b = gated(), gated()
+    a, b = held_factory(), held_factory()
     router = router_factory(group_config(a, b))
     holding = Client(router, "a")
     a.next_arrival()
@@ -259,9 +215,9 @@ def reload_with(router: RunningRouter, tmp_path: Path, config: dict[str, Any]) -
 
 
 def test_a_reload_keeps_the_queue(
-    router_factory: Factory, gated: Callable[[], GatedUpstream], tmp_path: Path
+    router_factory: Factory, held_factory: Callable[[], HeldUpstream], tmp_path: Path
 ) -> None:
-    a, b = gated(), gated()
+    a, b = held_factory(), held_factory()
     config = group_config(a, b)
     router = router_factory(config)
     holding = Client(router, "a")
@@ -278,9 +234,9 @@ def test_a_reload_keeps_the_queue(
 
 
 def test_a_group_gone_by_reload_lets_its_waiters_go(
-    router_factory: Factory, gated: Callable[[], GatedUpstream], tmp_path: Path
+    router_factory: Factory, held_factory: Callable[[], HeldUpstream], tmp_path: Path
 ) -> None:
-    a, b = gated(), gated()
+    a, b = held_factory(), held_factory()
     router = router_factory(group_config(a, b))
     holding = Client(router, "a")
     a.next_arrival()
@@ -296,9 +252,9 @@ def test_a_group_gone_by_reload_lets_its_waiters_go(
 
 
 def test_drain_keeps_the_promise_to_waiting_requests(
-    tmp_path: Path, gated: Callable[[], GatedUpstream]
+    tmp_path: Path, held_factory: Callable[[], HeldUpstream]
 ) -> None:
-    a, b = gated(), gated()
+    a, b = held_factory(), held_factory()
     router = RouterProcess(group_config(a, b), tmp_path)
     holding = Client(router, "a")
     a.next_arrival()

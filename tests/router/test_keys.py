@@ -5,11 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import socket
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +16,12 @@ from support import (
     ROUTER_SCRIPT,
     WAIT,
     FakeUpstream,
-    Received,
+    HeldUpstream,
     RouterProcess,
     RunningRouter,
     SocketReader,
     chat,
     exchange,
-    http_response,
     llmhop,
     read_reply,
     request_bytes,
@@ -145,30 +142,6 @@ def test_anything_but_a_configured_token_gets_401(
     assert (reply.status, error_of(reply)["code"]) == (401, "invalid_api_key")
 
 
-class HeldUpstream(FakeUpstream):
-    """Holds each request until the test releases it, counting the ones it holds."""
-
-    def __init__(self) -> None:
-        self.release = threading.Event()
-        self.held = threading.Semaphore(0)
-
-        def handler(request: Received, conn: socket.socket) -> bool:
-            self.held.release()
-            self.release.wait(WAIT)
-            conn.sendall(http_response())
-            return True
-
-        super().__init__(handler)
-
-
-@pytest.fixture
-def held() -> Iterator[HeldUpstream]:
-    upstream = HeldUpstream()
-    yield upstream
-    upstream.release.set()
-    upstream.close()
-
-
 def test_a_keys_own_limit_answers_429_and_the_routers_503(
     router_factory: Factory, held: HeldUpstream
 ) -> None:
@@ -188,7 +161,7 @@ def test_a_keys_own_limit_answers_429_and_the_routers_503(
             sock = router.connect()
             open_sockets.append(sock)
             sock.sendall(request_bytes("POST", "/v1/x", chat("m"), bearer(token)))
-            assert held.held.acquire(timeout=WAIT)
+            held.next_arrival()
         over_key = exchange(router, "POST", "/v1/x", chat("m"), bearer(CI_TOKEN))
         assert (over_key.status, error_of(over_key)["code"]) == (429, "rate_limit_exceeded")
         assert over_key.headers["retry-after"] == "1"
@@ -200,7 +173,7 @@ def test_a_keys_own_limit_answers_429_and_the_routers_503(
         )
         metrics = exchange(router, "GET", "/metrics", headers=bearer(ADMIN_TOKEN)).body.decode()
         assert 'llmhop_key_requests_in_flight{key="ci"} 2' in metrics
-        held.release.set()
+        held.release_all()
         assert all(read_reply(SocketReader(sock)).status == 200 for sock in open_sockets)
     finally:
         for sock in open_sockets:

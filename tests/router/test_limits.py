@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from support import (
     WAIT,
     FakeUpstream,
+    HeldUpstream,
     Received,
     RunningRouter,
     SocketReader,
     chat,
     chunk,
     exchange,
-    http_response,
     read_reply,
     request_bytes,
     send_raw,
@@ -88,41 +87,17 @@ def test_zero_disables_the_body_cap(router_factory: Factory, upstream: FakeUpstr
     assert upstream.next_request().body == body
 
 
-class HeldUpstream(FakeUpstream):
-    """Holds each request until the test releases it."""
-
-    def __init__(self) -> None:
-        self.release = threading.Event()
-        self.holding = threading.Event()
-
-        def handler(request: Received, conn: socket.socket) -> bool:
-            self.holding.set()
-            self.release.wait(WAIT)
-            conn.sendall(http_response())
-            return True
-
-        super().__init__(handler)
-
-
-@pytest.fixture
-def held() -> Iterator[HeldUpstream]:
-    upstream = HeldUpstream()
-    yield upstream
-    upstream.release.set()
-    upstream.close()
-
-
 def test_concurrency_limit_answers_503_at_once(router_factory: Factory, held: HeldUpstream) -> None:
     router = router_factory({"maxConcurrentRequests": 1, "models": {"m": {"url": held.url}}})
     with router.connect() as first:
         first.sendall(request_bytes("POST", "/v1/x", chat("m")))
-        assert held.holding.wait(WAIT)
+        assert held.next_arrival()
         refused = exchange(router, "POST", "/v1/x", chat("m"))
         assert refused.status == 503
         assert refused.headers["retry-after"] == "1"
         assert error_code(refused) == "too_many_concurrent_requests"
         assert exchange(router, "GET", "/health").status == 200  # takes no slot
-        held.release.set()
+        held.release_all()
         assert read_reply(SocketReader(first)).status == 200
     assert exchange(router, "POST", "/v1/x", chat("m")).status == 200
 
@@ -133,7 +108,7 @@ def test_zero_disables_the_concurrency_limit(router_factory: Factory, held: Held
     try:
         for sock in sockets:
             sock.sendall(request_bytes("POST", "/v1/x", chat("m")))
-        held.release.set()
+        held.release_all()
         assert all(read_reply(SocketReader(sock)).status == 200 for sock in sockets)
     finally:
         for sock in sockets:

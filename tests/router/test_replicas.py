@@ -6,14 +6,14 @@ import json
 import re
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support import (
-    WAIT,
     FakeUpstream,
+    HeldUpstream,
     Received,
     RouterProcess,
     RunningRouter,
@@ -121,35 +121,10 @@ def test_a_reload_keeps_what_is_known_of_each_kept_replica() -> None:
 # --- through the router -----------------------------------------------------------------------
 
 
-class HeldUpstream(FakeUpstream):
-    """Holds each request until released; counts what it holds."""
-
-    def __init__(self) -> None:
-        self.release = threading.Event()
-        self.holding = threading.Semaphore(0)
-
-        def handler(request: Received, conn: socket.socket) -> bool:
-            self.holding.release()
-            self.release.wait(WAIT)
-            conn.sendall(http_response())
-            return True
-
-        super().__init__(handler)
-
-
-@pytest.fixture
-def held_pair() -> Iterator[tuple[HeldUpstream, HeldUpstream]]:
-    pair = (HeldUpstream(), HeldUpstream())
-    yield pair
-    for upstream in pair:
-        upstream.release.set()
-        upstream.close()
-
-
 def test_requests_in_flight_spread_to_the_least_busy(
-    router_factory: Factory, held_pair: tuple[HeldUpstream, HeldUpstream]
+    router_factory: Factory, held_factory: Callable[[], HeldUpstream]
 ) -> None:
-    first, second = held_pair
+    held_pair = first, second = held_factory(), held_factory()
     router = router_factory({"models": {"m": {"urls": [first.url, second.url]}}})
     sockets = [router.connect() for _ in range(4)]
     try:
@@ -157,11 +132,11 @@ def test_requests_in_flight_spread_to_the_least_busy(
             sock.sendall(request_bytes("POST", "/v1/x", chat("m")))
         # Four requests, none answered yet: two at each replica.
         for upstream in held_pair:
-            assert upstream.holding.acquire(timeout=WAIT)
-            assert upstream.holding.acquire(timeout=WAIT)
+            upstream.next_arrival()
+            upstream.next_arrival()
         assert samples(router)['llmhop_replica_requests_in_flight{model="m",replica="0"}'] == 2
         for upstream in held_pair:
-            upstream.release.set()
+            upstream.release_all()
         assert all(read_reply(SocketReader(sock)).status == 200 for sock in sockets)
     finally:
         for sock in sockets:
