@@ -1,24 +1,36 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
-from support import FakeUpstream, Handler, HeldUpstream, RunningRouter
+from support import FakeUpstream, HeldUpstream, RunningRouter
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+Made = TypeVar("Made", bound=Closable)
+
+
+def closed_after_the_test(make: Callable[..., Made]) -> Iterator[Callable[..., Made]]:
+    """A factory fixture's body: what the test makes is closed when it ends, pass or fail."""
+    made: list[Made] = []
+
+    def factory(*args: Any, **kwargs: Any) -> Made:
+        item = make(*args, **kwargs)
+        made.append(item)
+        return item
+
+    yield factory
+    for item in made:
+        item.close()
 
 
 @pytest.fixture
 def upstream_factory() -> Iterator[Callable[..., FakeUpstream]]:
-    upstreams: list[FakeUpstream] = []
-
-    def make(handler: Handler | None = None, **kwargs: Any) -> FakeUpstream:
-        upstream = FakeUpstream(handler, **kwargs)
-        upstreams.append(upstream)
-        return upstream
-
-    yield make
-    for upstream in upstreams:
-        upstream.close()
+    yield from closed_after_the_test(FakeUpstream)
 
 
 @pytest.fixture
@@ -28,16 +40,7 @@ def upstream(upstream_factory: Callable[..., FakeUpstream]) -> FakeUpstream:
 
 @pytest.fixture
 def router_factory() -> Iterator[Callable[..., RunningRouter]]:
-    routers: list[RunningRouter] = []
-
-    def make(config: dict[str, Any], **kwargs: Any) -> RunningRouter:
-        router = RunningRouter(config, **kwargs)
-        routers.append(router)
-        return router
-
-    yield make
-    for router in routers:
-        router.close()
+    yield from closed_after_the_test(RunningRouter)
 
 
 @pytest.fixture
@@ -49,16 +52,7 @@ def router(router_factory: Callable[..., RunningRouter], upstream: FakeUpstream)
 @pytest.fixture
 def held_factory() -> Iterator[Callable[[], HeldUpstream]]:
     """Upstreams that answer only when the test lets them (see HeldUpstream)."""
-    made: list[HeldUpstream] = []
-
-    def make() -> HeldUpstream:
-        upstream = HeldUpstream()
-        made.append(upstream)
-        return upstream
-
-    yield make
-    for upstream in made:
-        upstream.close()
+    yield from closed_after_the_test(HeldUpstream)
 
 
 @pytest.fixture
