@@ -56,6 +56,12 @@ class DirectAnswers:
     embeddings: list[list[float]]
 
 
+@pytest.fixture
+def client(router_with_auth: RouterProcess, routing: Routing, model_name: str) -> openai.OpenAI:
+    """A client of the router, for the test's model by the test's way of routing."""
+    return router_client(router_with_auth, model_name, routing, ROUTER_TOKEN)
+
+
 @pytest.fixture(scope="module")
 def direct_answers(backends: Backends) -> dict[str, DirectAnswers]:
     answers: dict[str, DirectAnswers] = {}
@@ -83,12 +89,10 @@ def test_models_list_names_every_configured_model(router_with_auth: RouterProces
 
 @pytest.mark.parametrize(("routing", "model_name"), ROUTES_AND_MODELS)
 def test_chat_completion_reaches_the_named_backend(
-    router_with_auth: RouterProcess,
+    client: openai.OpenAI,
     direct_answers: dict[str, DirectAnswers],
-    routing: Routing,
     model_name: str,
 ) -> None:
-    client = router_client(router_with_auth, model_name, routing, ROUTER_TOKEN)
     response = chat(client, model_name)
     assert response.choices[0].finish_reason == "length"
     assert response.usage is not None
@@ -99,12 +103,10 @@ def test_chat_completion_reaches_the_named_backend(
 
 @pytest.mark.parametrize(("routing", "model_name"), ROUTES_AND_MODELS)
 def test_streamed_chat_completion_arrives_in_chunks(
-    router_with_auth: RouterProcess,
+    client: openai.OpenAI,
     direct_answers: dict[str, DirectAnswers],
-    routing: Routing,
     model_name: str,
 ) -> None:
-    client = router_client(router_with_auth, model_name, routing, ROUTER_TOKEN)
     deltas = streamed_chat_deltas(client, model_name)
     assert len([delta for delta in deltas if delta]) > 1, "expected several content chunks"
     assert "".join(deltas) == direct_answers[model_name].chat
@@ -112,12 +114,10 @@ def test_streamed_chat_completion_arrives_in_chunks(
 
 @pytest.mark.parametrize(("routing", "model_name"), ROUTES_AND_MODELS)
 def test_completion_reaches_the_named_backend(
-    router_with_auth: RouterProcess,
+    client: openai.OpenAI,
     direct_answers: dict[str, DirectAnswers],
-    routing: Routing,
     model_name: str,
 ) -> None:
-    client = router_client(router_with_auth, model_name, routing, ROUTER_TOKEN)
     text = complete(client, model_name).choices[0].text
     assert text == direct_answers[model_name].completion
     assert text != direct_answers[other_model(model_name)].completion
@@ -125,12 +125,10 @@ def test_completion_reaches_the_named_backend(
 
 @pytest.mark.parametrize(("routing", "model_name"), ROUTES_AND_MODELS)
 def test_embeddings_reach_the_named_backend(
-    router_with_auth: RouterProcess,
+    client: openai.OpenAI,
     direct_answers: dict[str, DirectAnswers],
-    routing: Routing,
     model_name: str,
 ) -> None:
-    client = router_client(router_with_auth, model_name, routing, ROUTER_TOKEN)
     vectors = embed(client, model_name)
     assert numpy.allclose(vectors, direct_answers[model_name].embeddings)
     assert not numpy.allclose(vectors, direct_answers[other_model(model_name)].embeddings)
