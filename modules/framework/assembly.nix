@@ -209,7 +209,11 @@ rec {
         peers = lib.sort lib.lessThan (
           map (peer: peer.unit) (
             lib.filter (
-              peer: model.group != null && peer.group == model.group && peer.manager == manager && peer.unit != "${unit}.service"
+              peer:
+              model.group != null
+              && peer.group == model.group
+              && peer.manager == manager
+              && peer.unit != "${unit}.service"
             ) (lib.attrValues routerCfg.workersRegistry)
           )
         );
