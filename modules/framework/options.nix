@@ -191,11 +191,13 @@ let
           '';
         };
         onDemand = {
-          enable = lib.mkEnableOption ''
-            starting this model on its first connection and stopping it when idle: a socket unit
-            owns its `socket` or `port`, and `systemd-socket-proxyd` in front of the server
-            starts it and passes the connection on once it is healthy
-          '';
+          enable = lib.mkEnableOption (
+            lib.removeSuffix "\n" ''
+              starting this model on its first connection and stopping it when idle: a socket
+              unit owns its `socket` or `port`, and `systemd-socket-proxyd` in front of the
+              server starts it and passes the connection on once it is healthy
+            ''
+          );
           idleTimeout = mkOption {
             type = types.strMatching llmhopLib.timeSpanPattern;
             default = "10min";
