@@ -553,7 +553,7 @@ class SecretResolver:
         if not name:
             raise SecretError("env: needs a variable name")
         if self.check_only:
-            return "checked"
+            return _unread("env", name)
         value = self.environ.get(name)
         if value is None:
             raise SecretError(f"environment variable {name} is not set")
@@ -569,7 +569,7 @@ class SecretResolver:
         if not path:
             raise SecretError("file: needs a path")
         if self.check_only:
-            return "checked"
+            return _unread("file", path)
         if not os.path.isabs(path):
             # As in the Go project: a relative path names a file among systemd's credentials.
             path = os.path.join(self._credentials_directory(f"relative path {path!r}"), path)
@@ -579,8 +579,14 @@ class SecretResolver:
         if not name or "/" in name or name in (".", ".."):
             raise SecretError(f"cred: needs a credential name without '/', got {name!r}")
         if self.check_only:
-            return "checked"
+            return _unread("cred", name)
         return _read_secret_file(os.path.join(self._credentials_directory(f"cred:{name}"), name))
+
+
+def _unread(scheme: str, argument: str) -> str:
+    """What a reference stands for while a config is only checked: distinct references stay
+    distinct, so two keys given as two credentials are not taken for one token."""
+    return f"unread-{scheme}-{argument}"
 
 
 def _not_a_reference(text: str) -> str:

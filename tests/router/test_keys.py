@@ -312,3 +312,27 @@ def test_check_names_each_bad_key_by_its_path(tmp_path: Path) -> None:
         "config: authTokens[2].name: is taken by authTokens[1]",
         "config: authTokens[2].sha256: must be 64 hex digits (llmhop hash-token)",
     ]
+
+
+def test_check_tells_two_credential_keys_apart(tmp_path: Path) -> None:
+    """Nothing is read by --check, yet two credentials are two tokens, not one repeated."""
+    config = tmp_path / "config.json"
+    config.write_text(
+        json.dumps(
+            {
+                "authTokens": [
+                    "${cred:admin-token}",
+                    {"name": "ci", "token": "${cred:ci-token}"},
+                    {"name": "ui", "token": "${env:UI_TOKEN}"},
+                ],
+                "models": {"m": {"url": "http://127.0.0.1:1"}},
+            }
+        )
+    )
+    checked = subprocess.run(
+        [sys.executable, str(ROUTER_SCRIPT), "--check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=WAIT * 2,
+    )
+    assert (checked.returncode, checked.stderr) == (0, "config ok: 1 model(s)\n")
