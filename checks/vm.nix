@@ -108,10 +108,17 @@ let
 
   unitFile = config: name: "${config.systemd.units.${name}.unit}/${name}";
 
-  # What docs/module.md shows; no assertion of the module or NixOS may fail on them.
-  examples = lib.genAttrs [ "quickstart" "complete" "native-vllm" "on-demand" ] (
-    name: evalNode { imports = [ module ../examples/nixos/${name}.nix ]; }
-  );
+  # What docs/module.md shows, every file of examples/nixos; no assertion of the module or
+  # NixOS may fail on them.
+  examples = lib.mapAttrs' (
+    file: _:
+    lib.nameValuePair (lib.removeSuffix ".nix" file) (evalNode {
+      imports = [
+        module
+        (../examples/nixos + "/${file}")
+      ];
+    })
+  ) (lib.filterAttrs (file: _: lib.hasSuffix ".nix" file) (builtins.readDir ../examples/nixos));
 in
 {
   vm-native = pkgs.testers.runNixOSTest {
