@@ -19,6 +19,36 @@ let
   llmhopLib = import ../lib lib;
 
   settingsFormat = pkgs.formats.json { };
+  routeEntry = types.attrsOf settingsFormat.type;
+
+  # Every registry: claims by owner, written by the modules, never by users.
+  registry =
+    { type, description }:
+    mkOption {
+      type = types.attrsOf type;
+      default = { };
+      internal = true;
+      inherit description;
+    };
+
+  # A field every claim fills in.
+  field = type: description: mkOption { inherit type description; };
+
+  routeClaim = types.submodule {
+    options = {
+      name = field types.str "The routing key.";
+      route = field routeEntry "The entry of `settings.models` (`url`, maybe `unlisted`).";
+    };
+  };
+
+  workerClaim = types.submodule {
+    options = {
+      unit = field types.str "The worker's unit.";
+      manager = field types.str "The systemd manager running it, in words (`the system manager`).";
+      group = field types.str "The router's group of the model.";
+      onDemand = field types.bool "Whether it starts on demand.";
+    };
+  };
 
   # Routes of the backends, by routing key; the first owner (sorted) wins a collision.
   registeredRoutes = lib.foldl' (
@@ -48,62 +78,20 @@ let
 in
 {
   options.services.llmhop = {
-    portsRegistry = mkOption {
-      type = types.attrsOf types.port;
-      default = { };
-      internal = true;
+    portsRegistry = registry {
+      type = types.port;
       description = "Host ports by owner (e.g. `llmhop.listen.default`); a port claimed twice fails evaluation.";
     };
-    unitsRegistry = mkOption {
-      type = types.attrsOf types.str;
-      default = { };
-      internal = true;
+    unitsRegistry = registry {
+      type = types.str;
       description = "systemd unit names by owner; a unit claimed twice fails evaluation.";
     };
-    modelsRegistry = mkOption {
-      type = types.attrsOf (
-        types.submodule {
-          options = {
-            name = mkOption {
-              type = types.str;
-              description = "The routing key.";
-            };
-            route = mkOption {
-              type = types.attrsOf settingsFormat.type;
-              description = "The entry of `settings.models` (`url`, maybe `unlisted`).";
-            };
-          };
-        }
-      );
-      default = { };
-      internal = true;
+    modelsRegistry = registry {
+      type = routeClaim;
       description = "Routes by owner (e.g. `llama-cpp.models.qwen3-8b`); a routing key claimed twice fails evaluation.";
     };
-    workersRegistry = mkOption {
-      type = types.attrsOf (
-        types.submodule {
-          options = {
-            unit = mkOption {
-              type = types.str;
-              description = "The worker's unit.";
-            };
-            manager = mkOption {
-              type = types.str;
-              description = "The systemd manager running it, in words (`the system manager`).";
-            };
-            group = mkOption {
-              type = types.str;
-              description = "The router's group of the model.";
-            };
-            onDemand = mkOption {
-              type = types.bool;
-              description = "Whether it starts on demand.";
-            };
-          };
-        }
-      );
-      default = { };
-      internal = true;
+    workersRegistry = registry {
+      type = workerClaim;
       description = "Workers in a group, by owner: their workers conflict within a manager.";
     };
   };
