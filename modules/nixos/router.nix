@@ -17,6 +17,15 @@ let
 
   defaultUser = "llmhop";
 
+  # A limit of the router's whose `0` lifts it.
+  capOption =
+    default: what:
+    mkOption {
+      type = types.ints.unsigned;
+      inherit default;
+      description = "${what}; `0` means no cap.";
+    };
+
   # The path in ExecStart stays the same across generations, so a new config reloads the
   # router (reloadTriggers) instead of restarting it.
   configPath = "/etc/llmhop/llmhop.json";
@@ -296,16 +305,8 @@ in
               which are shown only the models {file}`/v1/models` lists.
             '';
           };
-          maxBodyBytes = mkOption {
-            type = types.ints.unsigned;
-            default = 104857600;
-            description = "Larger request bodies get 413; `0` means no cap.";
-          };
-          maxConcurrentRequests = mkOption {
-            type = types.ints.unsigned;
-            default = 8;
-            description = "Proxied requests in flight; more get 503 at once; `0` means no cap.";
-          };
+          maxBodyBytes = capOption 104857600 "Larger request bodies get 413";
+          maxConcurrentRequests = capOption 8 "Proxied requests in flight; more get 503 at once";
           connectTimeout = mkOption {
             type = types.numbers.positive;
             default = 30;
