@@ -22,9 +22,6 @@ from nix_harness import (
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
 
 
-pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
-
-
 def test_the_quickstart_example() -> None:
     # docs/module.md shows it (tests/nix/test_nix_examples.py).
     result = evaluate(module=REPO / "examples" / "nixos" / "quickstart.nix")

@@ -23,9 +23,6 @@ from nix_harness import (
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
 
 
-pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
-
-
 def test_unix_socket_default_listener() -> None:
     result = evaluate(llmhop(port=None, socketGroup="caddy"))
     socket = result["sockets"]["llmhop-default"]
