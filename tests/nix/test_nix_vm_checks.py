@@ -84,10 +84,22 @@ def script_constants(name: str) -> dict[str, Any]:
     return namespace
 
 
-def node_config(tmp_path: Path, name: str) -> dict[str, Any]:
+def node_and_script(tmp_path: Path, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A node's configuration evaluated with the module, and the constants of its script."""
     module = tmp_path / f"{name}.nix"
     module.write_text(STUB_MODULE.format(config=VM / f"{name}-config.nix"))
-    return evaluate(module=module)
+    return evaluate(module=module), script_constants(name)
+
+
+def router_config(result: dict[str, Any]) -> dict[str, Any]:
+    """The node's rendered llmhop.json."""
+    return json.loads(Path(result["etc"]["llmhop/llmhop.json"]["source"]).read_text())
+
+
+def run_ruff(ruff: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(ruff), *args], capture_output=True, text=True, cwd=cwd, timeout=60, check=False
+    )
 
 
 def quadlet_keys(text: str) -> dict[str, list[str]]:
@@ -118,14 +130,7 @@ def test_script_compiles_as_the_driver_runs_it(name: str) -> None:
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_script_passes_ruff(name: str, ruff: Path) -> None:
     for command in (["check"], ["format", "--check"]):
-        proc = subprocess.run(
-            [str(ruff), *command, str(SCRIPTS[name])],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=60,
-            check=False,
-        )
+        proc = run_ruff(ruff, *command, str(SCRIPTS[name]), cwd=REPO)
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -138,14 +143,7 @@ def test_ruff_still_catches_undefined_names_in_scripts(tmp_path: Path, ruff: Pat
     (scripts / "broken.py").write_text(
         'start_all()\nmachine.succeed("true")\nmachin.succeed("x")\n'
     )
-    proc = subprocess.run(
-        [str(ruff), "check", str(scripts / "broken.py")],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=60,
-        check=False,
-    )
+    proc = run_ruff(ruff, "check", str(scripts / "broken.py"), cwd=tmp_path)
     assert proc.returncode == 1
     assert "F821 Undefined name `machin`" in proc.stdout
     assert "`machine`" not in proc.stdout
@@ -178,9 +176,8 @@ def test_script_calls_only_the_driver_api(name: str) -> None:
 @pytest.mark.nix
 @pytest.mark.usefixtures("nix_inputs")
 def test_native_node_matches_its_script(tmp_path: Path) -> None:
-    result = node_config(tmp_path, "native")
-    script = script_constants("native")
-    config = json.loads(Path(result["etc"]["llmhop/llmhop.json"]["source"]).read_text())
+    result, script = node_and_script(tmp_path, "native")
+    config = router_config(result)
     assert sorted(config["models"]) == script["MODELS"]
     assert config["authTokens"] == ["${cred:llmhop.client-token}"]
     router = result["services"]["llmhop"]["serviceConfig"]
@@ -212,9 +209,8 @@ def test_native_node_matches_its_script(tmp_path: Path) -> None:
 @pytest.mark.nix
 @pytest.mark.usefixtures("nix_inputs")
 def test_containers_node_matches_its_script(tmp_path: Path) -> None:
-    result = node_config(tmp_path, "containers")
-    script = script_constants("containers")
-    config = json.loads(Path(result["etc"]["llmhop/llmhop.json"]["source"]).read_text())
+    result, script = node_and_script(tmp_path, "containers")
+    config = router_config(result)
     assert sorted(config["models"]) == sorted([*script["WORKERS"], "sglang"])
     quadlet = {name: quadlet_keys(text) for name, text in result["quadlet"].items()}
     uids = {user: uid for user, (uid, _) in script["USERS"].items()}
@@ -389,8 +385,7 @@ def test_vm_checks_evaluate_with_stub_packages() -> None:
 @pytest.mark.nix
 @pytest.mark.usefixtures("nix_inputs")
 def test_on_demand_node_matches_its_script(tmp_path: Path) -> None:
-    result = node_config(tmp_path, "on-demand")
-    script = script_constants("on-demand")
+    result, script = node_and_script(tmp_path, "on-demand")
     services, sockets = result["services"], result["sockets"]
     assert sorted(f"{name}.socket" for name in sockets if name != "llmhop-default") == sorted(
         script["SOCKETS"]
@@ -406,7 +401,7 @@ def test_on_demand_node_matches_its_script(tmp_path: Path) -> None:
     assert services["llama-cpp-b"]["conflicts"] == [script["A"]]
     a = services["llama-cpp-a"]["serviceConfig"]["ExecStart"]
     assert f'"--host" "{script["SERVER_A"]}"' in a
-    config = json.loads(Path(result["etc"]["llmhop/llmhop.json"]["source"]).read_text())
+    config = router_config(result)
     assert {name: route["group"] for name, route in config["models"].items()} == {
         "a": "gpu",
         "b": "gpu",
