@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import openai
 from e2e_support import CpuSample, LlamaServer, RouterProcess, cpu_seconds, wait_for_cpu_to_settle
@@ -62,24 +62,23 @@ def router_client(
     )
 
 
+def chat_request(model_name: str, max_tokens: int = SHORT_MAX_TOKENS) -> dict[str, Any]:
+    """The chat request of every test: greedy, so a backend answers it the same each time."""
+    return {
+        "model": model_name,
+        "messages": CHAT_MESSAGES,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+
+
 def chat(client: openai.OpenAI, model_name: str) -> openai.types.chat.ChatCompletion:
-    return client.chat.completions.create(
-        model=model_name,
-        messages=CHAT_MESSAGES,
-        max_tokens=SHORT_MAX_TOKENS,
-        temperature=0,
-    )
+    return client.chat.completions.create(**chat_request(model_name))
 
 
 def streamed_chat_deltas(client: openai.OpenAI, model_name: str) -> list[str]:
     """The content of each streamed chunk, in order (empty ones included)."""
-    stream = client.chat.completions.create(
-        model=model_name,
-        messages=CHAT_MESSAGES,
-        max_tokens=SHORT_MAX_TOKENS,
-        temperature=0,
-        stream=True,
-    )
+    stream = client.chat.completions.create(**chat_request(model_name), stream=True)
     with stream:
         return [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
 
@@ -127,11 +126,7 @@ def measure_streamed_cancellation(
     With `drop_connection=False` the client only stops reading and keeps the connection open
     while the CPU time is watched (the negative control: the generation goes on)."""
     stream = client.chat.completions.create(
-        model=model_name,
-        messages=CHAT_MESSAGES,
-        max_tokens=LONG_MAX_TOKENS,
-        temperature=0,
-        stream=True,
+        **chat_request(model_name, max_tokens=LONG_MAX_TOKENS), stream=True
     )
     chunks = iter(stream)
     try:
