@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from module_configs import llmhop
 from nix_harness import REPO, evaluate, temp_dir
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
@@ -32,6 +33,11 @@ EXAMPLES = REPO / "examples" / "nixos"
 C_ESCAPE = re.compile(r"\\x([0-9a-fA-F]{2})")
 # In -dryrun mode the generator logs at debug level; these lines say nothing about a file.
 DEBUG_LINE = re.compile(r"quadlet-generator\[\d+\]: Loading source unit file \S+\n")
+
+# Each configuration, its containers as rootless user units and as rootful system units.
+ROOTLESS_AND_ROOTFUL = pytest.mark.parametrize(
+    "rootless", [True, False], ids=["rootless", "rootful"]
+)
 
 
 def generator_path() -> Path:
@@ -146,73 +152,75 @@ def podman_run(runs: dict[str, Generated], name: str) -> list[str]:
 # --- the configurations ---------------------------------------------------------------------
 
 
+def quadlet_user(rootless: bool) -> dict[str, Any]:
+    """A backend's options for its containers: the default rootless user's, or rootful ones."""
+    return {} if rootless else {"quadlet": {"user": None}}
+
+
 def every_backend(*, rootless: bool) -> dict[str, Any]:
     """Each backend with a port model and (all but SGLang, which needs a port) a socket model,
     the gateway, credentials, a digest, a shm size, extra devices, and the user's own layers."""
-    user = {} if rootless else {"quadlet": {"user": None}}
+    user = quadlet_user(rootless)
     digest = "sha256:" + "ab" * 32
-    return {
-        "services": {
-            "llmhop": {
-                "enable": True,
-                "llama-cpp": {
-                    **user,
-                    "runtime": "container",
-                    "models": {
-                        "l-port": {"port": 18001, "settings": {"hf-repo": "org/m-GGUF:Q4_K_M"}},
-                        "l-sock": {
-                            "settings": {
-                                "hf-repo": "org/s-GGUF:Q4_K_M",
-                                "api-key-file": "${cred:k}",
-                            },
-                            "credentials": {"k": "/run/secrets/k"},
-                            "devices": ["/dev/dri/renderD128"],
+    return llmhop(
+        **{
+            "llama-cpp": {
+                **user,
+                "runtime": "container",
+                "models": {
+                    "l-port": {"port": 18001, "settings": {"hf-repo": "org/m-GGUF:Q4_K_M"}},
+                    "l-sock": {
+                        "settings": {
+                            "hf-repo": "org/s-GGUF:Q4_K_M",
+                            "api-key-file": "${cred:k}",
+                        },
+                        "credentials": {"k": "/run/secrets/k"},
+                        "devices": ["/dev/dri/renderD128"],
+                    },
+                },
+            },
+            "vllm": {
+                **user,
+                "quadlet": {
+                    **user.get("quadlet", {}),
+                    # vLLM's docs run it with --ipc=host; the module's own flags stay.
+                    "containerConfig": {
+                        "Volume": ["/srv/models:/models:ro"],
+                        "PodmanArgs": ["--ipc=host"],
+                    },
+                    "serviceConfig": {"MemoryMax": "64G"},
+                },
+                "models": {
+                    "v-port": {"port": 20001, "model": "org/p", "digest": digest},
+                    "v-sock": {
+                        "model": "/models/s",
+                        "shmSize": "16g",
+                        "credentials": {"hf": {}},
+                        "environment": {"NOTE": "100% $HOME"},
+                        "settings": {"chat-template": "/models/%s-$x.jinja"},
+                        "quadlet": {
+                            "containerConfig": {"UserNS": "auto"},
+                            "unitConfig": {"DefaultDependencies": False},
+                            "quadletConfig": {"DefaultDependencies": False},
+                            "extraConfig": {"Install": {"WantedBy": "gpu.target"}},
                         },
                     },
                 },
-                "vllm": {
-                    **user,
-                    "quadlet": {
-                        **user.get("quadlet", {}),
-                        # vLLM's docs run it with --ipc=host; the module's own flags stay.
-                        "containerConfig": {
-                            "Volume": ["/srv/models:/models:ro"],
-                            "PodmanArgs": ["--ipc=host"],
-                        },
-                        "serviceConfig": {"MemoryMax": "64G"},
-                    },
-                    "models": {
-                        "v-port": {"port": 20001, "model": "org/p", "digest": digest},
-                        "v-sock": {
-                            "model": "/models/s",
-                            "shmSize": "16g",
-                            "credentials": {"hf": {}},
-                            "environment": {"NOTE": "100% $HOME"},
-                            "settings": {"chat-template": "/models/%s-$x.jinja"},
-                            "quadlet": {
-                                "containerConfig": {"UserNS": "auto"},
-                                "unitConfig": {"DefaultDependencies": False},
-                                "quadletConfig": {"DefaultDependencies": False},
-                                "extraConfig": {"Install": {"WantedBy": "gpu.target"}},
-                            },
-                        },
-                    },
+            },
+            "sglang": {
+                **user,
+                "models": {
+                    "a": {"port": 30001, "model": "org/a"},
+                    "b": {"port": 30002, "model": "org/b", "tag": "v0.5.5"},
                 },
-                "sglang": {
-                    **user,
-                    "models": {
-                        "a": {"port": 30001, "model": "org/a"},
-                        "b": {"port": 30002, "model": "org/b", "tag": "v0.5.5"},
-                    },
-                    "gateway": {"enable": True, "port": 19000, "route": "sglang"},
-                },
-            }
+                "gateway": {"enable": True, "port": 19000, "route": "sglang"},
+            },
         }
-    }
+    )
 
 
 def tls_gateway(*, rootless: bool) -> dict[str, Any]:
-    user = {} if rootless else {"quadlet": {"user": None}}
+    user = quadlet_user(rootless)
     gateway = {
         "enable": True,
         "port": 19000,
@@ -222,11 +230,7 @@ def tls_gateway(*, rootless: bool) -> dict[str, Any]:
         "settings": {"tls-cert-path": "/etc/ssl/gw.pem", "tls-key-path": "${cred:tls.key}"},
     }
     models = {"a": {"port": 30001, "model": "org/a"}}
-    return {
-        "services": {
-            "llmhop": {"enable": True, "sglang": {**user, "models": models, "gateway": gateway}}
-        }
-    }
+    return llmhop(sglang={**user, "models": models, "gateway": gateway})
 
 
 # --- the tests ------------------------------------------------------------------------------
@@ -256,7 +260,7 @@ def test_the_examples(generator: Path, workdir: Path) -> None:
     ]
 
 
-@pytest.mark.parametrize("rootless", [True, False], ids=["rootless", "rootful"])
+@ROOTLESS_AND_ROOTFUL
 def test_every_backend_port_and_socket(generator: Path, workdir: Path, rootless: bool) -> None:
     result = evaluate(every_backend(rootless=rootless))
     runs = generate(generator, result, workdir)
@@ -307,7 +311,7 @@ def test_every_backend_port_and_socket(generator: Path, workdir: Path, rootless:
     assert "--worker-urls" in gateway
 
 
-@pytest.mark.parametrize("rootless", [True, False], ids=["rootless", "rootful"])
+@ROOTLESS_AND_ROOTFUL
 def test_the_gateway_with_tls(generator: Path, workdir: Path, rootless: bool) -> None:
     runs = generate(generator, evaluate(tls_gateway(rootless=rootless)), workdir)
     gateway = podman_run(runs, "sglang-gateway")
@@ -317,32 +321,29 @@ def test_the_gateway_with_tls(generator: Path, workdir: Path, rootless: bool) ->
 
 def replicas(*, rootless: bool) -> dict[str, Any]:
     """Container replicas of each backend: by GPU, by device, on ports and on sockets."""
-    user = {} if rootless else {"quadlet": {"user": None}}
+    user = quadlet_user(rootless)
     gpus = [{"gpus": ["0"]}, {"gpus": ["1"]}]
-    return {
-        "services": {
-            "llmhop": {
-                "enable": True,
-                "llama-cpp": {
-                    **user,
-                    "runtime": "container",
-                    "models": {"l": {"replicas": [{"devices": ["/dev/dri/renderD128"]}, {}]}},
-                },
-                "vllm": {
-                    **user,
-                    "models": {"v": {"port": 20001, "model": "org/v", "replicas": gpus}},
-                },
-                "sglang": {
-                    **user,
-                    "models": {"s": {"port": 30001, "model": "org/s", "replicas": gpus}},
-                    "gateway": {"enable": True, "port": 19000},
-                },
-            }
+    return llmhop(
+        **{
+            "llama-cpp": {
+                **user,
+                "runtime": "container",
+                "models": {"l": {"replicas": [{"devices": ["/dev/dri/renderD128"]}, {}]}},
+            },
+            "vllm": {
+                **user,
+                "models": {"v": {"port": 20001, "model": "org/v", "replicas": gpus}},
+            },
+            "sglang": {
+                **user,
+                "models": {"s": {"port": 30001, "model": "org/s", "replicas": gpus}},
+                "gateway": {"enable": True, "port": 19000},
+            },
         }
-    }
+    )
 
 
-@pytest.mark.parametrize("rootless", [True, False], ids=["rootless", "rootful"])
+@ROOTLESS_AND_ROOTFUL
 def test_replicas(generator: Path, workdir: Path, rootless: bool) -> None:
     result = evaluate(replicas(rootless=rootless))
     runs = generate(generator, result, workdir)
@@ -384,17 +385,17 @@ def test_a_rejected_key_fails(generator: Path, workdir: Path) -> None:
 
 def on_demand(*, rootless: bool) -> dict[str, Any]:
     """vLLM `x` (socket) and `y` (port) started on demand, in one group."""
-    user = {} if rootless else {"quadlet": {"user": None}}
+    user = quadlet_user(rootless)
     on = {"enable": True, "idleTimeout": "2s"}
     models = {
         "x": {"model": "org/x", "onDemand": on, "group": "gpu"},
         "y": {"port": 20002, "model": "org/y", "onDemand": on, "group": "gpu"},
     }
     vllm = {**user, "tag": "v0.11.0", "devices": ["nvidia.com/gpu=0"], "models": models}
-    return {"services": {"llmhop": {"enable": True, "vllm": vllm}}}
+    return llmhop(vllm=vllm)
 
 
-@pytest.mark.parametrize("rootless", [True, False], ids=["rootless", "rootful"])
+@ROOTLESS_AND_ROOTFUL
 def test_containers_on_demand(generator: Path, workdir: Path, rootless: bool) -> None:
     runs = generate(generator, evaluate(on_demand(rootless=rootless)), workdir)
     for name, peer in (("vllm-x", "vllm-y"), ("vllm-y", "vllm-x")):
