@@ -102,6 +102,19 @@ def run_ruff(ruff: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[s
     )
 
 
+def stub_pkgs(overrides: str) -> str:
+    """Nix bindings of `lib` and `pkgs`: the harness's stub packages with what the VM checks'
+    files build scripts and images with, and `overrides`."""
+    return f"""
+        lib = import {locked_store_path("nixpkgs-lib")}/lib;
+        stub = import {HERE}/stub-pkgs.nix {{ inherit lib; }};
+        pkgs = stub // {{
+          runtimeShell = "/bin/sh";
+          dockerTools.streamLayeredImage = args: args;
+          {overrides}
+        }};"""
+
+
 def quadlet_keys(text: str) -> dict[str, list[str]]:
     keys: dict[str, list[str]] = {}
     for line in text.splitlines():
@@ -243,17 +256,15 @@ def test_packages_build_runnable_wrappers_and_images(tmp_path: Path) -> None:
     """packages.nix with stub inputs: its build scripts run here (host Python instead of
     nixpkgs'), the wrappers start the fakes, and each image runs the right program."""
     venv_python = Path(sys.executable)
-    expression = f"""
-      let
-        lib = import {locked_store_path("nixpkgs-lib")}/lib;
-        stub = import {HERE}/stub-pkgs.nix {{ inherit lib; }};
-        pkgs = stub // {{
-          runtimeShell = "/bin/sh";
+    pkgs = stub_pkgs(
+        f"""
           python3Minimal = {{ outPath = "/usr"; }};
           python3 = {{ withPackages = _: {{ outPath = "{venv_python.parent.parent}"; }}; }};
-          bash = stub.bash;
-          dockerTools.streamLayeredImage = args: args;
-        }};
+          bash = stub.bash;"""
+    )
+    expression = f"""
+      let
+        {pkgs}
         vm = import {VM}/packages.nix {{ inherit pkgs; }};
       in {{
         fakeEngine = vm.fakeEngine.text;
@@ -326,16 +337,14 @@ def test_packages_build_runnable_wrappers_and_images(tmp_path: Path) -> None:
 def test_vm_checks_evaluate_with_stub_packages() -> None:
     """checks/vm.nix as flake.nix imports it, with runNixOSTest returning its arguments: the
     checks' names, their scripts and the nodes' own settings evaluate."""
+    pkgs = stub_pkgs(
+        """
+          python3 = stub.python3 // { withPackages = _: stub.python3; };
+          testers.runNixOSTest = args: args;"""
+    )
     expression = f"""
       let
-        lib = import {locked_store_path("nixpkgs-lib")}/lib;
-        stub = import {HERE}/stub-pkgs.nix {{ inherit lib; }};
-        pkgs = stub // {{
-          runtimeShell = "/bin/sh";
-          python3 = stub.python3 // {{ withPackages = _: stub.python3; }};
-          dockerTools.streamLayeredImage = args: args;
-          testers.runNixOSTest = args: args;
-        }};
+        {pkgs}
         checks = import {REPO}/checks/vm.nix {{ inherit pkgs; module = {{ }}; }};
         native = checks.vm-native.nodes.machine;
         containers = lib.head checks.vm-containers.nodes.machine.imports;
