@@ -35,6 +35,15 @@ def pytest_counts(output: str) -> dict[str, int]:
     return {kind: int(n) for n, kind in re.findall(r"(\d+) (\w+)", lines[-1])}
 
 
+def run_installed(
+    out: Path, program: str, *args: str, check: bool
+) -> subprocess.CompletedProcess[str]:
+    """One of the package's programs, run from its output as a user would."""
+    return subprocess.run(
+        [out / "bin" / program, *args], capture_output=True, text=True, timeout=30, check=check
+    )
+
+
 def test_the_package_checks_and_installs_in_its_build_sandbox(
     tmp_path: Path, build_top: Path
 ) -> None:
@@ -52,21 +61,9 @@ def test_the_package_checks_and_installs_in_its_build_sandbox(
         done = build.phases[phase]
         assert done.returncode == 0, done.stdout + done.stderr
 
-    version = subprocess.run(
-        [build.out / "bin" / "llmhop", "--version"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
+    version = run_installed(build.out, "llmhop", "--version", check=True)
     assert version.stdout == f"llmhop {build.derivation['version']}\n"
-    usage = subprocess.run(
-        [build.out / "bin" / "llmhop-notify", "-h"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    usage = run_installed(build.out, "llmhop-notify", "-h", check=False)
     assert usage.stderr.startswith("usage: llmhop-notify"), usage.stderr
 
 
@@ -92,6 +89,6 @@ def test_llmhop_notify_is_the_same_program_by_another_name(tmp_path: Path) -> No
     package = llmhop_package(tmp_path)
     notify = package / "bin" / "llmhop-notify"
     assert notify.is_symlink() and notify.readlink() == Path("llmhop")
-    usage = subprocess.run([notify], capture_output=True, text=True, timeout=30, check=False)
+    usage = run_installed(package, "llmhop-notify", check=False)
     assert usage.returncode == 1
     assert "llmhop-notify: -url is required" in usage.stderr
