@@ -547,3 +547,18 @@ def build_in_sandbox(root: Path, build_top: Path, *, timeout: float = 600) -> Sa
         if phases[phase].returncode != 0:
             break
     return SandboxBuild(derivation, out, phases)
+
+
+def fake_llama_cpp_packages(scratch: Path) -> dict[str, str]:
+    """The packages a llama.cpp worker scenario under real systemd runs: the router as built
+    by package.nix, and `llama-server` as the fake engine (copied out of the checkout, which
+    may sit below /tmp, where PrivateTmp= hides it)."""
+    from tests.support import FAKE_ENGINE
+
+    fake = shutil.copy(FAKE_ENGINE, scratch)
+    server = f'#!/bin/sh\nexec /usr/bin/python3 -I {fake} llama-server "$@"\n'
+    return {
+        "llmhop": str(llmhop_package(scratch / "pkgs")),
+        "llama-cpp": str(make_package(scratch / "pkgs", "llama-cpp", {"llama-server": server})),
+        "coreutils": "/usr",
+    }

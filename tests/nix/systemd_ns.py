@@ -552,3 +552,11 @@ exec env -i {env_args} {systemd} --system --log-target=journal --show-status=no
             if path.exists():
                 parts.append(f"--- {name}\n{path.read_text(errors='replace')}")
         return "\n".join(parts)
+
+
+def booted(result: dict[str, Any]) -> SystemdNamespace:
+    """A namespace booting an evaluated configuration: its system units, users and /etc."""
+    etc = {name: entry["source"] for name, entry in result["etc"].items() if entry["source"]}
+    return SystemdNamespace(
+        result["units"]["system"], users=result["users"], groups=result["groups"], etc=etc
+    )

@@ -8,17 +8,15 @@ module passes as `%d/api-keys`.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from nix_harness import evaluate, llmhop_package, make_package, mk_force
-from systemd_ns import SystemdNamespace
+from nix_harness import evaluate, fake_llama_cpp_packages, mk_force
+from systemd_ns import SystemdNamespace, booted
 
-from tests.support import FAKE_ENGINE
 from tests.support.processes import wait_until
 
 pytestmark = [pytest.mark.nix, pytest.mark.systemd, pytest.mark.usefixtures("real_systemd")]
@@ -38,19 +36,7 @@ def scenario(scratch: Path) -> dict[str, Any]:
     (secrets / "worker-key").write_text(WORKER_KEY + "\n")
     for secret in secrets.iterdir():
         secret.chmod(0o600)
-    # Copied out of the checkout, which may sit below /tmp where PrivateTmp= hides it.
-    fake = shutil.copy(FAKE_ENGINE, scratch)
-    pkgs = {
-        "llmhop": str(llmhop_package(scratch / "pkgs")),
-        "llama-cpp": str(
-            make_package(
-                scratch / "pkgs",
-                "llama-cpp",
-                {"llama-server": f'#!/bin/sh\nexec /usr/bin/python3 -I {fake} llama-server "$@"\n'},
-            )
-        ),
-        "coreutils": "/usr",
-    }
+    pkgs = fake_llama_cpp_packages(scratch)
     worker_credentials = {"api-keys": str(secrets / "worker-key")}
     not_at_boot = {"wantedBy": mk_force([])}
     config = {
@@ -108,11 +94,7 @@ def scenario(scratch: Path) -> dict[str, Any]:
 
 @pytest.fixture
 def ns(scratch: Path) -> Iterator[SystemdNamespace]:
-    result = scenario(scratch)
-    etc = {name: e["source"] for name, e in result["etc"].items() if e["source"]}
-    with SystemdNamespace(
-        result["units"]["system"], users=result["users"], groups=result["groups"], etc=etc
-    ) as namespace:
+    with booted(scenario(scratch)) as namespace:
         yield namespace
 
 

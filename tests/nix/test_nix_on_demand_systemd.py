@@ -10,7 +10,6 @@ first connection and stopped 2 s after its last (the router's pooled connections
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nix_harness import evaluate, llmhop_package, make_package, mk_force
-from systemd_ns import SystemdNamespace
+from nix_harness import evaluate, fake_llama_cpp_packages, mk_force
+from systemd_ns import SystemdNamespace, booted
 
-from tests.support import FAKE_ENGINE
 from tests.support.processes import wait_until
 
 pytestmark = [pytest.mark.nix, pytest.mark.systemd, pytest.mark.usefixtures("real_systemd")]
@@ -38,17 +36,8 @@ WAIT = 60
 
 
 def scenario(scratch: Path) -> dict[str, Any]:
-    fake = shutil.copy(FAKE_ENGINE, scratch)
     pkgs = {
-        "llmhop": str(llmhop_package(scratch / "pkgs")),
-        "llama-cpp": str(
-            make_package(
-                scratch / "pkgs",
-                "llama-cpp",
-                {"llama-server": f'#!/bin/sh\nexec /usr/bin/python3 -I {fake} llama-server "$@"\n'},
-            )
-        ),
-        "coreutils": "/usr",
+        **fake_llama_cpp_packages(scratch),
         # /usr/lib/systemd/systemd-socket-proxyd: the host's, as systemd itself.
         "systemd": "/usr",
     }
@@ -81,11 +70,7 @@ def scenario(scratch: Path) -> dict[str, Any]:
 
 @pytest.fixture
 def ns(scratch: Path) -> Iterator[SystemdNamespace]:
-    result = scenario(scratch)
-    etc = {name: e["source"] for name, e in result["etc"].items() if e["source"]}
-    with SystemdNamespace(
-        result["units"]["system"], users=result["users"], groups=result["groups"], etc=etc
-    ) as namespace:
+    with booted(scenario(scratch)) as namespace:
         yield namespace
 
 

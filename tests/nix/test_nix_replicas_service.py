@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from nix_harness import evaluate, llmhop_package, make_package, mk_force
-from systemd_ns import SystemdNamespace
-
-from tests.support import FAKE_ENGINE
+from nix_harness import evaluate, fake_llama_cpp_packages, mk_force
+from systemd_ns import SystemdNamespace, booted
 
 pytestmark = [pytest.mark.nix, pytest.mark.systemd, pytest.mark.usefixtures("real_systemd")]
 
@@ -27,19 +24,7 @@ CHAT = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"
 
 
 def scenario(scratch: Path) -> dict[str, Any]:
-    # Copied out of the checkout, which may sit below /tmp where PrivateTmp= hides it.
-    fake = shutil.copy(FAKE_ENGINE, scratch)
-    pkgs = {
-        "llmhop": str(llmhop_package(scratch / "pkgs")),
-        "llama-cpp": str(
-            make_package(
-                scratch / "pkgs",
-                "llama-cpp",
-                {"llama-server": f'#!/bin/sh\nexec /usr/bin/python3 -I {fake} llama-server "$@"\n'},
-            )
-        ),
-        "coreutils": "/usr",
-    }
+    pkgs = fake_llama_cpp_packages(scratch)
     not_at_boot = {"wantedBy": mk_force([])}
     config = {
         "services": {
@@ -65,11 +50,7 @@ def scenario(scratch: Path) -> dict[str, Any]:
 
 @pytest.fixture
 def ns(scratch: Path) -> Iterator[SystemdNamespace]:
-    result = scenario(scratch)
-    etc = {name: e["source"] for name, e in result["etc"].items() if e["source"]}
-    with SystemdNamespace(
-        result["units"]["system"], users=result["users"], groups=result["groups"], etc=etc
-    ) as namespace:
+    with booted(scenario(scratch)) as namespace:
         yield namespace
 
 
