@@ -7,6 +7,9 @@
 let
   inherit (lib) mkOption types;
 
+  # Most stubs need nothing but a type and a default.
+  option = type: default: mkOption { inherit type default; };
+
   # The type of a unit file entry (systemd.services.<name>.serviceConfig.<Key> etc.):
   # list definitions concatenate, scalar definitions must agree.
   unitOption = lib.mkOptionType {
@@ -49,14 +52,8 @@ let
           default = name;
           readOnly = true;
         };
-        enable = mkOption {
-          type = types.bool;
-          default = true;
-        };
-        description = mkOption {
-          type = types.singleLineStr;
-          default = "";
-        };
+        enable = option types.bool true;
+        description = option types.singleLineStr "";
         documentation = unitNames "Documentation= URLs.";
         requires = unitNames "Requires=";
         wants = unitNames "Wants=";
@@ -73,23 +70,11 @@ let
         requiredBy = unitNames "Units that require this one (symlinks in <unit>.requires/).";
         upheldBy = unitNames "Units that uphold this one (symlinks in <unit>.upholds/).";
         aliases = unitNames "Alias symlinks.";
-        startLimitBurst = mkOption {
-          type = types.nullOr types.int;
-          default = null;
-        };
-        startLimitIntervalSec = mkOption {
-          type = types.nullOr types.int;
-          default = null;
-        };
+        startLimitBurst = option (types.nullOr types.int) null;
+        startLimitIntervalSec = option (types.nullOr types.int) null;
         unitConfig = sectionOption "The [Unit] section.";
-        restartTriggers = mkOption {
-          type = types.listOf types.unspecified;
-          default = [ ];
-        };
-        reloadTriggers = mkOption {
-          type = types.listOf types.unspecified;
-          default = [ ];
-        };
+        restartTriggers = option (types.listOf types.unspecified) [ ];
+        reloadTriggers = option (types.listOf types.unspecified) [ ];
         overrideStrategy = mkOption {
           type = types.enum [
             "asDropinIfExists"
@@ -114,55 +99,19 @@ let
           );
         default = { };
       };
-      path = mkOption {
-        type = types.listOf (types.either types.package types.str);
-        default = [ ];
-      };
+      path = option (types.listOf (types.either types.package types.str)) [ ];
       serviceConfig = sectionOption "The [Service] section.";
-      script = mkOption {
-        type = types.lines;
-        default = "";
-      };
-      scriptArgs = mkOption {
-        type = types.str;
-        default = "";
-      };
-      preStart = mkOption {
-        type = types.lines;
-        default = "";
-      };
-      postStart = mkOption {
-        type = types.lines;
-        default = "";
-      };
-      preStop = mkOption {
-        type = types.lines;
-        default = "";
-      };
-      postStop = mkOption {
-        type = types.lines;
-        default = "";
-      };
-      reload = mkOption {
-        type = types.lines;
-        default = "";
-      };
-      restartIfChanged = mkOption {
-        type = types.bool;
-        default = true;
-      };
-      reloadIfChanged = mkOption {
-        type = types.bool;
-        default = false;
-      };
-      stopIfChanged = mkOption {
-        type = types.bool;
-        default = true;
-      };
-      notSocketActivated = mkOption {
-        type = types.bool;
-        default = false;
-      };
+      script = option types.lines "";
+      scriptArgs = option types.str "";
+      preStart = option types.lines "";
+      postStart = option types.lines "";
+      preStop = option types.lines "";
+      postStop = option types.lines "";
+      reload = option types.lines "";
+      restartIfChanged = option types.bool true;
+      reloadIfChanged = option types.bool false;
+      stopIfChanged = option types.bool true;
+      notSocketActivated = option types.bool false;
       startAt = mkOption {
         type = with types; either str (listOf str);
         default = [ ];
@@ -216,30 +165,12 @@ let
     { name, ... }:
     {
       options = {
-        type = mkOption {
-          type = types.str;
-          default = name;
-        };
-        mode = mkOption {
-          type = types.str;
-          default = "-";
-        };
-        user = mkOption {
-          type = types.str;
-          default = "-";
-        };
-        group = mkOption {
-          type = types.str;
-          default = "-";
-        };
-        age = mkOption {
-          type = types.str;
-          default = "-";
-        };
-        argument = mkOption {
-          type = types.str;
-          default = "";
-        };
+        type = option types.str name;
+        mode = option types.str "-";
+        user = option types.str "-";
+        group = option types.str "-";
+        age = option types.str "-";
+        argument = option types.str "";
       };
     };
 
@@ -247,62 +178,20 @@ let
     { name, ... }:
     {
       options = {
-        name = mkOption {
-          type = types.str;
-          default = name;
-        };
-        uid = mkOption {
-          type = types.nullOr types.int;
-          default = null;
-        };
-        isSystemUser = mkOption {
-          type = types.bool;
-          default = false;
-        };
-        isNormalUser = mkOption {
-          type = types.bool;
-          default = false;
-        };
-        group = mkOption {
-          type = types.str;
-          default = "";
-        };
-        extraGroups = mkOption {
-          type = types.listOf types.str;
-          default = [ ];
-        };
-        description = mkOption {
-          type = types.str;
-          default = "";
-        };
-        home = mkOption {
-          type = types.str;
-          default = "/var/empty";
-        };
-        createHome = mkOption {
-          type = types.bool;
-          default = false;
-        };
-        shell = mkOption {
-          type = types.nullOr (types.either types.package types.str);
-          default = null;
-        };
-        linger = mkOption {
-          type = types.nullOr types.bool;
-          default = null;
-        };
-        autoSubUidGidRange = mkOption {
-          type = types.bool;
-          default = false;
-        };
-        subUidRanges = mkOption {
-          type = types.listOf (types.attrsOf types.int);
-          default = [ ];
-        };
-        subGidRanges = mkOption {
-          type = types.listOf (types.attrsOf types.int);
-          default = [ ];
-        };
+        name = option types.str name;
+        uid = option (types.nullOr types.int) null;
+        isSystemUser = option types.bool false;
+        isNormalUser = option types.bool false;
+        group = option types.str "";
+        extraGroups = option (types.listOf types.str) [ ];
+        description = option types.str "";
+        home = option types.str "/var/empty";
+        createHome = option types.bool false;
+        shell = option (types.nullOr (types.either types.package types.str)) null;
+        linger = option (types.nullOr types.bool) null;
+        autoSubUidGidRange = option types.bool false;
+        subUidRanges = option (types.listOf (types.attrsOf types.int)) [ ];
+        subGidRanges = option (types.listOf (types.attrsOf types.int)) [ ];
       };
     };
 
@@ -310,18 +199,9 @@ let
     { name, ... }:
     {
       options = {
-        name = mkOption {
-          type = types.str;
-          default = name;
-        };
-        gid = mkOption {
-          type = types.nullOr types.int;
-          default = null;
-        };
-        members = mkOption {
-          type = types.listOf types.str;
-          default = [ ];
-        };
+        name = option types.str name;
+        gid = option (types.nullOr types.int) null;
+        members = option (types.listOf types.str) [ ];
       };
     };
 
@@ -329,34 +209,13 @@ let
     { name, ... }:
     {
       options = {
-        enable = mkOption {
-          type = types.bool;
-          default = true;
-        };
-        target = mkOption {
-          type = types.str;
-          default = name;
-        };
-        text = mkOption {
-          type = types.nullOr types.lines;
-          default = null;
-        };
-        source = mkOption {
-          type = types.nullOr (types.either types.path types.package);
-          default = null;
-        };
-        mode = mkOption {
-          type = types.str;
-          default = "symlink";
-        };
-        user = mkOption {
-          type = types.str;
-          default = "+0";
-        };
-        group = mkOption {
-          type = types.str;
-          default = "+0";
-        };
+        enable = option types.bool true;
+        target = option types.str name;
+        text = option (types.nullOr types.lines) null;
+        source = option (types.nullOr (types.either types.path types.package)) null;
+        mode = option types.str "symlink";
+        user = option types.str "+0";
+        group = option types.str "+0";
       };
     };
 in
@@ -375,19 +234,10 @@ in
 
     systemd = unitKinds // {
       user = unitKinds;
-      package = mkOption {
-        type = types.package;
-        default = pkgs.systemd;
-      };
-      packages = mkOption {
-        type = types.listOf types.package;
-        default = [ ];
-      };
+      package = option types.package pkgs.systemd;
+      packages = option (types.listOf types.package) [ ];
       tmpfiles = {
-        rules = mkOption {
-          type = types.listOf types.str;
-          default = [ ];
-        };
+        rules = option (types.listOf types.str) [ ];
         settings = mkOption {
           type = types.attrsOf (types.attrsOf (types.attrsOf (types.submodule tmpfilesEntry)));
           default = { };
@@ -396,56 +246,26 @@ in
     };
 
     users = {
-      users = mkOption {
-        type = types.attrsOf (types.submodule userOptions);
-        default = { };
-      };
-      groups = mkOption {
-        type = types.attrsOf (types.submodule groupOptions);
-        default = { };
-      };
+      users = option (types.attrsOf (types.submodule userOptions)) { };
+      groups = option (types.attrsOf (types.submodule groupOptions)) { };
     };
 
     networking.firewall = {
-      enable = mkOption {
-        type = types.bool;
-        default = true;
-      };
-      allowedTCPPorts = mkOption {
-        type = types.listOf types.port;
-        default = [ ];
-      };
-      allowedUDPPorts = mkOption {
-        type = types.listOf types.port;
-        default = [ ];
-      };
+      enable = option types.bool true;
+      allowedTCPPorts = option (types.listOf types.port) [ ];
+      allowedUDPPorts = option (types.listOf types.port) [ ];
     };
 
     environment = {
-      systemPackages = mkOption {
-        type = types.listOf types.package;
-        default = [ ];
-      };
-      etc = mkOption {
-        type = types.attrsOf (types.submodule etcOptions);
-        default = { };
-      };
+      systemPackages = option (types.listOf types.package) [ ];
+      etc = option (types.attrsOf (types.submodule etcOptions)) { };
     };
 
-    hardware.nvidia-container-toolkit.enable = mkOption {
-      type = types.bool;
-      default = false;
-    };
+    hardware.nvidia-container-toolkit.enable = option types.bool false;
 
     virtualisation.podman = {
-      enable = mkOption {
-        type = types.bool;
-        default = false;
-      };
-      package = mkOption {
-        type = types.package;
-        default = pkgs.podman;
-      };
+      enable = option types.bool false;
+      package = option types.package pkgs.podman;
     };
   };
 }
