@@ -14,10 +14,7 @@ from module_configs import (
     llmhop,
     service,
 )
-from nix_harness import (
-    NixEvalError,
-    evaluate,
-)
+from nix_harness import NixEvalError, evaluate
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
 

@@ -12,9 +12,7 @@ from module_configs import (
     llmhop,
     service,
 )
-from nix_harness import (
-    evaluate,
-)
+from nix_harness import evaluate
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
 

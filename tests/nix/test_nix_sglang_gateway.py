@@ -20,9 +20,7 @@ from module_configs import (
     container,
     llmhop,
 )
-from nix_harness import (
-    evaluate,
-)
+from nix_harness import evaluate
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
 
