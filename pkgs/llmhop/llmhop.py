@@ -1265,7 +1265,16 @@ class Access:
     models exist.
     """
 
-    __slots__ = ("by_body", "key", "model_objects", "models", "models_list", "name", "scrape")
+    __slots__ = (
+        "by_body",
+        "key",
+        "max_concurrent_requests",
+        "model_objects",
+        "models",
+        "models_list",
+        "name",
+        "scrape",
+    )
 
     def __init__(
         self,
@@ -1282,13 +1291,10 @@ class Access:
         self.model_objects = model_objects
         self.scrape = scrape
         self.by_body = ByBody(self)
+        self.max_concurrent_requests = 0 if key is None else key.max_concurrent_requests
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
-
-    @property
-    def max_concurrent_requests(self) -> int:
-        return 0 if self.key is None else self.key.max_concurrent_requests
 
 
 def carry_replica_states(old: RoutingTable, new: RoutingTable) -> None:
@@ -1437,7 +1443,7 @@ def route(request: Request, table: RoutingTable, access: Access | None) -> Route
 def model_named(table: RoutingTable, name: str, access: Access) -> Model:
     """The model a JSON body names; HTTPError when there is none of that name for the key."""
     model = table.models.get(name)
-    if model is None or not access.allows(name):
+    if model is None or (access.models is not None and name not in access.models):
         raise unknown_model(name)
     return model
 
@@ -2652,7 +2658,7 @@ class ClientConnection(asyncio.Protocol):
         self.exchange = exchange
         self.unread_body = request.length != 0
         self.table = table = self.router.table  # this request keeps the table it started with
-        self.access = access = table.access_for(request)
+        self.access = access = table.access_for(request) if table.accesses else table.open_access
         if access is not None:
             exchange.key = access.name
         try:
@@ -3114,7 +3120,10 @@ class RouterState:
 
     def finished(self, model: Model, key: str) -> None:
         """A proxied request (or the tunnel it became) ended: its slot and its group's turn."""
-        self.release_slot(model.name, key)
+        self.in_flight -= 1
+        metrics = self.metrics
+        metrics.in_flight[model.name] -= 1
+        metrics.key_in_flight[key] -= 1
         if model.group is not None:
             self.groups[model.group].release()
 
@@ -3333,7 +3342,8 @@ class Forward:
 
     def start(self) -> None:
         self.sent_at = time.monotonic()
-        self._try_replica(self._first_choice())
+        replicas = self.model.replicas
+        self._try_replica(replicas[0] if len(replicas) == 1 else self._first_choice())
 
     def cancel(self) -> None:
         """The exchange ends elsewhere (the client left, say): drop the upstream side.
@@ -3346,7 +3356,8 @@ class Forward:
     def _release(self) -> None:
         if not self.ended:
             self.ended = True
-            self._leave_replica()
+            if self.replica is not None:
+                self.replica.state.in_flight -= 1
             self.client.router.finished(self.model, self.key)
 
     def _leave_replica(self) -> None:
@@ -3363,8 +3374,6 @@ class Forward:
 
     def _first_choice(self) -> Replica:
         replicas = self.model.replicas
-        if len(replicas) == 1:
-            return replicas[0]
         preferred = None
         if self.model.affinity is not None:
             value = self.request.header(self.model.affinity)
