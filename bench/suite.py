@@ -36,6 +36,7 @@ LARGE_CONCURRENCY = 4
 MODELS_CONCURRENCY = 16
 MANY_MODELS = 10_000
 MODELS_ROUNDS = 2  # alternating 1-model and 10,000-model runs, to spread drift over both
+REPLICAS_ROUNDS = 4  # one run varies by a quarter on a busy machine: the median of four
 WARMUP_SECONDS = 1
 STEADY_MARGIN = 0.1  # share of each wrk run left out at either end
 
@@ -365,8 +366,10 @@ class Bench:
         one = harness.llmhop_config({"fast": url})
         two = {**one, "models": {"fast": {"urls": [url, url]}}}
         cpu: dict[str, list[float]] = {"1 upstream": [], "2 upstreams": []}
-        for round_number in range(MODELS_ROUNDS):
-            for label, config in (("1 upstream", one), ("2 upstreams", two)):
+        order = [("1 upstream", one), ("2 upstreams", two)]
+        for round_number in range(REPLICAS_ROUNDS):
+            # Each goes first in one round: whatever drifts between runs is shared out evenly.
+            for label, config in order if round_number % 2 == 0 else order[::-1]:
                 self.log(f"{label}, concurrency {MODELS_CONCURRENCY}, round {round_number + 1}")
                 router = harness.start_llmhop(
                     f"llmhop-replicas-{label.split()[0]}",
@@ -382,7 +385,7 @@ class Bench:
                 finally:
                     router.stop()
         for label, values in cpu.items():
-            figures = {"direct": None, "nginx": None, "llmhop": _mean(values)}
+            figures = {"direct": None, "nginx": None, "llmhop": _median(values)}
             self.results.add(REPLICAS_SECTION, f"proxy CPU per request, {label}", "µs", figures, 1)
         self.raw["replicas"] = cpu
 
@@ -673,8 +676,8 @@ class Bench:
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _mean(values: list[float]) -> float | None:
-    return statistics.mean(values) if values else None
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def _mib(size: int | None) -> float | None:
