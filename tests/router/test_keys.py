@@ -286,25 +286,28 @@ def test_hash_token_prints_the_configs_sha256() -> None:
     assert run(b"", "--help").returncode == 0
 
 
-def test_check_names_each_bad_key_by_its_path(tmp_path: Path) -> None:
+def check_keys(tmp_path: Path, keys: list[Any]) -> subprocess.CompletedProcess[str]:
+    """`llmhop --check` on a config with these authTokens; nothing is read."""
     config = tmp_path / "config.json"
     config.write_text(
-        json.dumps(
-            {
-                "authTokens": [
-                    "${cred:admin-token}",
-                    {"name": "ci", "token": "${cred:ci-token}", "models": [""]},
-                    {"name": "ci", "sha256": "not hex"},
-                ],
-                "models": {"m": {"url": "http://127.0.0.1:1"}},
-            }
-        )
+        json.dumps({"authTokens": keys, "models": {"m": {"url": "http://127.0.0.1:1"}}})
     )
-    checked = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(ROUTER_SCRIPT), "--check", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=WAIT * 2,
+    )
+
+
+def test_check_names_each_bad_key_by_its_path(tmp_path: Path) -> None:
+    checked = check_keys(
+        tmp_path,
+        [
+            "${cred:admin-token}",
+            {"name": "ci", "token": "${cred:ci-token}", "models": [""]},
+            {"name": "ci", "sha256": "not hex"},
+        ],
     )
     assert checked.returncode == 1
     assert checked.stderr.splitlines() == [
@@ -316,23 +319,12 @@ def test_check_names_each_bad_key_by_its_path(tmp_path: Path) -> None:
 
 def test_check_tells_two_credential_keys_apart(tmp_path: Path) -> None:
     """Nothing is read by --check, yet two credentials are two tokens, not one repeated."""
-    config = tmp_path / "config.json"
-    config.write_text(
-        json.dumps(
-            {
-                "authTokens": [
-                    "${cred:admin-token}",
-                    {"name": "ci", "token": "${cred:ci-token}"},
-                    {"name": "ui", "token": "${env:UI_TOKEN}"},
-                ],
-                "models": {"m": {"url": "http://127.0.0.1:1"}},
-            }
-        )
-    )
-    checked = subprocess.run(
-        [sys.executable, str(ROUTER_SCRIPT), "--check", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=WAIT * 2,
+    checked = check_keys(
+        tmp_path,
+        [
+            "${cred:admin-token}",
+            {"name": "ci", "token": "${cred:ci-token}"},
+            {"name": "ui", "token": "${env:UI_TOKEN}"},
+        ],
     )
     assert (checked.returncode, checked.stderr) == (0, "config ok: 1 model(s)\n")
