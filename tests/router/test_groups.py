@@ -65,15 +65,27 @@ def until(condition: Callable[[], bool]) -> None:
     raise AssertionError("condition not reached in time")
 
 
+def hold_a(router: RunningRouter | RouterProcess, a: HeldUpstream) -> Client:
+    """A request for model a, held at its upstream: a is its group's active model."""
+    holding = Client(router, "a")
+    a.next_arrival()
+    return holding
+
+
+def queue_for(router: RunningRouter | RouterProcess, model: str, count: int = 1) -> list[Client]:
+    """Requests for a model, sent and seen waiting in its group's queue."""
+    clients = [Client(router, model) for _ in range(count)]
+    until(lambda: queue_depth(router, model) == count)
+    return clients
+
+
 def test_a_model_waits_while_another_of_its_group_has_requests(
     router_factory: Factory, held_factory: Callable[[], HeldUpstream]
 ) -> None:
     a, b = held_factory(), held_factory()
     router = router_factory(group_config(a, b))
-    first = Client(router, "a")
-    a.next_arrival()
-    waiting = Client(router, "b")
-    until(lambda: queue_depth(router, "b") == 1)
+    first = hold_a(router, a)
+    (waiting,) = queue_for(router, "b")
     assert b.nothing_arrived()  # not while a has one in flight
     # Another request for the active model, with nobody waiting, would go straight in; with
     # b waiting, it queues behind b.
@@ -98,10 +110,8 @@ def test_on_a_switch_every_request_waiting_for_the_model_goes_in(
 ) -> None:
     a, b = held_factory(), held_factory()
     router = router_factory({**group_config(a, b), "maxConcurrentRequests": 0})
-    holding = Client(router, "a")
-    a.next_arrival()
-    waiting = [Client(router, "b") for _ in range(3)]
-    until(lambda: queue_depth(router, "b") == 3)
+    holding = hold_a(router, a)
+    waiting = queue_for(router, "b", 3)
     a.allow()
     assert holding.answer().status == 200
     for _ in waiting:
@@ -117,8 +127,7 @@ def test_models_without_a_group_are_not_held_up(
     config = group_config(a, b)
     config["models"]["free"] = {"url": upstream.url}
     router = router_factory(config)
-    holding = Client(router, "a")
-    a.next_arrival()
+    holding = hold_a(router, a)
     assert exchange(router, "POST", "/v1/chat", chat("free")).status == 200
     a.allow()
     assert holding.answer().status == 200
@@ -131,8 +140,7 @@ def test_a_request_not_let_in_in_time_gets_503(
     config = group_config(a, b)
     config["models"]["b"]["queueTimeout"] = 0.2
     router = router_factory(config)
-    holding = Client(router, "a")
-    a.next_arrival()
+    holding = hold_a(router, a)
     refused = Client(router, "b").answer()
     assert refused.status == 503
     assert refused.headers["retry-after"] == "1"
@@ -151,10 +159,8 @@ def test_a_client_that_leaves_the_queue_costs_nothing_upstream(
 ) -> None:
     a, b = held_factory(), held_factory()
     router = router_factory(group_config(a, b))
-    holding = Client(router, "a")
-    a.next_arrival()
-    leaving = Client(router, "b")
-    until(lambda: queue_depth(router, "b") == 1)
+    holding = hold_a(router, a)
+    (leaving,) = queue_for(router, "b")
     leaving.sock.close()
     until(lambda: queue_depth(router, "b") == 0)
     a.allow()
@@ -220,10 +226,8 @@ def test_a_reload_keeps_the_queue(
     a, b = held_factory(), held_factory()
     config = group_config(a, b)
     router = router_factory(config)
-    holding = Client(router, "a")
-    a.next_arrival()
-    waiting = Client(router, "b")
-    until(lambda: queue_depth(router, "b") == 1)
+    holding = hold_a(router, a)
+    (waiting,) = queue_for(router, "b")
     reload_with(router, tmp_path, config)
     assert queue_depth(router, "b") == 1
     a.allow()
@@ -238,10 +242,8 @@ def test_a_group_gone_by_reload_lets_its_waiters_go(
 ) -> None:
     a, b = held_factory(), held_factory()
     router = router_factory(group_config(a, b))
-    holding = Client(router, "a")
-    a.next_arrival()
-    waiting = Client(router, "b")
-    until(lambda: queue_depth(router, "b") == 1)
+    holding = hold_a(router, a)
+    (waiting,) = queue_for(router, "b")
     reload_with(router, tmp_path, {"models": {"a": {"url": a.url}, "b": {"url": b.url}}})
     b.next_arrival()  # while a's request is still in flight
     b.allow()
@@ -256,10 +258,8 @@ def test_drain_keeps_the_promise_to_waiting_requests(
 ) -> None:
     a, b = held_factory(), held_factory()
     router = RouterProcess(group_config(a, b), tmp_path)
-    holding = Client(router, "a")
-    a.next_arrival()
-    waiting = Client(router, "b")
-    until(lambda: queue_depth(router, "b") == 1)
+    holding = hold_a(router, a)
+    (waiting,) = queue_for(router, "b")
     router.process.send_signal(signal.SIGTERM)
     a.allow()
     assert holding.answer().status == 200
