@@ -1443,7 +1443,7 @@ def route(request: Request, table: RoutingTable, access: Access | None) -> Route
 def model_named(table: RoutingTable, name: str, access: Access) -> Model:
     """The model a JSON body names; HTTPError when there is none of that name for the key."""
     model = table.models.get(name)
-    if model is None or (access.models is not None and name not in access.models):
+    if model is None or not access.allows(name):
         raise unknown_model(name)
     return model
 
@@ -3120,10 +3120,7 @@ class RouterState:
 
     def finished(self, model: Model, key: str) -> None:
         """A proxied request (or the tunnel it became) ended: its slot and its group's turn."""
-        self.in_flight -= 1
-        metrics = self.metrics
-        metrics.in_flight[model.name] -= 1
-        metrics.key_in_flight[key] -= 1
+        self.release_slot(model.name, key)
         if model.group is not None:
             self.groups[model.group].release()
 
@@ -3140,10 +3137,13 @@ class RouterState:
         if left is not None:
             self.pool.close_idle(replica.upstream for replica in left.replicas)
 
-    def reloaded(self) -> None:
-        """The table was replaced: a group no longer in it lets its waiters go."""
+    def replace_table(self, table: RoutingTable) -> None:
+        """A reload: requests in flight keep the table they started with; what is known of
+        each replica kept goes on; a group no longer configured lets its waiters go."""
+        carry_replica_states(self.table, table)
+        self.table = table
         for name, group in self.groups.items():
-            if name not in self.table.groups:
+            if name not in table.groups:
                 group.disband()
 
     def record(self, exchange: Exchange) -> None:
@@ -3824,10 +3824,7 @@ class Server:
         else:
             if config.listener != self.router.table.config.listener and not self.activated:
                 log("the listen address changed: that takes effect on restart")
-            table = RoutingTable(config)
-            carry_replica_states(self.router.table, table)
-            self.router.table = table
-            self.router.reloaded()
+            self.router.replace_table(RoutingTable(config))
             metrics.reloads["success"] += 1
             self.reload_note = ""
             log(f"reloaded {self.config_path}: {len(config.models)} model(s)")
