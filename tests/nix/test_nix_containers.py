@@ -13,11 +13,7 @@ from module_configs import (
     llmhop,
     warnings,
 )
-from nix_harness import (
-    REPO,
-    NixEvalError,
-    evaluate,
-)
+from nix_harness import REPO, NixEvalError, evaluate
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
 

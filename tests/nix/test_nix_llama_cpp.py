@@ -5,15 +5,7 @@ switch, users and refusals."""
 from __future__ import annotations
 
 import pytest
-from module_configs import (
-    QUICKSTART,
-    argv,
-    assertions,
-    config_file,
-    llama,
-    llmhop,
-    service,
-)
+from module_configs import QUICKSTART, argv, assertions, config_file, llama, llmhop, service
 from nix_harness import NixEvalError, evaluate
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]

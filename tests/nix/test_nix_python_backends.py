@@ -7,12 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from module_configs import (
-    assertions,
-    config_file,
-    container,
-    llmhop,
-)
+from module_configs import assertions, config_file, container, llmhop
 from nix_harness import (
     NixEvalError,
     analyze_verify,

@@ -4,14 +4,7 @@ twice fail naming every owner; hand-written routes claim or extend a worker's.""
 from __future__ import annotations
 
 import pytest
-from module_configs import (
-    QUICKSTART,
-    assertions,
-    config_file,
-    llama,
-    llmhop,
-    service,
-)
+from module_configs import QUICKSTART, assertions, config_file, llama, llmhop, service
 from nix_harness import evaluate
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]

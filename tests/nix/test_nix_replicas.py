@@ -9,15 +9,7 @@ import sys
 from typing import Any
 
 import pytest
-from module_configs import (
-    argv,
-    assertions,
-    config_file,
-    container,
-    llama,
-    llmhop,
-    service,
-)
+from module_configs import argv, assertions, config_file, container, llama, llmhop, service
 from nix_harness import REPO, evaluate
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]

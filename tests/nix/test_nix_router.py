@@ -7,18 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from module_configs import (
-    assertions,
-    config_file,
-    llmhop,
-    service,
-)
-from nix_harness import (
-    HERE,
-    NixEvalError,
-    evaluate,
-    locked_store_path,
-)
+from module_configs import assertions, config_file, llmhop, service
+from nix_harness import HERE, NixEvalError, evaluate, locked_store_path
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
 

@@ -14,12 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from module_configs import (
-    assertions,
-    config_file,
-    container,
-    llmhop,
-)
+from module_configs import assertions, config_file, container, llmhop
 from nix_harness import evaluate
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
