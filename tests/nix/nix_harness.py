@@ -302,6 +302,26 @@ def llmhop_package(root: Path) -> Path:
     return out
 
 
+def stand_in(root: Path, package: str, program: str) -> str:
+    """The store path of a package whose only program, bin/<program>, is an empty script."""
+    return str(make_package(root / "pkgs", package, {program: "#!/bin/sh\n"}))
+
+
+def render_units(config: dict[str, Any], root: Path, *, module: Path | None = None) -> Path:
+    """Evaluate with runnable stand-ins, so that every ExecStart= names a program that exists
+    (the router as its package builds it, an empty script per engine, the host's coreutils
+    and systemd), and write the system units into root/units."""
+    pkgs = {
+        "llmhop": str(llmhop_package(root / "pkgs")),
+        "llama-cpp": stand_in(root, "llama-cpp", "llama-server"),
+        "vllm": stand_in(root, "vllm", "vllm"),
+        "coreutils": "/usr",
+        "systemd": "/usr",
+    }
+    result = evaluate(config, module=module, pkgs=pkgs)
+    return write_units(result["units"]["system"], root / "units")
+
+
 def temp_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
 

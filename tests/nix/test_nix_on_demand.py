@@ -12,15 +12,7 @@ from typing import Any
 
 import pytest
 from module_configs import argv, assertions, config_file, container, service
-from nix_harness import (
-    REPO,
-    FailedAssertions,
-    analyze_verify,
-    evaluate,
-    llmhop_package,
-    make_package,
-    write_units,
-)
+from nix_harness import REPO, FailedAssertions, analyze_verify, evaluate, render_units, stand_in
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
 
@@ -393,19 +385,8 @@ def test_an_idle_timeout_that_is_no_time_span_is_refused() -> None:
 @pytest.mark.usefixtures("systemd_analyze")
 def test_units_verify(tmp_path: Path) -> None:
     config = native()
-    config["services"]["llmhop"]["sglang"]["package"] = str(
-        make_package(tmp_path / "pkgs", "sglang", {"python": "#!/bin/sh\n"})
-    )
-    pkgs = {
-        "llmhop": str(llmhop_package(tmp_path / "pkgs")),
-        "llama-cpp": str(
-            make_package(tmp_path / "pkgs", "llama-cpp", {"llama-server": "#!/bin/sh\n"})
-        ),
-        "vllm": str(make_package(tmp_path / "pkgs", "vllm", {"vllm": "#!/bin/sh\n"})),
-        "coreutils": "/usr",
-        "systemd": "/usr",
-    }
-    units = write_units(evaluate(config, pkgs=pkgs)["units"]["system"], tmp_path / "units")
+    config["services"]["llmhop"]["sglang"]["package"] = stand_in(tmp_path, "sglang", "python")
+    units = render_units(config, tmp_path)
     names = [
         f"{worker}{suffix}"
         for worker in ("llama-cpp-a", "llama-cpp-b", "vllm-v", "sglang-s")

@@ -8,14 +8,7 @@ from typing import Any
 
 import pytest
 from module_configs import assertions, config_file, container, llmhop
-from nix_harness import (
-    NixEvalError,
-    analyze_verify,
-    evaluate,
-    llmhop_package,
-    make_package,
-    write_units,
-)
+from nix_harness import NixEvalError, analyze_verify, evaluate, render_units, stand_in
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
 
@@ -188,18 +181,13 @@ def test_native_units_verify(tmp_path: Path) -> None:
     config = native_vllm()
     config["services"]["llmhop"]["sglang"] = {
         "runtime": "native",
-        "package": str(make_package(tmp_path / "pkgs", "sglang", {"python": "#!/bin/sh\n"})),
+        "package": stand_in(tmp_path, "sglang", "python"),
         "models": {"m": {"port": 30001, "model": "org/m"}},
-    }
-    pkgs = {
-        "llmhop": str(llmhop_package(tmp_path / "pkgs")),
-        "vllm": str(make_package(tmp_path / "pkgs", "vllm", {"vllm": "#!/bin/sh\n"})),
-        "coreutils": "/usr",
     }
     # PrivateUsers=identity (the GPU relaxations) needs systemd >= 257; the host's is older.
     for backend in ("vllm", "sglang"):
         for model in config["services"]["llmhop"][backend]["models"].values():
             model["gpu"] = False
-    units = write_units(evaluate(config, pkgs=pkgs)["units"]["system"], tmp_path / "units")
+    units = render_units(config, tmp_path)
     result = analyze_verify(units, ["vllm-sock.service", "vllm-tcp.service", "sglang-m.service"])
     assert result.clean, result.stderr

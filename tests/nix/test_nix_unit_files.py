@@ -6,14 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nix_harness import (
-    analyze_security,
-    analyze_verify,
-    evaluate,
-    llmhop_package,
-    mk_force,
-    write_units,
-)
+from nix_harness import analyze_security, analyze_verify, evaluate, mk_force, render_units
 
 pytestmark = [
     pytest.mark.nix,
@@ -27,13 +20,6 @@ ROUTER_UNITS = ["llmhop.service", "llmhop-default.socket"]
 MAX_EXPOSURE = 1.1
 MAX_EXPOSURE_WITH_WORKERS = 1.1
 MAX_WORKER_EXPOSURE = 1.2
-
-
-def render(scratch: Path, config: dict[str, Any], module: Path | None = None) -> Path:
-    """Evaluate with runnable stand-ins (so ExecStart= exists) and write the system units."""
-    pkgs = {"llmhop": str(llmhop_package(scratch / "pkgs")), "coreutils": "/usr"}
-    result = evaluate(config, module=module, pkgs=pkgs)
-    return write_units(result["units"]["system"], scratch / "units")
 
 
 def with_workers() -> dict[str, Any]:
@@ -128,7 +114,7 @@ def test_rendering_like_nixos(tmp_path: Path) -> None:
 
 
 def test_router_unit_text(scratch: Path) -> None:
-    text = (render(scratch, router()) / "llmhop.service").read_text()
+    text = (render_units(router(), scratch) / "llmhop.service").read_text()
     assert "Type=notify\n" in text
     assert "RestrictAddressFamilies=AF_INET\nRestrictAddressFamilies=AF_INET6\n" in text
     assert "CapabilityBoundingSet=\n" in text
@@ -141,24 +127,24 @@ def test_router_unit_text(scratch: Path) -> None:
 
 
 def test_router_units_verify(scratch: Path) -> None:
-    result = analyze_verify(render(scratch, router()), ROUTER_UNITS)
+    result = analyze_verify(render_units(router(), scratch), ROUTER_UNITS)
     assert result.clean, result.stderr
 
 
 def test_router_exposure(scratch: Path, record_property: pytest.RecordProperty) -> None:
-    score, report = analyze_security(render(scratch, router()), "llmhop.service")
+    score, report = analyze_security(render_units(router(), scratch), "llmhop.service")
     record_property("llmhop.service exposure", score)
     print(f"systemd-analyze security: llmhop.service exposure {score}")
     assert score <= MAX_EXPOSURE, report
 
 
 def test_worker_units_verify(scratch: Path) -> None:
-    result = analyze_verify(render(scratch, with_workers()), WORKER_UNITS)
+    result = analyze_verify(render_units(with_workers(), scratch), WORKER_UNITS)
     assert result.clean, result.stderr
 
 
 def test_exposure_with_workers(scratch: Path, record_property: pytest.RecordProperty) -> None:
-    units = render(scratch, with_workers())
+    units = render_units(with_workers(), scratch)
     scores = {unit: analyze_security(units, unit)[0] for unit in WORKER_UNITS if ".service" in unit}
     record_property("exposure", scores)
     print(f"systemd-analyze security: {scores}")
@@ -169,13 +155,9 @@ def test_exposure_with_workers(scratch: Path, record_property: pytest.RecordProp
 
 def test_weaker_hardening_scores_worse(scratch: Path) -> None:
     """The score reacts to the unit: the check is not vacuous."""
-    hardened, _ = analyze_security(render(scratch, router()), "llmhop.service")
-    weak_dir = scratch / "weak"
-    weak_dir.mkdir()
-    weak, _ = analyze_security(
-        render(weak_dir, _force(PrivateUsers=False, ProtectSystem=False, PrivateDevices=False)),
-        "llmhop.service",
-    )
+    hardened, _ = analyze_security(render_units(router(), scratch), "llmhop.service")
+    weakened = _force(PrivateUsers=False, ProtectSystem=False, PrivateDevices=False)
+    weak, _ = analyze_security(render_units(weakened, scratch / "weak"), "llmhop.service")
     assert weak > hardened
 
 
@@ -201,6 +183,6 @@ def _force(**service_config: Any) -> dict[str, Any]:
 def test_a_wrong_unit_fails_verify(
     scratch: Path, service_config: dict[str, Any], complaint: str
 ) -> None:
-    result = analyze_verify(render(scratch, router(**service_config)), ROUTER_UNITS)
+    result = analyze_verify(render_units(router(**service_config), scratch), ROUTER_UNITS)
     assert not result.clean
     assert complaint in result.stderr
