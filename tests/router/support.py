@@ -1,5 +1,6 @@
 """Test doubles and clients for the router tests: a scripted upstream, the router in this
-process, and (from tests.support, re-exported here) raw HTTP and the router as a process.
+process, and the requests the tests send through it. Raw HTTP (tests.support.wire) and the
+router as a process (tests.support.router) are imported from where they are defined.
 
 The fake upstream is deliberately independent of the router's own HTTP code, so a bug there
 cannot hide itself by being on both sides of a test.
@@ -20,12 +21,9 @@ from typing import Any
 
 from tests.support import REPO as ROOT
 from tests.support import ROUTER_SCRIPT
-from tests.support.router import RouterProcess
 from tests.support.wire import (
     Reply,
     SocketReader,
-    chunk,
-    dechunk,
     header_map,
     http_response,
     read_reply,
@@ -39,26 +37,15 @@ import llmhop
 
 __all__ = [
     "ROOT",
-    "ROUTER_SCRIPT",
     "WAIT",
     "FakeUpstream",
     "Handler",
     "HeldUpstream",
     "Received",
-    "Reply",
-    "RouterProcess",
     "RunningRouter",
-    "SocketReader",
     "chat",
-    "chunk",
-    "dechunk",
     "exchange",
-    "header_map",
-    "http_response",
     "llmhop",
-    "read_reply",
-    "read_request",
-    "request_bytes",
     "respond_with",
     "send_raw",
 ]

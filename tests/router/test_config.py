@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import ROOT, ROUTER_SCRIPT, WAIT, llmhop
+from support import ROOT, WAIT, llmhop
+
+from tests.support import ROUTER_SCRIPT
 
 
 def parse(config: Any, environ: dict[str, str] | None = None) -> llmhop.Config:

@@ -10,20 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import (
-    WAIT,
-    FakeUpstream,
-    Received,
-    RunningRouter,
-    SocketReader,
-    chat,
-    chunk,
-    exchange,
-    http_response,
-    read_reply,
-    request_bytes,
-    respond_with,
-)
+from support import WAIT, FakeUpstream, Received, RunningRouter, chat, exchange, respond_with
+
+from tests.support.wire import SocketReader, chunk, http_response, read_reply, request_bytes
 
 Factory = Callable[..., Any]
 

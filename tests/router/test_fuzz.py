@@ -9,16 +9,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from support import (
-    WAIT,
-    FakeUpstream,
-    RouterProcess,
-    SocketReader,
-    chat,
-    chunk,
-    read_reply,
-    request_bytes,
-)
+from support import WAIT, FakeUpstream, chat
+
+from tests.support.router import RouterProcess
+from tests.support.wire import SocketReader, chunk, read_reply, request_bytes
 
 REQUESTS = 10_000
 SEED = 20261125

@@ -11,19 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import (
-    WAIT,
-    FakeUpstream,
-    HeldUpstream,
-    RouterProcess,
-    RunningRouter,
-    SocketReader,
-    chat,
-    exchange,
-    llmhop,
-    read_reply,
-    request_bytes,
-)
+from support import WAIT, FakeUpstream, HeldUpstream, RunningRouter, chat, exchange, llmhop
+
+from tests.support.router import RouterProcess
+from tests.support.wire import SocketReader, read_reply, request_bytes
 
 Factory = Callable[..., Any]
 

@@ -14,14 +14,12 @@ from support import (
     HeldUpstream,
     Received,
     RunningRouter,
-    SocketReader,
     chat,
-    chunk,
     exchange,
-    read_reply,
-    request_bytes,
     send_raw,
 )
+
+from tests.support.wire import SocketReader, chunk, read_reply, request_bytes
 
 Factory = Callable[..., Any]
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from support import FakeUpstream, RouterProcess, SocketReader, chat, read_reply, request_bytes
+from support import FakeUpstream, chat
+
+from tests.support.router import RouterProcess
+from tests.support.wire import SocketReader, read_reply, request_bytes
 
 LINE = re.compile(
     r'access: "(?P<method>\S+) (?P<path>\S+)" '

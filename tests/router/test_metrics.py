@@ -7,7 +7,9 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from support import FakeUpstream, Received, RunningRouter, chat, exchange, http_response
+from support import FakeUpstream, Received, RunningRouter, chat, exchange
+
+from tests.support.wire import http_response
 
 Factory = Callable[..., Any]
 

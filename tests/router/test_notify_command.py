@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from support import ROUTER_SCRIPT, WAIT
+from support import WAIT
 
-from tests.support import FAKE_ENGINE
+from tests.support import FAKE_ENGINE, ROUTER_SCRIPT
 from tests.support.notify import NotifyReceiver
 from tests.support.processes import Process, free_port
 

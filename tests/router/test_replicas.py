@@ -11,20 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import (
-    FakeUpstream,
-    HeldUpstream,
-    Received,
-    RouterProcess,
-    RunningRouter,
-    SocketReader,
-    chat,
-    exchange,
-    http_response,
-    llmhop,
-    read_reply,
-    request_bytes,
-)
+from support import FakeUpstream, HeldUpstream, Received, RunningRouter, chat, exchange, llmhop
+
+from tests.support.router import RouterProcess
+from tests.support.wire import SocketReader, http_response, read_reply, request_bytes
 
 Factory = Callable[..., Any]
 

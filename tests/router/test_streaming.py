@@ -8,7 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from support import WAIT, RunningRouter, SocketReader, chat, chunk, request_bytes
+from support import WAIT, RunningRouter, chat
+
+from tests.support.wire import SocketReader, chunk, request_bytes
 
 Factory = Callable[..., Any]
 

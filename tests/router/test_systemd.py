@@ -22,19 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import (
-    ROUTER_SCRIPT,
-    WAIT,
-    FakeUpstream,
-    SocketReader,
-    chat,
-    chunk,
-    read_reply,
-    request_bytes,
-)
+from support import WAIT, FakeUpstream, chat
 
+from tests.support import ROUTER_SCRIPT
 from tests.support.notify import NotifyReceiver
 from tests.support.processes import Process, free_port
+from tests.support.wire import SocketReader, chunk, read_reply, request_bytes
 
 Factory = Callable[..., Any]
 
