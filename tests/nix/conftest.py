@@ -83,3 +83,11 @@ def scratch() -> Iterator[Path]:
     path = systemd_ns.scratch_dir("pkgs-")
     yield path
     systemd_ns.remove_scratch(path)
+
+
+@pytest.fixture
+def ns(request: pytest.FixtureRequest, scratch: Path) -> Iterator[systemd_ns.SystemdNamespace]:
+    """The test module's `scenario(scratch)`, an evaluated system, booted under a real
+    systemd."""
+    with systemd_ns.booted(request.module.scenario(scratch)) as namespace:
+        yield namespace

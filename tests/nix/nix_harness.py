@@ -15,7 +15,10 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from systemd_ns import SystemdNamespace
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -569,16 +572,72 @@ def build_in_sandbox(root: Path, build_top: Path, *, timeout: float = 600) -> Sa
     return SandboxBuild(derivation, out, phases)
 
 
-def fake_llama_cpp_packages(scratch: Path) -> dict[str, str]:
-    """The packages a llama.cpp worker scenario under real systemd runs: the router as built
-    by package.nix, and `llama-server` as the fake engine (copied out of the checkout, which
-    may sit below /tmp, where PrivateTmp= hides it)."""
+# Where llama_cpp_scenario's router listens, inside the namespace.
+ROUTER = "http://127.0.0.1:8080"
+
+
+def llama_cpp_scenario(
+    scratch: Path,
+    models: dict[str, Any],
+    *,
+    router: dict[str, Any] | None = None,
+    started_by_hand: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """The evaluated system a service test boots: the router on 127.0.0.1:8080, started by
+    its first connection, in front of llama.cpp's `models` with the fake engine as
+    `llama-server`. `router` adds options of services.llmhop; the units `started_by_hand`
+    stay out of the boot too.
+
+    The fake engine is copied out of the checkout, which may sit below /tmp, where
+    PrivateTmp= hides it; systemd-socket-proxyd is the host's, as systemd itself is."""
     from tests.support import FAKE_ENGINE
 
     fake = shutil.copy(FAKE_ENGINE, scratch)
     server = f'#!/bin/sh\nexec /usr/bin/python3 -I {fake} llama-server "$@"\n'
-    return {
+    pkgs = {
         "llmhop": str(llmhop_package(scratch / "pkgs")),
         "llama-cpp": str(make_package(scratch / "pkgs", "llama-cpp", {"llama-server": server})),
         "coreutils": "/usr",
+        "systemd": "/usr",
     }
+    not_at_boot = {"wantedBy": mk_force([])}
+    config = {
+        "services": {
+            "llmhop": {
+                "enable": True,
+                "host": "127.0.0.1",
+                "port": 8080,
+                **(router or {}),
+                "llama-cpp": {"models": models},
+            }
+        },
+        "systemd": {
+            "services": {
+                unit.removesuffix(".service"): not_at_boot for unit in ("llmhop", *started_by_hand)
+            }
+        },
+    }
+    return evaluate(config, pkgs=pkgs)
+
+
+def chat(
+    ns: SystemdNamespace,
+    model: str,
+    *,
+    token: str | None = None,
+    fields: dict[str, Any] | None = None,
+    **http: Any,
+) -> tuple[int, str]:
+    """One chat completion through the scenario's router: (status, body). `fields` join the
+    request's JSON; `http` goes to SystemdNamespace.http (`unix_socket`, `timeout`)."""
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **(fields or {})}
+    return ns.http(
+        f"{ROUTER}/v1/chat/completions",
+        method="POST",
+        body=json.dumps(body).encode(),
+        headers=headers,
+        **http,
+    )

@@ -452,6 +452,10 @@ exec env -i {env_args} {systemd} --system --log-target=journal --show-status=no
         out = self.systemctl("show", unit, *[f"--property={p}" for p in props], check=True)
         return dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
 
+    def state(self, unit: str) -> str:
+        """The unit's ActiveState: active, activating, inactive, failed, …"""
+        return self.show(unit, "ActiveState")["ActiveState"]
+
     def journal(self, unit: str | None = None) -> str:
         args = ["journalctl", "--no-pager", "--quiet", "--output=short"]
         if unit:

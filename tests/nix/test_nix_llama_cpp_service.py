@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from nix_harness import evaluate, fake_llama_cpp_packages, mk_force
-from systemd_ns import SystemdNamespace, booted
+from nix_harness import chat, llama_cpp_scenario
+from systemd_ns import SystemdNamespace
 
 from tests.support.processes import wait_until
 
@@ -23,10 +22,10 @@ pytestmark = [pytest.mark.nix, pytest.mark.systemd, pytest.mark.usefixtures("rea
 
 CLIENT_TOKEN = "client-secret"
 WORKER_KEY = "worker-secret"
-WORKER = "llama-cpp-fake-model.service"
+MODEL = "fake-model"
+WORKER = f"llama-cpp-{MODEL}.service"
 DYING = "llama-cpp-dying-model.service"
 SOCKET_DIR = "/run/llmhop/llama-cpp-fake-model"
-CHAT = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]})
 
 
 def scenario(scratch: Path) -> dict[str, Any]:
@@ -36,105 +35,56 @@ def scenario(scratch: Path) -> dict[str, Any]:
     (secrets / "worker-key").write_text(WORKER_KEY + "\n")
     for secret in secrets.iterdir():
         secret.chmod(0o600)
-    pkgs = fake_llama_cpp_packages(scratch)
     worker_credentials = {"api-keys": str(secrets / "worker-key")}
-    not_at_boot = {"wantedBy": mk_force([])}
-    config = {
-        "services": {
-            "llmhop": {
-                "enable": True,
-                "host": "127.0.0.1",
-                "port": 8080,
-                "listen": {"local": {}},
-                "credentials": {
-                    "llmhop.client-token": str(secrets / "client-token"),
-                    "llmhop.worker-key": str(secrets / "worker-key"),
-                },
-                "settings": {
-                    "authTokens": ["${cred:llmhop.client-token}"],
-                    # Added to the route the worker registers.
-                    "models": {
-                        "fake-model": {
-                            "headers": {"Authorization": "Bearer ${cred:llmhop.worker-key}"}
-                        }
-                    },
-                },
-                "llama-cpp": {
-                    "enable": True,
-                    "models": {
-                        "fake-model": {
-                            "credentials": worker_credentials,
-                            "settings": {
-                                "api-key-file": "${cred:api-keys}",
-                                "fake-ready-file": str(scratch / "ready"),
-                            },
-                        },
-                        "dying-model": {
-                            "credentials": worker_credentials,
-                            "settings": {
-                                "api-key-file": "${cred:api-keys}",
-                                "fake-die-while-loading": True,
-                            },
-                        },
-                    },
-                },
-            }
+    router = {
+        "listen": {"local": {}},
+        "credentials": {
+            "llmhop.client-token": str(secrets / "client-token"),
+            "llmhop.worker-key": str(secrets / "worker-key"),
         },
-        # Started by hand (the router by its first connection), as in the VM test.
-        "systemd": {
-            "services": {
-                "llmhop": not_at_boot,
-                "llama-cpp-fake-model": not_at_boot,
-                "llama-cpp-dying-model": not_at_boot,
-            }
+        "settings": {
+            "authTokens": ["${cred:llmhop.client-token}"],
+            # Added to the route the worker registers.
+            "models": {MODEL: {"headers": {"Authorization": "Bearer ${cred:llmhop.worker-key}"}}},
         },
     }
-    return evaluate(config, pkgs=pkgs)
-
-
-@pytest.fixture
-def ns(scratch: Path) -> Iterator[SystemdNamespace]:
-    with booted(scenario(scratch)) as namespace:
-        yield namespace
-
-
-def chat(ns: SystemdNamespace, token: str | None, **kwargs: Any) -> tuple[int, str]:
-    headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    return ns.http(
-        "http://127.0.0.1:8080/v1/chat/completions",
-        method="POST",
-        body=CHAT.encode(),
-        headers=headers,
-        **kwargs,
-    )
-
-
-def state(ns: SystemdNamespace, unit: str) -> str:
-    return ns.show(unit, "ActiveState")["ActiveState"]
+    models = {
+        MODEL: {
+            "credentials": worker_credentials,
+            "settings": {
+                "api-key-file": "${cred:api-keys}",
+                "fake-ready-file": str(scratch / "ready"),
+            },
+        },
+        "dying-model": {
+            "credentials": worker_credentials,
+            "settings": {"api-key-file": "${cred:api-keys}", "fake-die-while-loading": True},
+        },
+    }
+    # The workers are started by hand, as in the VM test.
+    return llama_cpp_scenario(scratch, models, router=router, started_by_hand=(WORKER, DYING))
 
 
 def test_router_and_llama_cpp_worker(ns: SystemdNamespace, scratch: Path) -> None:
     # Type=notify: once the router is started, /health answers; both listeners serve.
     status, body = ns.http("http://127.0.0.1:8080/health")
     assert (status, json.loads(body)) == (200, {"status": "ok", "models": 2}), body
-    assert state(ns, "llmhop.service") == "active"
+    assert ns.state("llmhop.service") == "active"
     status, body = ns.http("http://localhost/health", unix_socket="/run/llmhop/local.sock")
     assert status == 200, body
     sockets = ns.show("llmhop.service", "Triggers", "TriggeredBy")["TriggeredBy"].split()
     assert sorted(sockets) == ["llmhop-default.socket", "llmhop-local.socket"]
 
     # Auth is checked before routing; the worker is not up yet.
-    assert chat(ns, None)[0] == 401
-    assert chat(ns, "wrong")[0] == 401
-    status, body = chat(ns, CLIENT_TOKEN)
+    assert chat(ns, MODEL)[0] == 401
+    assert chat(ns, MODEL, token="wrong")[0] == 401
+    status, body = chat(ns, MODEL, token=CLIENT_TOKEN)
     assert status == 502, body
 
     # Readiness: the unit stays activating while /health answers 503.
     assert ns.systemctl("start", "--no-block", WORKER).returncode == 0
     ns.wait_for_journal(WORKER, "health probe 2")
-    assert state(ns, WORKER) == "activating"
+    assert ns.state(WORKER) == "activating"
     listing = ns.run("stat", "-c", "%a %G %n", SOCKET_DIR, f"{SOCKET_DIR}/http.sock").stdout
     assert listing.splitlines() == [
         f"710 llama-cpp {SOCKET_DIR}",
@@ -143,7 +93,7 @@ def test_router_and_llama_cpp_worker(ns: SystemdNamespace, scratch: Path) -> Non
     (scratch / "ready").write_text("")
     # A second start waits for the pending job: it returns once READY=1 arrived.
     assert ns.systemctl("start", WORKER, timeout=30).returncode == 0
-    assert state(ns, WORKER) == "active"
+    assert ns.state(WORKER) == "active"
     worker = ns.show(WORKER, "DynamicUser", "User", "Group", "StatusText")
     assert worker["Group"] == "llama-cpp"
     assert worker["DynamicUser"] == "yes"
@@ -151,27 +101,27 @@ def test_router_and_llama_cpp_worker(ns: SystemdNamespace, scratch: Path) -> Non
 
     # The router reaches the worker through its socket, with the injected key, on both
     # listeners; the client's token does not travel on.
-    status, body = chat(ns, CLIENT_TOKEN)
+    status, body = chat(ns, MODEL, token=CLIENT_TOKEN)
     assert status == 200, body + ns.journal(WORKER)
     reply = json.loads(body)
     assert reply["model"] == "fake-model"
     assert reply["via"] == "socket"
-    status, body = chat(ns, CLIENT_TOKEN, unix_socket="/run/llmhop/local.sock")
+    status, body = chat(ns, MODEL, token=CLIENT_TOKEN, unix_socket="/run/llmhop/local.sock")
     assert status == 200, body
 
     # A SIGKILLed worker restarts although its last socket was never unlinked.
     pid = ns.show(WORKER, "MainPID")["MainPID"]
     assert ns.systemctl("kill", "--signal=SIGKILL", WORKER).returncode == 0
-    wait_until(lambda: state(ns, WORKER) != "active", 30, "the worker is dead", interval=0.2)
+    wait_until(lambda: ns.state(WORKER) != "active", 30, "the worker is dead", interval=0.2)
     assert ns.systemctl("restart", WORKER, timeout=30).returncode == 0
-    assert state(ns, WORKER) == "active"
+    assert ns.state(WORKER) == "active"
     assert ns.show(WORKER, "MainPID")["MainPID"] != pid
-    assert chat(ns, CLIENT_TOKEN)[0] == 200
+    assert chat(ns, MODEL, token=CLIENT_TOKEN)[0] == 200
     assert "Address already in use" not in ns.journal(WORKER)
 
     # A clean stop removes the socket directory.
     assert ns.systemctl("stop", WORKER).returncode == 0
-    assert state(ns, WORKER) == "inactive"
+    assert ns.state(WORKER) == "inactive"
     assert ns.run("test", "-e", SOCKET_DIR).returncode != 0
 
 

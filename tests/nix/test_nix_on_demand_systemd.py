@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-from nix_harness import evaluate, fake_llama_cpp_packages, mk_force
-from systemd_ns import SystemdNamespace, booted
+from nix_harness import ROUTER, chat, llama_cpp_scenario
+from systemd_ns import SystemdNamespace
 
 from tests.support.processes import wait_until
 
 pytestmark = [pytest.mark.nix, pytest.mark.systemd, pytest.mark.usefixtures("real_systemd")]
 
-ROUTER = "http://127.0.0.1:8080"
 A, B = "llama-cpp-a.service", "llama-cpp-b.service"
 PROXY_A, PROXY_B = "llama-cpp-a-proxy.service", "llama-cpp-b-proxy.service"
 SOCKET_A, SOCKET_B = "llama-cpp-a-proxy.socket", "llama-cpp-b-proxy.socket"
@@ -36,46 +34,17 @@ WAIT = 60
 
 
 def scenario(scratch: Path) -> dict[str, Any]:
-    pkgs = {
-        **fake_llama_cpp_packages(scratch),
-        # /usr/lib/systemd/systemd-socket-proxyd: the host's, as systemd itself.
-        "systemd": "/usr",
+    both = {
+        "onDemand": {"enable": True, "idleTimeout": "2s"},
+        "group": "gpu",
+        "settings": {"fake-loading-probes": LOADING_PROBES},
     }
-    on_demand = {"enable": True, "idleTimeout": "2s"}
-    loading = {"fake-loading-probes": LOADING_PROBES}
-    config = {
-        "services": {
-            "llmhop": {
-                "enable": True,
-                "host": "127.0.0.1",
-                "port": 8080,
-                "llama-cpp": {
-                    "models": {
-                        "a": {"onDemand": on_demand, "group": "gpu", "settings": loading},
-                        "b": {
-                            "port": 18002,
-                            "onDemand": on_demand,
-                            "group": "gpu",
-                            "settings": loading,
-                        },
-                    },
-                },
-            }
-        },
-        # The router starts on its first connection, as the workers do.
-        "systemd": {"services": {"llmhop": {"wantedBy": mk_force([])}}},
-    }
-    return evaluate(config, pkgs=pkgs)
-
-
-@pytest.fixture
-def ns(scratch: Path) -> Iterator[SystemdNamespace]:
-    with booted(scenario(scratch)) as namespace:
-        yield namespace
+    models = {"a": both, "b": {"port": 18002, **both}}
+    return llama_cpp_scenario(scratch, models)
 
 
 def states(ns: SystemdNamespace, *units: str) -> dict[str, str]:
-    return {unit: ns.show(unit, "ActiveState")["ActiveState"] for unit in units}
+    return {unit: ns.state(unit) for unit in units}
 
 
 def timestamp(ns: SystemdNamespace, unit: str, what: str) -> int:
@@ -90,21 +59,10 @@ def now_us() -> int:
 
 def wait_for_state(ns: SystemdNamespace, unit: str, state: str) -> None:
     wait_until(
-        lambda: states(ns, unit)[unit] == state,
+        lambda: ns.state(unit) == state,
         WAIT,
         f"{unit} {state}\n{ns.journal()}",
         interval=0.1,
-    )
-
-
-def chat(ns: SystemdNamespace, model: str, **extra: Any) -> tuple[int, str]:
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
-    return ns.http(
-        f"{ROUTER}/v1/chat/completions",
-        method="POST",
-        body=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        timeout=WAIT,
     )
 
 
@@ -147,7 +105,7 @@ def test_models_start_on_demand_stop_when_idle_and_swap_within_a_group(
         # The first request starts `a` and waits, its connection in the socket's backlog, while
         # the server loads; then it succeeds.
         sent = now_us()
-        first = pool.submit(chat, ns, "a")
+        first = pool.submit(chat, ns, "a", timeout=WAIT)
         wait_for_state(ns, A, "activating")
         assert states(ns, PROXY_A, B)[PROXY_A] in ("inactive", "activating")
         assert not first.done()
@@ -171,7 +129,9 @@ def test_models_start_on_demand_stop_when_idle_and_swap_within_a_group(
 
         # A stream held open on `a` (started again by it), then a request for `b` of the same
         # group: it waits in the router while `a` still streams, and nothing starts `b`.
-        stream: Future[tuple[int, str]] = pool.submit(chat, ns, "a", stream=True, fake_hold=True)
+        stream: Future[tuple[int, str]] = pool.submit(
+            chat, ns, "a", fields={"stream": True, "fake_hold": True}, timeout=WAIT
+        )
         wait_until(
             lambda: (
                 ns.run("test", "-S", SERVER_A).returncode == 0
@@ -181,7 +141,7 @@ def test_models_start_on_demand_stop_when_idle_and_swap_within_a_group(
             "a holds a stream",
             interval=0.2,
         )
-        queued = pool.submit(chat, ns, "b")
+        queued = pool.submit(chat, ns, "b", timeout=WAIT)
         wait_until(
             lambda: metric(ns, 'llmhop_queue_depth{group="gpu",model="b"}') == 1,
             WAIT,
