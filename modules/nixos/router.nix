@@ -66,25 +66,50 @@ let
     '';
   };
 
+  # The options of a listener: of each entry of `listen`, and of the default listener, whose
+  # options sit directly in services.llmhop.
   listenerOptions =
-    { name, ... }:
     {
-      options = {
-        host = mkOption {
-          type = types.str;
-          default = "";
-          example = "127.0.0.1";
-          description = "The IP literal a TCP listener binds to; empty means all interfaces.";
-        };
-        port = mkOption {
-          type = types.nullOr types.port;
-          default = null;
-          description = "The TCP port; `null` makes this a unix socket listener at `socket`.";
-        };
-        socket = socketOption "${cfg.socketDirectory}/${name}.sock";
-        socketUser = socketUserOption;
-        socketGroup = socketGroupOption;
-        socketMode = socketModeOption;
+      name,
+      port,
+      listener,
+    }:
+    {
+      host = mkOption {
+        type = types.str;
+        default = "";
+        example = "127.0.0.1";
+        description = ''
+          The IP literal ${listener} binds to; empty means all interfaces. An IPv6 address is
+          written plain, e.g. `::1`.
+        '';
+      };
+      port = mkOption {
+        type = types.nullOr types.port;
+        default = port;
+        description = "The TCP port of ${listener}; `null` serves on the unix socket `socket`.";
+      };
+      socket = mkOption {
+        type = types.strMatching "/.+";
+        default = "${cfg.socketDirectory}/${name}.sock";
+        defaultText = lib.literalExpression ''"''${config.services.llmhop.socketDirectory}/${name}.sock"'';
+        description = "The unix socket path, used while `port` is `null`.";
+      };
+      socketUser = mkOption {
+        type = types.str;
+        default = "root";
+        description = "The owner of the unix socket.";
+      };
+      socketGroup = mkOption {
+        type = types.str;
+        default = "root";
+        example = "caddy";
+        description = "The group of the unix socket; let a reverse proxy connect by naming its group.";
+      };
+      socketMode = mkOption {
+        type = types.strMatching "0?[0-7]{3}";
+        default = "0660";
+        description = "The access mode of the unix socket.";
       };
     };
 
@@ -125,31 +150,6 @@ let
     };
   };
 
-  socketOption =
-    default:
-    mkOption {
-      type = types.strMatching "/.+";
-      inherit default;
-      defaultText = lib.literalExpression ''"''${config.services.llmhop.socketDirectory}/${baseNameOf default}"'';
-      description = "The unix socket path, used while `port` is `null`.";
-    };
-  socketUserOption = mkOption {
-    type = types.str;
-    default = "root";
-    description = "The owner of the unix socket.";
-  };
-  socketGroupOption = mkOption {
-    type = types.str;
-    default = "root";
-    example = "caddy";
-    description = "The group of the unix socket; let a reverse proxy connect by naming its group.";
-  };
-  socketModeOption = mkOption {
-    type = types.strMatching "0?[0-7]{3}";
-    default = "0660";
-    description = "The access mode of the unix socket.";
-  };
-
   # Every listener, the default one included.
   listeners = {
     default = {
@@ -171,7 +171,12 @@ let
   shutdownTimeout = cfg.settings.shutdownTimeout;
 in
 {
-  options.services.llmhop = {
+  options.services.llmhop = listenerOptions {
+    name = "default";
+    port = 8080;
+    listener = "the default listener";
+  }
+  // {
     enable = lib.mkEnableOption "llmhop, a router for OpenAI-compatible LLM servers";
 
     package = mkOption {
@@ -184,29 +189,19 @@ in
       '';
     };
 
-    host = mkOption {
-      type = types.str;
-      default = "";
-      example = "127.0.0.1";
-      description = ''
-        The IP literal the default listener binds to; empty means all interfaces.
-        An IPv6 address is written plain, e.g. `::1`.
-      '';
-    };
-
-    port = mkOption {
-      type = types.nullOr types.port;
-      default = 8080;
-      description = "The TCP port of the default listener; `null` serves on the unix socket `socket`.";
-    };
-
-    socket = socketOption "${cfg.socketDirectory}/default.sock";
-    socketUser = socketUserOption;
-    socketGroup = socketGroupOption;
-    socketMode = socketModeOption;
-
     listen = mkOption {
-      type = types.attrsOf (types.submodule listenerOptions);
+      type = types.attrsOf (
+        types.submodule (
+          { name, ... }:
+          {
+            options = listenerOptions {
+              inherit name;
+              port = null;
+              listener = "this listener";
+            };
+          }
+        )
+      );
       default = { };
       example = lib.literalExpression ''
         {
