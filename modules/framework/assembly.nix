@@ -198,7 +198,7 @@ rec {
           else
             { inherit (model) socket port; };
         serverUrl = llmhopLib.workerUrl listen;
-        # The systemd manager of its units: Requires= and Conflicts= reach no further.
+        # The systemd manager of its units: BindsTo= and Conflicts= reach no further.
         manager =
           if model.runtime == "container" && cfg.quadlet.user != null then
             "the user manager of ${cfg.quadlet.user.name}"

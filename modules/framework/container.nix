@@ -4,7 +4,11 @@
 # assembly.nix builds from them: one virtualisation.quadlet.containers entry per model
 # (`service`; the gateway's through `quadletContainer`), and the user, cache, socket
 # directories and ACL the runtime adds to the system (`system`).
-{ lib, llmhopLib }:
+{
+  lib,
+  llmhopLib,
+  onDemand,
+}:
 let
   inherit (lib) mkOption types;
 
@@ -540,7 +544,7 @@ rec {
         ) ":${lib.concatStringsSep "," model.quadlet.mountOptions.socket}"
       }";
       serviceConfig = {
-        Restart = "always";
+        Restart = onDemand.workerRestart workload.onDemand "always";
         RestartSec = 30;
         TimeoutStartSec = 3600;
         LimitNOFILE = cfg.openFilesLimit;
@@ -558,18 +562,15 @@ rec {
             RuntimeDirectoryMode = "0710";
           }
       );
-      unitConfig = {
-        StartLimitBurst = 3;
-        StartLimitIntervalSec = 3600;
-      }
-      // (
-        let
-          after = lib.optional (workload.previous != null) "${workload.previous}.service" ++ workload.peersBefore;
-        in
-        lib.optionalAttrs (after != [ ]) { After = after; }
-      )
-      // lib.optionalAttrs (workload.peers != [ ]) { Conflicts = workload.peers; }
-      // lib.optionalAttrs workload.onDemand { StopWhenUnneeded = true; };
+      unitConfig =
+        onDemand.workerUnitConfig workload.onDemand
+        // (
+          let
+            after = lib.optional (workload.previous != null) "${workload.previous}.service" ++ workload.peersBefore;
+          in
+          lib.optionalAttrs (after != [ ]) { After = after; }
+        )
+        // lib.optionalAttrs (workload.peers != [ ]) { Conflicts = workload.peers; };
     }
     # On demand, its proxy starts it.
     // lib.optionalAttrs workload.onDemand { autoStart = false; };

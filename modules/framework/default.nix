@@ -9,10 +9,10 @@
 lib:
 let
   llmhopLib = import ../lib lib;
-  container = import ./container.nix { inherit lib llmhopLib; };
-  native = import ./native.nix { inherit lib llmhopLib container; };
-  options = import ./options.nix { inherit lib llmhopLib container; };
   onDemand = import ./on-demand.nix { inherit lib llmhopLib; };
+  container = import ./container.nix { inherit lib llmhopLib onDemand; };
+  native = import ./native.nix { inherit lib llmhopLib container onDemand; };
+  options = import ./options.nix { inherit lib llmhopLib container; };
   assembly = import ./assembly.nix {
     inherit lib llmhopLib options onDemand;
     nativeRuntime = native;

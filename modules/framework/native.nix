@@ -7,6 +7,7 @@
   lib,
   llmhopLib,
   container,
+  onDemand,
 }:
 let
   inherit (lib) mkOption types;
@@ -66,15 +67,13 @@ in
       ++ lib.optional (workload.previous != null) "${workload.previous}.service"
       ++ workload.peersBefore;
       conflicts = workload.peers;
-      startLimitBurst = 3;
-      startLimitIntervalSec = 3600;
       environment =
         environment
         // lib.optionalAttrs model.gpu (llmhopLib.gpuEnvironment workload.cacheDirectory)
         // lib.optionalAttrs model.nccl llmhopLib.ncclEnvironment
         // cfg.environment
         // model.environment;
-      unitConfig = lib.optionalAttrs workload.onDemand { StopWhenUnneeded = true; } // model.unitConfig;
+      unitConfig = onDemand.workerUnitConfig workload.onDemand // model.unitConfig;
       serviceConfig =
         llmhopLib.withCredentials model.credentials (
           llmhopLib.hardening
@@ -83,7 +82,7 @@ in
             # exit 128 + 2, which is a clean stop too.
             KillSignal = "SIGINT";
             SuccessExitStatus = 130;
-            Restart = restart;
+            Restart = onDemand.workerRestart workload.onDemand restart;
             RestartSec = 30;
             # Loading (or downloading) weights may take long; readiness ends it.
             TimeoutStartSec = 3600;

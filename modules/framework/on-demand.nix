@@ -1,13 +1,30 @@
 # Models on demand: a socket unit owns the model's registered address (its `socket` or `port`)
 # and starts `systemd-socket-proxyd` in front of the server on the first connection; the proxy
-# Requires= the server and is ordered after it, so the connection waits in the socket's backlog
-# until the server is healthy. The proxy exits when idle, and the server, StopWhenUnneeded=,
-# stops with it. All three live in one systemd manager: the system's, or for a rootless
-# container its user's, since Requires= reaches no further.
+# is bound to the server (BindsTo=) and ordered after it, so the connection waits in the
+# socket's backlog until the server is healthy. The proxy exits when idle, and the server,
+# StopWhenUnneeded=, stops with it; a server that fails to load or dies takes the proxy down,
+# and the socket then drops the connections still waiting (FlushPending=), which would
+# otherwise start the proxy again and again. Demand, not systemd, restarts the server: the
+# next connection does. All three live in one systemd manager: the system's, or for a
+# rootless container its user's, since these dependencies reach no further.
 { lib, llmhopLib }:
 rec {
   # <unit>-proxy.socket and <unit>-proxy.service.
   proxyName = unit: "${unit}-proxy";
+
+  # A worker's Restart=: on demand, the next connection restarts it.
+  workerRestart = onDemand: restart: if onDemand then "no" else restart;
+
+  # The [Unit] settings a worker's start depends on: an always-on worker that fails three
+  # times in an hour stays down; one on demand starts at every load, as often as its clients
+  # and its group ask, and stops once its proxy no longer needs it.
+  workerUnitConfig =
+    onDemand:
+    {
+      StartLimitBurst = 3;
+      StartLimitIntervalSec = if onDemand then 0 else 3600;
+    }
+    // lib.optionalAttrs onDemand { StopWhenUnneeded = true; };
 
   # The router's upstreamIdleTimeout for an on-demand model: half its idle timeout, at most
   # 30 s, so that the router's pooled connections never keep an idle server loaded.
@@ -38,6 +55,7 @@ rec {
         ];
         socketConfig = {
           Service = "${proxy}.service";
+          FlushPending = true;
         }
         // lib.optionalAttrs (model.socket != null) (
           {
@@ -50,7 +68,7 @@ rec {
       };
       service = {
         description = "llmhop: proxy starting ${model.name} on demand";
-        requires = [ "${unit}.service" ];
+        bindsTo = [ "${unit}.service" ];
         after = [ "${unit}.service" ];
         inherit unitConfig;
         serviceConfig = serviceConfig // {

@@ -46,7 +46,7 @@ def test_worker_unit() -> None:
     config = unit["serviceConfig"]
     assert unit["wantedBy"] == ["multi-user.target"]
     assert unit["after"] == ["network-online.target"]
-    assert (unit["startLimitBurst"], unit["startLimitIntervalSec"]) == (3, 3600)
+    assert unit["unitConfig"] == {"StartLimitBurst": 3, "StartLimitIntervalSec": 3600}
     assert unit["environment"] == {"LLAMA_CACHE": "/var/cache/llama-cpp/m"}
     expected = {
         "Type": "notify",
@@ -207,7 +207,7 @@ def test_service_and_unit_config_escape_hatches() -> None:
                 "ExecStart": "/bin/false",
                 "KillMode": "process",
             },
-            "unitConfig": {"ConditionPathExists": "/dev/dri"},
+            "unitConfig": {"ConditionPathExists": "/dev/dri", "StartLimitBurst": 5},
         }
     }
     result = evaluate(llama(models))
@@ -222,7 +222,11 @@ def test_service_and_unit_config_escape_hatches() -> None:
     # The module keeps what makes readiness and stopping work.
     assert (config["Type"], config["KillMode"]) == ("notify", "mixed")
     assert "llmhop-notify" in config["ExecStart"]
-    assert unit["unitConfig"] == {"ConditionPathExists": "/dev/dri"}
+    assert unit["unitConfig"] == {
+        "ConditionPathExists": "/dev/dri",
+        "StartLimitBurst": 5,
+        "StartLimitIntervalSec": 3600,
+    }
 
 
 def test_gpu_switch() -> None:

@@ -95,6 +95,8 @@ def test_a_socket_unit_owns_the_registered_address() -> None:
     assert sockets["llama-cpp-a-proxy"]["listenStreams"] == ["/run/llmhop/llama-cpp-a/http.sock"]
     assert sockets["llama-cpp-a-proxy"]["socketConfig"] == {
         "Service": "llama-cpp-a-proxy.service",
+        # A proxy that ends with its worker drops the connections still waiting.
+        "FlushPending": True,
         "SocketGroup": "llama-cpp",
         "SocketMode": "0660",
         "RemoveOnStop": True,
@@ -112,7 +114,7 @@ def test_a_socket_unit_owns_the_registered_address() -> None:
     assert sorted(service(result)["SupplementaryGroups"]) == ["llama-cpp", "vllm"]
 
 
-def test_the_proxy_requires_the_worker_and_exits_when_idle() -> None:
+def test_the_proxy_is_bound_to_the_worker_and_exits_when_idle() -> None:
     result = evaluate(native())
     for worker, target, idle in (
         ("llama-cpp-a", "/run/llmhop/llama-cpp-a/worker/http.sock", "2s"),
@@ -121,7 +123,7 @@ def test_the_proxy_requires_the_worker_and_exits_when_idle() -> None:
         ("sglang-s", "127.0.0.1:30101", "10min"),
     ):
         proxy = result["services"][f"{worker}-proxy"]
-        assert proxy["requires"] == proxy["after"] == [f"{worker}.service"]
+        assert proxy["bindsTo"] == proxy["after"] == [f"{worker}.service"]
         assert "wantedBy" not in proxy
         command = argv(result, f"{worker}-proxy")
         assert command[0].endswith("-systemd/lib/systemd/systemd-socket-proxyd")
@@ -140,7 +142,13 @@ def test_the_worker_starts_only_through_its_proxy_and_listens_behind_it() -> Non
     for worker in ("llama-cpp-a", "llama-cpp-b", "vllm-v", "sglang-s"):
         unit = result["services"][worker]
         assert "wantedBy" not in unit, worker
-        assert unit["unitConfig"]["StopWhenUnneeded"] is True
+        # Every load is a start: no rate limit; and the next request, not systemd, restarts it.
+        assert service(result, worker)["Restart"] == "no"
+        assert unit["unitConfig"] == {
+            "StopWhenUnneeded": True,
+            "StartLimitBurst": 3,
+            "StartLimitIntervalSec": 0,
+        }
         # Ready only once healthy, as every worker: on its own address behind the proxy.
         assert service(result, worker)["Type"] == "notify"
         assert service(result, worker)["TimeoutStartSec"] == 3600
@@ -225,7 +233,7 @@ def test_rootless_containers_get_socket_and_proxy_in_their_users_manager() -> No
     assert user["links"]["sockets.target.wants/vllm-x-proxy.socket"] == "vllm-x-proxy.socket"
     assert "ListenStream=127.0.0.1:20002\n" in user["files"]["vllm-y-proxy.socket"]
     proxy = result["userServices"]["vllm-x-proxy"]
-    assert proxy["requires"] == proxy["after"] == ["vllm-x.service"]
+    assert proxy["bindsTo"] == proxy["after"] == ["vllm-x.service"]
     assert proxy["unitConfig"] == {"ConditionUser": "60602"}
     assert "User" not in proxy["serviceConfig"]
     assert proxy["serviceConfig"]["ExecStart"].endswith(
@@ -235,6 +243,8 @@ def test_rootless_containers_get_socket_and_proxy_in_their_users_manager() -> No
     assert "wantedBy" not in result["userServices"]["vllm-x"]
     x = container(result, "vllm-x")
     assert x["Unit"]["StopWhenUnneeded"] == ["true"]
+    assert x["Unit"]["StartLimitIntervalSec"] == ["0"]
+    assert x["Service"]["Restart"] == ["no"]
     assert x["Unit"]["Conflicts"] == ["vllm-y.service"]
     assert "vllm-x.service" in container(result, "vllm-y")["Unit"]["After"]
     assert "/run/llmhop/vllm-x/worker:/run/llmhop/socket:U" in x["Container"]["Volume"]

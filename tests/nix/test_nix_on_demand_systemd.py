@@ -39,7 +39,11 @@ def scenario(scratch: Path) -> dict[str, Any]:
         "group": "gpu",
         "settings": {"fake-loading-probes": LOADING_PROBES},
     }
-    models = {"a": both, "b": {"port": 18002, **both}}
+    broken = {
+        "onDemand": {"enable": True, "idleTimeout": "2s"},
+        "settings": {"fake-die-while-loading": True},
+    }
+    models = {"a": both, "b": {"port": 18002, **both}, "broken": broken}
     return llama_cpp_scenario(scratch, models)
 
 
@@ -99,7 +103,8 @@ def test_models_start_on_demand_stop_when_idle_and_swap_within_a_group(
             "SubState": "listening",
         }
     status, body = ns.http(f"{ROUTER}/v1/models")
-    assert status == 200 and [m["id"] for m in json.loads(body)["data"]] == ["a", "b"], body
+    assert status == 200, body
+    assert [m["id"] for m in json.loads(body)["data"]] == ["a", "b", "broken"]
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         # The first request starts `a` and waits, its connection in the socket's backlog, while
@@ -176,3 +181,33 @@ def test_models_start_on_demand_stop_when_idle_and_swap_within_a_group(
     # And `b`, idle in turn, stops too.
     wait_for_state(ns, B, "inactive")
     assert states(ns, PROXY_B)[PROXY_B] == "inactive"
+
+
+def test_a_model_that_fails_or_dies_is_started_again_by_the_next_request(
+    ns: SystemdNamespace,
+) -> None:
+    # `broken` dies while loading: the waiting request fails after that one attempt, the
+    # socket listens on, and nothing loads it again until the next request does.
+    worker, proxy, socket = (
+        "llama-cpp-broken.service",
+        "llama-cpp-broken-proxy.service",
+        "llama-cpp-broken-proxy.socket",
+    )
+    for attempt in (1, 2):
+        status, body = chat(ns, "broken", timeout=WAIT)
+        assert status == 502, body
+        assert json.loads(body)["error"]["type"] == "upstream_error"
+        assert states(ns, worker, proxy) == {worker: "failed", proxy: "inactive"}
+        assert ns.show(socket, "SubState")["SubState"] == "listening"
+        assert ns.journal(worker).count("failed to load the model") == attempt
+
+    # `a`, killed while loaded, takes its proxy down; each next request loads it again, more
+    # often than an always-on worker may start in an hour (three times).
+    for start in range(4):
+        status, body = chat(ns, "a", timeout=WAIT)
+        assert status == 200, f"start {start + 1}: {body}"
+        assert states(ns, A, PROXY_A) == {A: "active", PROXY_A: "active"}
+        assert ns.systemctl("kill", "--signal=SIGKILL", A).returncode == 0
+        wait_for_state(ns, PROXY_A, "inactive")
+        assert ns.state(A) == "failed"
+        assert ns.show(SOCKET_A, "SubState")["SubState"] == "listening"

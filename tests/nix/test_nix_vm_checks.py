@@ -402,7 +402,7 @@ def test_on_demand_node_matches_its_script(tmp_path: Path) -> None:
     for worker, proxy in ((script["A"], script["PROXY_A"]), (script["B"], script["PROXY_B"])):
         unit = services[worker.removesuffix(".service")]
         assert "wantedBy" not in unit and unit["unitConfig"]["StopWhenUnneeded"] is True
-        assert services[proxy.removesuffix(".service")]["requires"] == [worker]
+        assert services[proxy.removesuffix(".service")]["bindsTo"] == [worker]
         assert (
             f'"--fake-loading-probes" "{script["LOADING_PROBES"]}"'
             in (unit["serviceConfig"]["ExecStart"])
