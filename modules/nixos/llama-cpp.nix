@@ -38,7 +38,7 @@ framework.backendModule {
       type = lib.types.nullOr lib.types.str;
       default = null;
       example = "llama";
-      description = "The user of every model; `null` gives each unit a `DynamicUser=`.";
+      description = "The user of every model; `null` gives each model a `DynamicUser=` named `llama-cpp-<name>`, shared by its replicas.";
     };
     group = lib.mkOption {
       type = lib.types.str;
@@ -69,7 +69,18 @@ framework.backendModule {
       identity = {
         Group = cfg.group;
       }
-      // (if cfg.user == null then { DynamicUser = true; } else { User = cfg.user; });
+      // (
+        if cfg.user == null then
+          {
+            DynamicUser = true;
+            # Named after the model, not the unit: its replicas share one UID, and so the
+            # cache and state directories, which systemd would otherwise hand from one to the
+            # other at every start.
+            User = "llama-cpp-${model.name}";
+          }
+        else
+          { User = cfg.user; }
+      );
     };
 
   container =

@@ -73,7 +73,7 @@ def test_worker_unit() -> None:
         "ProtectSystem": "strict",
     }
     assert {k: config.get(k) for k in expected} == expected
-    assert "User" not in config
+    assert config["User"] == "llama-cpp-m"  # the dynamic user, named after the model
     args = argv(result, "llama-cpp-m")
     assert args[1:3] == ["-url", "unix:///run/llmhop/llama-cpp-m/http.sock"]
     assert args[-4:] == ["--alias", "m", "--host", "/run/llmhop/llama-cpp-m/http.sock"]

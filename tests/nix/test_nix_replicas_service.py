@@ -53,6 +53,14 @@ def test_one_replica_stopped_the_other_serves(ns: SystemdNamespace) -> None:
     first, second = (ns.show(unit, "StatusText")["StatusText"] for unit in REPLICAS)
     assert f"healthy at unix:///run/llmhop/llama-cpp-{MODEL}-0/http.sock" in first
     assert f"healthy at http://127.0.0.1:{PORT}" in second
+    # One dynamic user for both, who owns the cache they share: a replica starting never takes
+    # it away from the other.
+    uids = {
+        ns.run("stat", "-c", "%u", f"/proc/{ns.show(unit, 'MainPID')['MainPID']}").stdout.strip()
+        for unit in REPLICAS
+    }
+    cache = ns.run("stat", "-L", "-c", "%u", f"/var/cache/llama-cpp/{MODEL}").stdout.strip()
+    assert len(uids) == 1 and uids == {cache}, (uids, cache)
 
     # Both replicas serve: sequential requests are ties, which take turns.
     assert {via(ns) for _ in range(4)} == {"socket", "tcp"}
