@@ -1,6 +1,7 @@
 # The llmhop part of the vm-on-demand node (checks/vm.nix), also evaluated by
 # tests/nix/test_nix_vm_checks.py: two llama.cpp models of one group, started on demand and
-# stopped when idle, whose servers are fakes (`fakeEngine`) that take seconds to load.
+# stopped when idle, whose servers are fakes (`fakeEngine`) that take seconds to load, and a
+# third on demand whose server dies while loading.
 { fakeEngine, ... }:
 let
   model = extra: {
@@ -24,6 +25,13 @@ in
       models = {
         a = model { }; # on /run/llmhop/llama-cpp-a/http.sock
         b = model { port = 18002; };
+        broken = {
+          onDemand = {
+            enable = true;
+            idleTimeout = "3s";
+          };
+          settings.fake-die-while-loading = true;
+        };
       };
     };
   };

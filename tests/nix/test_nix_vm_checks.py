@@ -408,10 +408,15 @@ def test_on_demand_node_matches_its_script(tmp_path: Path) -> None:
             in (unit["serviceConfig"]["ExecStart"])
         )
     assert services["llama-cpp-b"]["conflicts"] == [script["A"]]
+    broken = services[script["BROKEN"].removesuffix(".service")]
+    assert '"--fake-die-while-loading"' in broken["serviceConfig"]["ExecStart"]
+    proxy = services[script["PROXY_BROKEN"].removesuffix(".service")]
+    assert proxy["bindsTo"] == [script["BROKEN"]]
     a = services["llama-cpp-a"]["serviceConfig"]["ExecStart"]
     assert f'"--host" "{script["SERVER_A"]}"' in a
     config = router_config(result)
-    assert {name: route["group"] for name, route in config["models"].items()} == {
+    assert {name: route.get("group") for name, route in config["models"].items()} == {
         "a": "gpu",
         "b": "gpu",
+        "broken": None,
     }

@@ -1,15 +1,17 @@
 # The vm-on-demand check (checks/vm.nix): two llama.cpp models of one group on demand,
 # configured by checks/vm/on-demand-config.nix; their servers are fakes
-# (tests/support/fake_engine.py) that load for three seconds. Every transition is read from
-# systemd. The nixosTest driver provides `machine`, `start_all`, `subtest` and type-checks this
-# script with mypy (so no `from __future__` here).
+# (tests/support/fake_engine.py) that load for three seconds, and a third whose server dies
+# while loading. Every transition is read from systemd. The nixosTest driver provides
+# `machine`, `start_all`, `subtest` and type-checks this script with mypy (so no
+# `from __future__` here).
 import json
 import shlex
 
 ROUTER = "http://127.0.0.1:8080"
 A, B = "llama-cpp-a.service", "llama-cpp-b.service"
 PROXY_A, PROXY_B = "llama-cpp-a-proxy.service", "llama-cpp-b-proxy.service"
-SOCKETS = ["llama-cpp-a-proxy.socket", "llama-cpp-b-proxy.socket"]
+BROKEN, PROXY_BROKEN = "llama-cpp-broken.service", "llama-cpp-broken-proxy.service"
+SOCKETS = ["llama-cpp-a-proxy.socket", "llama-cpp-b-proxy.socket", "llama-cpp-broken-proxy.socket"]
 # Where `a` itself listens, behind its proxy.
 SERVER_A = "/run/llmhop/llama-cpp-a/worker/http.sock"
 LOADING_PROBES = 3
@@ -128,3 +130,19 @@ with subtest("a request for the other model of the group waits, then swaps them"
 with subtest("the other model stops when idle too"):
     wait_for_state(B, "inactive")
     assert state(PROXY_B) == "inactive"
+
+with subtest("a model that fails to load fails its request, and only the next one tries again"):
+    body = json.dumps({"model": "broken", "messages": [{"role": "user", "content": "hi"}]})
+    for attempt in (1, 2):
+        status = machine.succeed(
+            "curl --silent --output /dev/null --write-out '%{http_code}'"
+            f" --max-time {TIMEOUT} --header 'Content-Type: application/json'"
+            f" --data {shlex.quote(body)} {ROUTER}/v1/chat/completions"
+        )
+        assert status == "502", status
+        assert state(BROKEN) == "failed" and state(PROXY_BROKEN) == "inactive"
+        assert machine.get_unit_property(SOCKETS[2], "SubState") == "listening"
+        loads = machine.succeed(
+            f"journalctl --unit {BROKEN} --output cat | grep -c 'failed to load the model'"
+        )
+        assert int(loads) == attempt, loads
