@@ -264,6 +264,15 @@ class Bench:
         for endpoint in self.endpoints.values():
             harness.run_wrk(endpoint.url("fast"), 16, WARMUP_SECONDS, self.pinning.load_cores)
 
+    @contextlib.contextmanager
+    def router_for_one_run(self, name: str, config: dict[str, object]) -> Iterator[Service]:
+        """A router started on the proxy's cores for one measurement, stopped after it."""
+        router = harness.start_llmhop(name, config, self.options.work_dir, self.pinning.proxy_cores)
+        try:
+            yield router
+        finally:
+            router.stop()
+
     def log(self, message: str) -> None:
         print(f"bench: {message}", file=sys.stderr, flush=True)
 
@@ -325,13 +334,8 @@ class Bench:
         for round_number in range(MODELS_ROUNDS):
             for label, config in configs.items():
                 self.log(f"{label}, concurrency {MODELS_CONCURRENCY}, round {round_number + 1}")
-                router = harness.start_llmhop(
-                    f"llmhop-{label.split()[0].replace(',', '')}-models",
-                    config,
-                    self.options.work_dir,
-                    self.pinning.proxy_cores,
-                )
-                try:
+                run_name = f"llmhop-{label.split()[0].replace(',', '')}-models"
+                with self.router_for_one_run(run_name, config) as router:
                     startups[label] = min(startups.get(label, 1e9), router.startup_seconds)
                     wrk = harness.run_wrk(
                         f"{router.url}{CHAT_PATH}",
@@ -341,8 +345,6 @@ class Bench:
                         model=name,
                     )
                     rates[label].append(wrk.requests_per_second)
-                finally:
-                    router.stop()
         reference = self.results.find(small_section(MODELS_CONCURRENCY), "requests/s")
         others = {n: reference.value(n) if reference else None for n in ("direct", "nginx")}
         section = MODELS_SECTION
@@ -371,19 +373,13 @@ class Bench:
             # Each goes first in one round: whatever drifts between runs is shared out evenly.
             for label, config in order if round_number % 2 == 0 else order[::-1]:
                 self.log(f"{label}, concurrency {MODELS_CONCURRENCY}, round {round_number + 1}")
-                router = harness.start_llmhop(
-                    f"llmhop-replicas-{label.split()[0]}",
-                    config,
-                    self.options.work_dir,
-                    self.pinning.proxy_cores,
-                )
-                try:
+                with self.router_for_one_run(
+                    f"llmhop-replicas-{label.split()[0]}", config
+                ) as router:
                     endpoint = Endpoint(label, router.host, {"fast": router.port}, router.pid)
                     run = self.load(endpoint, MODELS_CONCURRENCY)
                     if (value := run.cpu_us_per_request()) is not None:
                         cpu[label].append(value)
-                finally:
-                    router.stop()
         for label, values in cpu.items():
             figures = {"direct": None, "nginx": None, "llmhop": _median(values)}
             self.results.add(REPLICAS_SECTION, f"proxy CPU per request, {label}", "µs", figures, 1)
