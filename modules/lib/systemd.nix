@@ -52,6 +52,25 @@
     in
     lib.foldl' (sum: term: sum + builtins.fromJSON (lib.elemAt term 0) * factors.${lib.elemAt term 2}) 0 terms;
 
+  # A user name as systemd accepts it for `DynamicUser=`: ASCII letters, digits, `_` and `-`,
+  # not starting with a digit or `-`, at most 31 characters. `name` itself when it is one;
+  # else its invalid characters as `-`, shortened, and a hash of the whole name appended, so
+  # that names that differ only in what was changed or cut stay apart.
+  dynamicUserName =
+    name:
+    let
+      maxLength = 31;
+      hash = builtins.substring 0 8 (builtins.hashString "sha256" name);
+      sanitised = lib.concatMapStrings (
+        char: if builtins.match "[A-Za-z0-9_-]" char != null then char else "-"
+      ) (lib.stringToCharacters name);
+      start = lib.optionalString (builtins.match "[A-Za-z_].*" sanitised == null) "_";
+    in
+    if builtins.match "[A-Za-z_][A-Za-z0-9_-]{0,${toString (maxLength - 1)}}" name != null then
+      name
+    else
+      "${builtins.substring 0 (maxLength - 9) (start + sanitised)}-${hash}";
+
   # ExecStart= from an argv; the credentials placeholder becomes `%d` after escaping.
   escapeExecArgs =
     args:

@@ -38,7 +38,11 @@ framework.backendModule {
       type = lib.types.nullOr lib.types.str;
       default = null;
       example = "llama";
-      description = "The user of every model; `null` gives each model a `DynamicUser=` named `llama-cpp-<name>`, shared by its replicas.";
+      description = ''
+        The user of every model; `null` gives each model a `DynamicUser=` named
+        `llama-cpp-<name>`, shared by its replicas (where systemd would refuse that name:
+        shortened to 31 characters, `.` as `-`, with a hash of the name).
+      '';
     };
     group = lib.mkOption {
       type = lib.types.str;
@@ -76,7 +80,7 @@ framework.backendModule {
             # Named after the model, not the unit: its replicas share one UID, and so the
             # cache and state directories, which systemd would otherwise hand from one to the
             # other at every start.
-            User = "llama-cpp-${model.name}";
+            User = framework.llmhopLib.dynamicUserName "llama-cpp-${model.name}";
           }
         else
           { User = cfg.user; }

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import random
+import re
+import string
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -86,3 +90,53 @@ def test_credential_references() -> None:
             'l.resolveCredentialRefs { names = [ "a" ]; directory = "%d"; }'
             ' { key = "${cred:missing}"; }'.replace("${", "\\${")
         )
+
+
+# systemd's rule for a DynamicUser= name (valid_user_group_name without relaxation).
+SYSTEMD_USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,30}")
+
+
+def generated_names(count: int) -> list[str]:
+    """Names as users write them and worse: model names with dots, runs of one character,
+    leading digits and dashes, non-ASCII letters, from empty to far beyond 31 characters."""
+    rng = random.Random(28)
+    alphabets = [
+        string.ascii_lowercase + string.digits + ".-",
+        string.ascii_letters + string.digits + "._-",
+        string.printable.strip(),
+        "aé.ü-ß0😀_Ω",
+        "ab-.",
+    ]
+    names = []
+    for _ in range(count):
+        alphabet = rng.choice(alphabets)
+        length = rng.choice([0, 1, 2, 20, 21, 22, 23, 30, 31, 32, 40, rng.randrange(80)])
+        names.append("".join(rng.choice(alphabet) for _ in range(length)))
+    return names
+
+
+def test_dynamic_user_names_are_valid_and_distinct(tmp_path: Path) -> None:
+    edges = [
+        "llama-cpp-qwen3-0.6b",
+        "llama-cpp-qwen3-0-6b",
+        "llama-cpp-qwen3-coder-30b-a3b-instruct",
+        "llama-cpp-" + "a" * 21,
+        "llama-cpp-" + "a" * 22,
+        "0abc",
+        "-abc",
+        "_abc",
+        "",
+        "a.b",
+        "a-b",
+    ]
+    names = sorted(set(edges + generated_names(600)))
+    listing = tmp_path / "names.json"
+    listing.write_text(json.dumps(names))
+    users = call(f"map l.dynamicUserName (builtins.fromJSON (builtins.readFile {listing}))")
+    assert len(users) == len(names)
+    for name, user in zip(names, users, strict=True):
+        assert SYSTEMD_USER_NAME.fullmatch(user), (name, user)
+        # A name systemd takes is kept; only a refused one is rewritten.
+        assert (user == name) == bool(SYSTEMD_USER_NAME.fullmatch(name)), (name, user)
+    assert len(set(users)) == len(names), "two names share a user"
+    assert users[names.index("llama-cpp-qwen3-0.6b")] == "llama-cpp-qwen3-0-6b-5c84fde2"
