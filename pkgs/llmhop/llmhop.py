@@ -478,6 +478,11 @@ class Framing:
         """Chunked content so far, for a cap on bodies without a declared length."""
         return self._chunks.size if self._chunks is not None else 0
 
+    @property
+    def remaining(self) -> int:
+        """Bytes still to come of a declared length; 0 for chunked framing, which cannot say."""
+        return self._remaining
+
     def feed(self, data: bytes, payload: list[bytes] | None = None) -> int:
         if self._chunks is not None:
             end = self._chunks.feed(data, payload)
@@ -2257,33 +2262,82 @@ class UpstreamPool:
 
 
 class BodyTooLarge(Exception):
-    pass
+    """Chunked content grew past the cap; ``taken`` bytes of the data were the body's."""
+
+    def __init__(self, taken: int = 0) -> None:
+        super().__init__()
+        self.taken = taken
 
 
 class ClientGone(Exception):
     pass
 
 
-class BodyReading:
-    """A request body being read: where its pieces go, and what happens at its end."""
+class RequestBody:
+    """A request's body on the client connection, followed by one framing from its first byte
+    to its last, whatever becomes of the bytes: forwarded, held for routing, or skipped.
+
+    It alone says where the next request starts. A reader that stops early (a body over the
+    cap, an upstream gone) leaves the framing where the body stands: the rest is then skipped
+    by that framing, or the connection closes after its answer. Body bytes are never read as
+    a request (RFC 9112 §6.3, §11.2).
+    """
 
     __slots__ = ("cap", "exchange", "framing", "on_data", "on_done", "payload")
 
-    def __init__(
+    def __init__(self, length: int) -> None:
+        self.framing = Framing(length)
+        self.cap = 0  # on chunked content; a declared length is refused before reading
+        self.exchange: Exchange | None = None  # where received bytes are counted, if anywhere
+        self.on_data: Callable[[bytes], None] | None = None
+        self.on_done: Callable[[], None] | None = None  # None: nobody reads it now
+        self.payload: list[bytes] | None = None
+
+    @property
+    def unread(self) -> bool:
+        return not self.framing.done
+
+    @property
+    def reading(self) -> bool:
+        return self.on_done is not None
+
+    def read_by(
         self,
-        length: int,
-        exchange: Exchange | None,
-        cap: int,
         on_data: Callable[[bytes], None] | None,
         on_done: Callable[[], None],
+        *,
+        cap: int,
+        exchange: Exchange | None = None,
         payload: list[bytes] | None = None,
     ) -> None:
-        self.framing = Framing(length)
-        self.exchange = exchange  # where received bytes are counted, if anywhere
-        self.cap = cap  # for chunked content; a declared length is refused before reading
-        self.on_data = on_data
-        self.on_done = on_done
-        self.payload = payload
+        self.on_data, self.on_done = on_data, on_done
+        self.cap, self.exchange, self.payload = cap, exchange, payload
+
+    def stop_reading(self) -> None:
+        """Whoever read it is done with it; the bytes still to come wait for ``skip``."""
+        self.on_data = self.on_done = self.exchange = self.payload = None
+
+    def skippable(self) -> bool:
+        """Whether the rest is small enough to read and drop, keeping the connection: a
+        declared length with at most MAX_DISCARD_BYTES left; chunked content is read at most
+        MAX_DISCARD_BYTES further (``skip`` sets that cap)."""
+        return self.framing.remaining <= MAX_DISCARD_BYTES
+
+    def skip(self, on_done: Callable[[], None]) -> None:
+        """Read the rest and drop it, by the same framing."""
+        cap = self.framing.content_size + MAX_DISCARD_BYTES
+        self.read_by(None, on_done, cap=cap)
+
+    def feed(self, data: bytes) -> int:
+        """Take the body's bytes from ``data``: how many belong to it. BodyTooLarge past the
+        cap (after the bytes are taken, so the framing stays where the body stands)."""
+        framing = self.framing
+        end = framing.feed(data, self.payload)
+        if self.exchange is not None:
+            self.exchange.bytes_in += end
+        if self.cap and framing.content_size > self.cap:
+            raise BodyTooLarge(end)
+        return end
 
 
 class Waiter:
@@ -2420,8 +2474,7 @@ class ClientConnection(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.table: RoutingTable = router.table
         self.access: Access | None = None  # what the request's token gives
-        self.unread_body = False  # whether some of the request's body is still unread
-        self.body: BodyReading | None = None  # while the body is being read
+        self.body: RequestBody | None = None  # the request's body, if it has one
         self.forward: Forward | None = None
         self.tunnel: Tunnel | None = None
         self.waiting: Waiter | None = None  # while the request waits for its model's group
@@ -2453,7 +2506,7 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            if self.body is not None:
+            if self.body is not None and self.body.reading:
                 self._read_body(data)
             elif self.phase == Phase.TUNNEL:
                 assert self.tunnel is not None
@@ -2473,12 +2526,14 @@ class ClientConnection(asyncio.Protocol):
             if self.phase == Phase.TUNNEL:
                 assert self.tunnel is not None
                 self.tunnel.client_eof()
-            elif self.body is not None:
+            elif self.body is not None and self.body.reading:
                 self._exchange_failed(ClientGone())
             elif self.phase != Phase.EXCHANGE:
                 self._serve_next()  # an incomplete head is an error, none at all the end
-            elif self.waiting is not None and not self.buffer:
-                self._client_left()  # nothing went upstream: nothing to wait for
+            elif self.waiting is not None:
+                # Nothing went upstream: a queued client that half-closes is taken as gone,
+                # rather than switch a GPU's model for an answer nobody may read.
+                self._client_left()
             elif self.forward is not None and not self.buffer and self._leaving is None:
                 # The request is whole, so the client leaving is all this can mean, or a
                 # half-close: answers that come within the grace still reach the latter.
@@ -2592,8 +2647,8 @@ class ClientConnection(asyncio.Protocol):
             # HTTP/1.0, or the client asked to close (RFC 9112 §9.3).
             not request.keep_alive
             # Unread body bytes would be taken for the next request (RFC 9112 §9.3): a body
-            # is read, drained or the connection closes.
-            or self.unread_body
+            # is read, skipped or the connection closes.
+            or (self.body is not None and self.body.unread)
             # A response body delimited by the connection closing (RFC 9112 §6.3).
             or response_closes
             # Shutting down: no further requests (RFC 9112 §9.6).
@@ -2656,7 +2711,7 @@ class ClientConnection(asyncio.Protocol):
         self.phase = Phase.EXCHANGE
         self.request = request
         self.exchange = exchange
-        self.unread_body = request.length != 0
+        self.body = RequestBody(request.length) if request.length else None
         self.table = table = self.router.table  # this request keeps the table it started with
         self.access = access = table.access_for(request) if table.accesses else table.open_access
         if access is not None:
@@ -2751,29 +2806,32 @@ class ClientConnection(asyncio.Protocol):
 
     def _read_body_for_routing(self, request: Request, exchange: Exchange) -> None:
         """Body routing: the body is read whole, then its ``model`` says where it goes."""
+        body = self.body
+        if body is None:  # no body: the model it lacks is the error
+            self._proxy_by_body(BufferedBody(b"", b"", chunked=False))
+            return
         length = request.length
         cap = self.table.config.max_body_bytes
-        if 0 < length <= len(self.buffer) and not (cap and length > cap):
+        if length > 0 and cap and length > cap:
+            raise BodyTooLarge
+        if 0 < length <= len(self.buffer):
             # Small bodies usually arrive with their head: take them as they are.
             raw = bytes(self.buffer[:length])
             del self.buffer[:length]
+            body.framing.feed(raw)
             exchange.bytes_in += length
-            self._body_read()
             self._proxy_by_body(BufferedBody(raw, raw, chunked=False))
             return
-        if length > 0 and cap and length > cap:
-            raise BodyTooLarge
         wire: list[bytes] = []
         payload: list[bytes] | None = [] if length == CHUNKED else None
 
         def whole() -> None:
             raw = b"".join(wire)
-            body = BufferedBody(
-                raw, raw if payload is None else b"".join(payload), payload is not None
-            )
-            self._proxy_by_body(body)
+            content = raw if payload is None else b"".join(payload)
+            self._proxy_by_body(BufferedBody(raw, content, payload is not None))
 
-        self._start_body(BodyReading(length, exchange, cap, wire.append, whole, payload))
+        body.read_by(wire.append, whole, cap=cap, exchange=exchange, payload=payload)
+        self._start_body()
 
     def _proxy_by_body(self, body: BufferedBody) -> None:
         try:
@@ -2786,71 +2844,64 @@ class ClientConnection(asyncio.Protocol):
         except Exception as exc:
             self._exchange_failed(exc)
 
-    def _start_body(self, reading: BodyReading) -> None:
+    def _start_body(self) -> None:
         """Read the request body from here on; what is buffered already goes first."""
-        assert self.request is not None
-        if reading.framing.done:
-            self._body_read()
-            reading.on_done()
-            return
-        if self.request.expect_continue:
-            # The body is read exactly once per exchange, so this goes out once.
+        body, request = self.body, self.request
+        assert body is not None and body.reading and request is not None
+        if request.expect_continue:
+            # A body is skipped only without Expect, so this goes out once.
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self.body = reading
         if self.buffer:
             data = bytes(self.buffer)
             self.buffer.clear()
             self._read_body(data)
-        if self.body is reading and self.eof:
+        if self.body is body and body.reading and self.eof:
             # The client's stream ended before the reading began (an upstream connection was
             # being opened, say): what is buffered was all there was to read.
             self._exchange_failed(ClientGone())
 
     def _read_body(self, data: bytes) -> None:
-        reading = self.body
-        assert reading is not None
-        framing = reading.framing
+        body = self.body
+        assert body is not None
         try:
-            end = framing.feed(data, reading.payload)
-            if reading.cap and framing.content_size > reading.cap:
-                raise BodyTooLarge
-        except (ProtocolError, BodyTooLarge) as exc:
-            self.body = None
+            end = body.feed(data)
+        except BodyTooLarge as exc:
+            self.buffer += data[exc.taken :]  # the next request, if the body ended here
+            body.stop_reading()
+            self._exchange_failed(exc)
+            return
+        except ProtocolError as exc:
+            body.stop_reading()
             self._exchange_failed(exc)
             return
         if end < len(data):
             self.buffer += data[end:]  # the start of the next request
             data = data[:end]
-        if reading.exchange is not None:
-            reading.exchange.bytes_in += end
-        if framing.done:
-            self._body_read()
-        if data and reading.on_data is not None:
-            reading.on_data(data)
-        if framing.done:
-            reading.on_done()
-
-    def _body_read(self) -> None:
-        """The request body is read whole: the connection may carry the next request."""
-        self.body = None
-        self.unread_body = False
+        on_data, on_done = body.on_data, body.on_done
+        done = body.framing.done
+        if done:
+            body.stop_reading()
+        if data and on_data is not None:
+            on_data(data)
+        if done:
+            assert on_done is not None
+            on_done()
 
     # -- what the forward asks of the client connection -------------------------------------------
 
     def stream_body_to(self, forward: Forward) -> None:
         """Send the request body on to the upstream as it arrives; the forward owns the end."""
         assert self.request is not None
+        body = self.body
+        assert body is not None
         cap = self.table.config.max_body_bytes
-        self._start_body(
-            BodyReading(
-                self.request.length, self.exchange, cap, forward.send_body, forward.body_sent
-            )
-        )
+        body.read_by(forward.send_body, forward.body_sent, cap=cap, exchange=self.exchange)
+        self._start_body()
 
     def stop_reading_body(self) -> None:
-        """The upstream went away: what the client still sends stays unread (so the connection
-        will close)."""
-        self.body = None
+        """The upstream went away: the rest of the body is skipped, or the connection closes."""
+        if self.body is not None:
+            self.body.stop_reading()
 
     def response_complete(self) -> None:
         """The upstream's response went out whole."""
@@ -3003,32 +3054,36 @@ class ClientConnection(asyncio.Protocol):
                 exchange.bytes_out = len(body)
             self._end_exchange()
 
+        unread = self.body
         if (
-            self.unread_body
+            unread is not None
+            and unread.unread
             and request.keep_alive
             and not self.router.draining
             # A client waiting for 100 Continue sends nothing; a large body takes too long.
             and not request.expect_continue
-            and request.length <= MAX_DISCARD_BYTES
+            and unread.skippable()
         ):
-            self._discard_body(request, send)
+            self._skip_body(unread, send)
         else:
             send()
 
-    def _discard_body(self, request: Request, send: Callable[[], None]) -> None:
-        """Read and drop the unread small body within a second, then answer."""
+    def _skip_body(self, body: RequestBody, send: Callable[[], None]) -> None:
+        """Read and drop the rest of a small body within a second, then answer; past that the
+        answer goes out and the connection closes."""
 
-        def discarded() -> None:
+        def skipped() -> None:
             self._on_deadline = None
             send()
 
         def given_up() -> None:
-            self.body = None
+            body.stop_reading()
             send()
 
         self._answer_after_body = send
         self._set_deadline(DISCARD_TIMEOUT, given_up)
-        self._start_body(BodyReading(request.length, None, MAX_DISCARD_BYTES, None, discarded))
+        body.skip(skipped)
+        self._start_body()
 
     def _refuse(self, error: HTTPError) -> None:
         body = error_body(error.status, str(error), error.code)

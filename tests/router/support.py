@@ -201,9 +201,44 @@ class RunningRouter:
         self.server.router.access_log.enabled = router_attributes.pop("access_log", False)
         for name, value in router_attributes.items():
             setattr(self.server.router, name, value)
+        self.bytes_read = 0  # read off client connections, for tests that split a stream
+        self._count_reads()
         self.call(self.server.start())
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
         self.address = ("127.0.0.1", self.port)
+
+    def _count_reads(self) -> None:
+        state = self.server.router
+        make = state.new_connection
+
+        def counted() -> llmhop.ClientConnection:
+            connection = make()
+            received = connection.data_received
+
+            def data_received(data: bytes) -> None:
+                self.bytes_read += len(data)
+                received(data)
+
+            connection.data_received = data_received  # type: ignore[method-assign]
+            return connection
+
+        state.new_connection = counted  # type: ignore[method-assign]
+
+    def read_up_to(self, total: int) -> None:
+        """Wait until the router has read ``total`` bytes off its client connections, so that
+        what is sent next arrives in a read of its own."""
+        for _ in range(int(WAIT / 0.005)):
+            if self.bytes_read >= total:
+                self.settle()
+                return
+            threading.Event().wait(0.005)
+        raise AssertionError(f"the router read {self.bytes_read} of {total} bytes")
+
+    def settle(self) -> None:
+        """Let the router's loop run a few turns: what the kernel has delivered to its sockets
+        by now (a peer's close, say) has been handled."""
+        for _ in range(3):
+            self.call(asyncio.sleep(0))
 
     def call(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(WAIT)
