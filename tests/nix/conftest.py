@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import nix_harness as harness
+import quadlet_generator
 import systemd_ns
 
 
@@ -91,3 +92,15 @@ def ns(request: pytest.FixtureRequest, scratch: Path) -> Iterator[systemd_ns.Sys
     systemd."""
     with systemd_ns.booted(request.module.scenario(scratch)) as namespace:
         yield namespace
+
+
+@pytest.fixture(scope="session")
+def generator() -> Path:
+    path = quadlet_generator.generator_path()
+    if os.access(path, os.X_OK):
+        return path
+    reason = (
+        f"Podman's Quadlet generator is not at {path}: build it with {quadlet_generator.SETUP},"
+        " or point LLMHOP_QUADLET at a Podman's libexec/podman/quadlet"
+    )
+    skip_or_fail(reason)
