@@ -549,6 +549,11 @@ rec {
         TimeoutStartSec = 3600;
         LimitNOFILE = cfg.openFilesLimit;
       }
+      # As NixOS writes `restartIfChanged = false`; the generator copies [Service] into the
+      # unit that switch-to-configuration reads.
+      // lib.optionalAttrs (!onDemand.workerRestartIfChanged workload.onDemand) {
+        X-RestartIfChanged = false;
+      }
       // lib.optionalAttrs onSocket (
         if rootless then
           {

@@ -58,6 +58,7 @@ in
     in
     {
       inherit description path;
+      restartIfChanged = onDemand.workerRestartIfChanged workload.onDemand;
       # On demand, its proxy starts it.
       wantedBy = lib.optional (!workload.onDemand) "multi-user.target";
       wants = [ "network-online.target" ];

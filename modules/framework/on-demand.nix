@@ -15,6 +15,12 @@ rec {
   # A worker's Restart=: on demand, the next connection restarts it.
   workerRestart = onDemand: restart: if onDemand then "no" else restart;
 
+  # Whether `nixos-rebuild switch` restarts a changed worker. Not one on demand: its socket is
+  # the proxy's, so NixOS would not see it as socket activated, stop it and start it again
+  # (waiting for the whole load) only for the idle proxy to stop it; the next load runs the
+  # new unit.
+  workerRestartIfChanged = onDemand: !onDemand;
+
   # The [Unit] settings a worker's start depends on: an always-on worker that fails three
   # times in an hour stays down; one on demand starts at every load, as often as its clients
   # and its group ask, and stops once its proxy no longer needs it.

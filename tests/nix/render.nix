@@ -62,7 +62,6 @@ let
         // lib.optionalAttrs (def.startLimitIntervalSec != null) {
           StartLimitIntervalSec = def.startLimitIntervalSec;
         }
-        // lib.optionalAttrs ((def.stopIfChanged or true) == false) { X-StopIfChanged = false; }
         // lib.optionalAttrs ((def.restartTriggers or [ ]) != [ ]) {
           X-Restart-Triggers = lib.concatMapStringsSep " " toString def.restartTriggers;
         }
@@ -106,11 +105,22 @@ let
       envLines = lib.concatStrings (
         lib.mapAttrsToList (k: v: "Environment=${builtins.toJSON "${k}=${toString v}"}\n") environment
       );
+      # What switch-to-configuration reads, in [Service] as NixOS writes it (reloading wins
+      # over not restarting).
+      switchLines =
+        (
+          if def.reloadIfChanged then
+            "X-ReloadIfChanged=true\n"
+          else
+            lib.optionalString (!def.restartIfChanged) "X-RestartIfChanged=false\n"
+        )
+        + lib.optionalString (!def.stopIfChanged) "X-StopIfChanged=false\n"
+        + lib.optionalString def.notSocketActivated "X-NotSocketActivated=true\n";
     in
     ''
       ${unitSection def}
       [Service]
-      ${envLines}${sectionText [
+      ${envLines}${switchLines}${sectionText [
         def.serviceConfig
         scripts
       ]}'';
