@@ -40,6 +40,7 @@ import json
 import math
 import os
 import re
+import select
 import signal
 import socket
 import ssl
@@ -60,6 +61,9 @@ DEFAULT_MAX_CONCURRENT_REQUESTS = 8
 DEFAULT_CONNECT_TIMEOUT = 30.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_QUEUE_TIMEOUT = 600.0  # a cold start (loading weights) can take minutes
+# Below the keep-alive of the servers behind (uvicorn's and llama.cpp's are 5 s), so the
+# router lets go of an idle connection before the server may close it under a request.
+DEFAULT_UPSTREAM_IDLE_TIMEOUT = 4.0
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADER_FIELDS = 256
@@ -695,6 +699,7 @@ def parse_upstream_url(url: str) -> Upstream:
         raise ValueError("must not carry user information")
     if not parts.hostname:
         raise ValueError("needs a host")
+    _check_host_name(parts.hostname)
     try:
         explicit_port = parts.port
     except ValueError:
@@ -712,6 +717,23 @@ def parse_upstream_url(url: str) -> Upstream:
         query=parts.query,
         host_header=authority.lower().encode("ascii"),
     )
+
+
+def _check_host_name(host: str) -> None:
+    """A host name must be one the resolver can be asked for: IDNA refuses an empty label or
+    one over 63 characters (RFC 1035 §2.3.4), and connecting would fail on every request."""
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+        return
+    except OSError:
+        pass
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise ValueError(
+            f"has a host name that cannot be looked up: {host!r} (an empty label, or one "
+            "longer than 63 characters)"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -757,7 +779,7 @@ class Model:
     affinity: bytes | None  # the lower-case header whose value keeps a client on one replica
     group: str | None  # models of one group are served one at a time
     queue_timeout: float  # how long a request may wait for its group
-    upstream_idle_timeout: float | None  # pooled connections to it close after this; None: never
+    upstream_idle_timeout: float  # pooled connections to it close after this
 
 
 @dataclass(frozen=True, slots=True)
@@ -872,7 +894,7 @@ class _ConfigReader:
         self.checks_tokens = False
         # The defaults of the models' own settings, read before the models.
         self.queue_timeout = DEFAULT_QUEUE_TIMEOUT
-        self.upstream_idle_timeout: float | None = None
+        self.upstream_idle_timeout = DEFAULT_UPSTREAM_IDLE_TIMEOUT
 
     def problem(self, path: str, message: str) -> None:
         self.problems.append((path, message))
@@ -2096,7 +2118,7 @@ class UpstreamConnection(asyncio.Protocol):
     ``Forward``, or after 101 Switching Protocols its ``Tunnel``.
     """
 
-    __slots__ = ("buffer", "closed", "handler", "idle_until", "transport")
+    __slots__ = ("buffer", "closed", "handler", "idle_until", "readable", "transport")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -2104,11 +2126,19 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.handler: Forward | Tunnel | None = None
         self.idle_until = math.inf  # while pooled: when it is closed unless used again
+        self.readable = select.poll()  # asks the socket, not the loop, whether it has news
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         transport.set_write_buffer_limits(WRITE_HIGH_WATER)
+        self.readable.register(transport.get_extra_info("socket").fileno(), select.POLLIN)
+
+    def said_something(self) -> bool:
+        """Whether the upstream closed or sent bytes since the loop last looked: either way an
+        idle connection cannot carry a request. Asked right before reuse, it narrows the race
+        with a server closing an idle connection to the time a request takes to write."""
+        return bool(self.readable.poll(0))
 
     def data_received(self, data: bytes) -> None:
         handler = self.handler
@@ -2147,6 +2177,15 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
 
+def _reason(exc: Exception) -> str:
+    """Why connecting failed, in words that name no address."""
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failed ({exc.reason or 'handshake'})"
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()  # asyncio's own wording names the address
+    return "connection failed"
+
+
 class UpstreamPool:
     """Idle keep-alive connections per upstream, reused most-recent first.
 
@@ -2167,14 +2206,13 @@ class UpstreamPool:
         while idle:
             connection = idle.pop()
             if not connection.closed:
-                return connection
+                if not connection.said_something():
+                    return connection
+                connection.close()
         return None
 
     def release(
-        self,
-        upstream: Upstream,
-        connection: UpstreamConnection,
-        idle_timeout: float | None = None,
+        self, upstream: Upstream, connection: UpstreamConnection, idle_timeout: float
     ) -> None:
         connection.handler = None
         idle = self.idle.setdefault(upstream.pool_key, [])
@@ -2182,12 +2220,9 @@ class UpstreamPool:
             assert connection.transport is not None
             connection.transport.resume_reading()  # to notice the upstream closing it
             idle.append(connection)
-            if idle_timeout is None:
-                connection.idle_until = math.inf
-            else:
-                connection.idle_until = time.monotonic() + idle_timeout
-                if connection.idle_until < self._sweep_at:
-                    self._schedule_sweep(connection.idle_until)
+            connection.idle_until = time.monotonic() + idle_timeout
+            if connection.idle_until < self._sweep_at:
+                self._schedule_sweep(connection.idle_until)
         else:
             connection.close()
 
@@ -2244,9 +2279,10 @@ class UpstreamPool:
                     )
         except TimeoutError:
             raise UpstreamError(504, f"connecting to the upstream took over {timeout:g}s") from None
-        except (OSError, ssl.SSLError) as exc:
-            reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
-            raise UpstreamError(502, f"cannot connect to the upstream: {reason}") from None
+        except Exception as exc:  # whatever connecting raises is a 502, never a hang
+            # The client learns the kind of failure; the upstream's address goes to the log.
+            log(f"cannot connect to {upstream}: {exc!r}")
+            raise UpstreamError(502, f"cannot connect to the upstream: {_reason(exc)}") from None
         self.opened += 1
         return connection
 
@@ -3214,6 +3250,7 @@ class RouterState:
 
 BACKOFF_FIRST = 1.0  # a replica that could not be reached is left out this long, at first,
 BACKOFF_MAX = 30.0  # doubling with each failure in a row up to this
+_BACKOFF_DOUBLINGS = 64
 _turns = itertools.count()  # rotates the choice among equally busy replicas
 
 
@@ -3255,7 +3292,10 @@ def replica_failed(state: ReplicaState, now: float) -> None:
     state.connect_failures += 1
     state.failures += 1
     state.failed_at = now
-    state.retry_at = now + min(BACKOFF_FIRST * 2 ** (state.failures - 1), BACKOFF_MAX)
+    # The exponent is capped: a float overflows past 2 ** 1023, and the back-off is capped
+    # long before.
+    doublings = min(state.failures - 1, _BACKOFF_DOUBLINGS)
+    state.retry_at = now + min(BACKOFF_FIRST * 2.0**doublings, BACKOFF_MAX)
 
 
 class Tunnel:
@@ -3315,6 +3355,15 @@ class Tunnel:
     def _finish(self) -> None:
         self.close()
         self.client.tunnel_closed()
+
+
+_IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+
+
+def may_send_again(request: Request) -> bool:
+    """Whether a request may reach an upstream twice: an idempotent method (RFC 9110 §9.2.2),
+    or a client that says so with an ``Idempotency-Key``. A completion is billed work."""
+    return request.method in _IDEMPOTENT_METHODS or request.header(b"idempotency-key") is not None
 
 
 class Forward:
@@ -3490,8 +3539,11 @@ class Forward:
             self.tried.add(self.replica.index)
             self._leave_replica()
             self.replica = None
-            chosen = choose_replica(replicas, self.tried, time.monotonic(), None, next(_turns))
-            if chosen is not None:
+            now = time.monotonic()
+            chosen = choose_replica(replicas, self.tried, now, None, next(_turns))
+            # Failover is to a replica that is up; when every one is backing off, the one
+            # tried first (the one that failed longest ago) was the request's one try.
+            if chosen is not None and chosen.state.retry_at <= now:
                 self._try_replica(chosen)
                 return
         timed_out = error.status == 504
@@ -3565,6 +3617,11 @@ class Forward:
         exchange = self.exchange
         exchange.upstream_seconds = time.monotonic() - self.sent_at
         if response.status == 101:
+            if self.request.header(b"upgrade") is None:
+                # A switch the client did not ask for (RFC 9110 §15.2.2): what follows is in
+                # no protocol the client speaks.
+                self._upstream_failed("the upstream switched protocols unasked")
+                return
             self._switch_to_tunnel(response)
             return
         exchange.status = response.status
@@ -3637,12 +3694,15 @@ class Forward:
 
     def _upstream_failed(self, message: str, *, replayable: bool = False) -> None:
         self._drop_upstream()
-        # An idle connection the upstream had just closed: replay once, if we can. A body that
-        # streamed from the client is gone once sent, so only a buffered or empty one can be.
+        # A reused connection the upstream closed as the request went out: the upstream may
+        # or may not have processed it, so it goes again only if doing it twice is harmless
+        # (RFC 9110 §9.2.2), once. A body that streamed from the client is gone once sent, so
+        # only a buffered or empty one can be.
         if (
             replayable
             and self.reused
             and not self.replayed
+            and may_send_again(self.request)
             and (self.body is not None or self.request.length == 0)
         ):
             self.replayed = True
