@@ -329,6 +329,7 @@ rec {
         onDemand.units (
           {
             workload = wl;
+            inherit routerCfg;
             systemd = config.systemd.package;
           }
           // args

@@ -36,12 +36,27 @@ rec {
   # 30 s, so that the router's pooled connections never keep an idle server loaded.
   upstreamIdleTimeout = model: lib.min 30 (llmhopLib.timeSpanSeconds model.onDemand.idleTimeout * 0.5);
 
+  # The connections a proxy carries at once (systemd-socket-proxyd refuses more, by default
+  # beyond 256): every request the router lets in, as many again for pooled connections
+  # closing while new ones open and for local clients, and no cap when the router has none.
+  proxyConnections =
+    routerCfg:
+    let
+      cap = routerCfg.settings.maxConcurrentRequests;
+    in
+    if cap == 0 then 65536 else lib.max 256 (2 * cap);
+
+  # Its open files: each connection holds two sockets and two pipes of two ends (it splices),
+  # plus its own.
+  proxyOpenFiles = connections: 6 * connections + 64;
+
   # The socket and proxy of a workload, as systemd.{sockets,services} (or systemd.user.*)
   # entries. `serviceConfig` is who the proxy runs as and its sandbox, `socketConfig` the
   # owner of a unix socket, `unitConfig` the conditions of both (a user unit's ConditionUser=).
   units =
     {
       workload,
+      routerCfg,
       systemd,
       serviceConfig ? { },
       socketConfig ? { },
@@ -51,6 +66,7 @@ rec {
       inherit (workload) model unit;
       proxy = proxyName unit;
       server = workload.listen;
+      connections = proxyConnections routerCfg;
     in
     {
       socket = {
@@ -78,9 +94,11 @@ rec {
         after = [ "${unit}.service" ];
         inherit unitConfig;
         serviceConfig = serviceConfig // {
+          LimitNOFILE = proxyOpenFiles connections;
           ExecStart = llmhopLib.escapeExecArgs [
             "${systemd}/lib/systemd/systemd-socket-proxyd"
             "--exit-idle-time=${model.onDemand.idleTimeout}"
+            "--connections-max=${toString connections}"
             (if server.socket != null then server.socket else "127.0.0.1:${toString server.port}")
           ];
         };

@@ -127,8 +127,10 @@ def test_the_proxy_is_bound_to_the_worker_and_exits_when_idle() -> None:
         assert "wantedBy" not in proxy
         command = argv(result, f"{worker}-proxy")
         assert command[0].endswith("-systemd/lib/systemd/systemd-socket-proxyd")
-        assert command[1:] == [f"--exit-idle-time={idle}", target]
+        # The router's default cap (8 requests) needs no more than the proxy's own default.
+        assert command[1:] == [f"--exit-idle-time={idle}", "--connections-max=256", target]
         config = service(result, f"{worker}-proxy")
+        assert config["LimitNOFILE"] == 6 * 256 + 64
         # As the router (which reaches every worker socket), in the router's sandbox.
         assert (config["User"], config["Group"]) == ("llmhop", "llmhop")
         assert config["SocketBindDeny"] == "any"
@@ -237,7 +239,7 @@ def test_rootless_containers_get_socket_and_proxy_in_their_users_manager() -> No
     assert proxy["unitConfig"] == {"ConditionUser": "60602"}
     assert "User" not in proxy["serviceConfig"]
     assert proxy["serviceConfig"]["ExecStart"].endswith(
-        '"--exit-idle-time=2s" "/run/llmhop/vllm-x/worker/http.sock"'
+        '"--exit-idle-time=2s" "--connections-max=256" "/run/llmhop/vllm-x/worker/http.sock"'
     )
     # The container: not started at boot, stopped when unneeded, its peer conflicting.
     assert "wantedBy" not in result["userServices"]["vllm-x"]
@@ -451,3 +453,16 @@ def test_the_docs_show_the_example_and_it_evaluates() -> None:
     with pytest.raises(FailedAssertions) as refused:
         evaluate(embed, module=example)
     assert refused.value.messages == [shown]
+
+
+@pytest.mark.parametrize(
+    ("cap", "connections"), [(8, 256), (128, 256), (129, 258), (1000, 2000), (0, 65536)]
+)
+def test_the_proxy_carries_what_the_router_lets_in(cap: int, connections: int) -> None:
+    config = native()
+    config["services"]["llmhop"]["settings"] = {"maxConcurrentRequests": cap}
+    result = evaluate(config)
+    for proxy in ("llama-cpp-a-proxy", "sglang-s-proxy"):
+        assert f"--connections-max={connections}" in argv(result, proxy)
+        # Two sockets and two pipes per connection.
+        assert service(result, proxy)["LimitNOFILE"] >= 6 * connections
