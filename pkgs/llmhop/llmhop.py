@@ -1267,11 +1267,13 @@ class ByPath(NamedTuple):
 
 
 class ByBody(NamedTuple):
-    """Body routing: read the body whole, then forward to the model its JSON names, if
-    ``access`` allows it."""
+    """Body routing: read the body whole, then forward to the model its JSON names, if the
+    request's access allows it."""
 
-    access: Access
     kind: str = "body"
+
+
+_BY_BODY = ByBody()
 
 
 class Refusal(NamedTuple):
@@ -1293,7 +1295,6 @@ class Access:
     """
 
     __slots__ = (
-        "by_body",
         "key",
         "max_concurrent_requests",
         "model_objects",
@@ -1317,7 +1318,6 @@ class Access:
         self.models_list = models_list
         self.model_objects = model_objects
         self.scrape = scrape
-        self.by_body = ByBody(self)
         self.max_concurrent_requests = 0 if key is None else key.max_concurrent_requests
 
     def allows(self, model: str) -> bool:
@@ -1464,7 +1464,7 @@ def route(request: Request, table: RoutingTable, access: Access | None) -> Route
         return ByPath(model, b"/" + rest + request.query, access)
     if has_dot_segment(path):
         return Refusal("body", _DOT_SEGMENT_ERROR)
-    return access.by_body
+    return _BY_BODY
 
 
 def model_named(table: RoutingTable, name: str, access: Access) -> Model:
@@ -2424,17 +2424,15 @@ class Group:
         self.waiters.append(waiter)
 
     def leave(self, waiter: Waiter) -> None:
-        """A waiter gives up (timed out, or its client left)."""
+        """A waiter gives up (timed out, or its client left): those behind it may go now."""
         with contextlib.suppress(ValueError):
             self.waiters.remove(waiter)
-        if not self.in_flight:
-            self._let_in_next()
+        self._let_in_next()
 
     def release(self) -> None:
         """A request of the active model ended."""
         self.in_flight -= 1
-        if not self.in_flight:
-            self._let_in_next()
+        self._let_in_next()
 
     def disband(self) -> None:
         """The group is gone from the config: its waiters go to their models unhindered."""
@@ -2444,10 +2442,14 @@ class Group:
             _admit(waiter)
 
     def _let_in_next(self) -> None:
+        """Let in every waiter for the model at the head of the queue, if it may go: the
+        active model at once, another once the active one has nothing in flight."""
         if not self.waiters:
             return
         model = self.waiters[0].model
         if model != self.active:
+            if self.in_flight:
+                return
             self._activate(model)
         staying = collections.deque()
         for waiter in self.waiters:
@@ -2470,6 +2472,46 @@ def _admit(waiter: Waiter) -> None:
     waiter.timer.cancel()
     # Not from inside the call that released the group: the admitted request starts afresh.
     asyncio.get_running_loop().call_soon(waiter.admit)
+
+
+class Admission:
+    """A proxied request's hold on what requests share: the router's slot, its key's slot,
+    and, in a group, its turn or its place in the queue.
+
+    Taken whole by ``RouterState.admit``; given back whole, once, by ``release``, whoever
+    ends the request: its forward, the tunnel it became, or the queue it left.
+    """
+
+    __slots__ = ("going", "group", "key", "model", "released", "router", "waiter")
+
+    def __init__(self, router: RouterState, model: str, key: str) -> None:
+        self.router = router
+        self.model = model
+        self.key = key
+        self.group: Group | None = None
+        self.waiter: Waiter | None = None  # while it waits for its group to let it in
+        self.going = False  # let through to the upstream: in flight to its model
+        self.released = False
+
+    def go(self) -> None:
+        self.going = True
+        self.router.metrics.in_flight[self.model] += 1
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        router = self.router
+        router.in_flight -= 1
+        router.metrics.key_in_flight[self.key] -= 1
+        if self.going:
+            router.metrics.in_flight[self.model] -= 1
+        group, waiter = self.group, self.waiter
+        if group is not None:
+            if waiter is not None and not waiter.admitted:
+                group.leave(waiter)
+            else:
+                group.release()
 
 
 class Phase:
@@ -2513,8 +2555,8 @@ class ClientConnection(asyncio.Protocol):
         self.body: RequestBody | None = None  # the request's body, if it has one
         self.forward: Forward | None = None
         self.tunnel: Tunnel | None = None
+        self.admission: Admission | None = None  # of a proxied request
         self.waiting: Waiter | None = None  # while the request waits for its model's group
-        self._waiting_in: Group | None = None
         self._answer_after_body: Callable[[], None] | None = None
         self._dispatching = False
         self._leaving: asyncio.TimerHandle | None = None
@@ -2822,15 +2864,19 @@ class ClientConnection(asyncio.Protocol):
             self._must_close()
         if self.gone and exchange.status == 0:
             exchange.status = 499  # nginx's "client closed request"
+        if self.admission is not None:
+            # Whatever ended the exchange, what it held is given back (once: the forward or
+            # the tunnel may have done so already).
+            self.admission.release()
         self.request = self.exchange = self.forward = self.tunnel = self.body = None
-        self.waiting = self._waiting_in = None
+        self.waiting = self.admission = None
         self._answer_after_body = None
         self.phase = Phase.IDLE
         if self._leaving is not None:
             self._leaving.cancel()
             self._leaving = None
         self._set_busy(False)
-        self.router.record(exchange)
+        self.router.record(exchange, self.access)
         if not self.keep_alive or self.closed:
             self.close_gracefully()
             return
@@ -2983,21 +3029,24 @@ class ClientConnection(asyncio.Protocol):
             raise HTTPError(413, _too_large(cap), "request_too_large")
         access = self.access
         assert access is not None
-        refusal = self.router.take_slot(model, access, config.max_concurrent_requests)
-        if refusal is not None:
-            raise refusal
+        admission = self.router.admit(model, access, config.max_concurrent_requests)
+        if type(admission) is HTTPError:
+            raise admission
+        assert type(admission) is Admission
+        self.admission = admission
         if model.group is not None:
-            group = self.router.group(model.group)
+            group = admission.group = self.router.group(model.group)
             if not group.enter(model.name):
                 self._wait_for(group, model, target, body)
                 return
         self._forward(model, target, body)
 
     def _forward(self, model: Model, target: bytes, body: BufferedBody | None) -> None:
-        request, exchange, access = self.request, self.exchange, self.access
-        assert request is not None and exchange is not None and access is not None
+        request, exchange, admission = self.request, self.exchange, self.admission
+        assert request is not None and exchange is not None and admission is not None
+        admission.go()
         config = self.table.config
-        self.forward = Forward(self, request, exchange, model, access.name, config, target, body)
+        self.forward = Forward(self, request, exchange, model, admission, config, target, body)
         self.forward.start()
 
     # -- waiting for a group --------------------------------------------------------------------
@@ -3014,7 +3063,7 @@ class ClientConnection(asyncio.Protocol):
         def admitted() -> None:
             if self.waiting is not waiter:
                 return  # gave up meanwhile, and gave the admission back
-            self.waiting = self._waiting_in = None
+            self.waiting = None
             self._waited(waiter)
             try:
                 self._forward(model, target, body)
@@ -3022,7 +3071,8 @@ class ClientConnection(asyncio.Protocol):
                 self.internal_error(exc)
 
         waiter = Waiter(model.name, admitted, timer)
-        self.waiting, self._waiting_in = waiter, group
+        assert self.admission is not None
+        self.waiting = self.admission.waiter = waiter
         group.wait(waiter)
 
     def _waited(self, waiter: Waiter) -> None:
@@ -3032,29 +3082,26 @@ class ClientConnection(asyncio.Protocol):
 
     def _stop_waiting(self) -> None:
         """Leave the group's queue (or give back an admission not yet used) and the slot."""
-        waiter, group = self.waiting, self._waiting_in
-        assert waiter is not None and group is not None
-        self.waiting = self._waiting_in = None
+        waiter, admission = self.waiting, self.admission
+        assert waiter is not None and admission is not None
+        self.waiting = None
         waiter.timer.cancel()
         self._waited(waiter)
-        access = self.access
-        assert access is not None
-        if waiter.admitted:
-            group.release()
-        else:
-            group.leave(waiter)
-        self.router.release_slot(waiter.model, access.name)
+        admission.release()
 
     def _queue_timed_out(self) -> None:
-        waiter, group = self.waiting, self._waiting_in
-        if waiter is None or group is None:
+        waiter, admission, access = self.waiting, self.admission, self.access
+        if waiter is None or admission is None or admission.group is None or access is None:
             return
         try:
+            group = admission.group
             active = group.active
             self._stop_waiting()
+            # The model it waits behind is named only to a key that may see it.
+            behind = json.dumps(active) if active is not None and access.allows(active) else None
             message = (
                 f"model {json.dumps(waiter.model)} is busy: its group {json.dumps(group.name)} "
-                f"is serving {json.dumps(active)}; try again later"
+                f"is serving {behind or 'another model'}; try again later"
             )
             self._refuse(HTTPError(503, message, "model_busy", headers=_RETRY_SOON))
         except Exception as exc:
@@ -3186,9 +3233,9 @@ class RouterState:
         if not self.busy_connections:
             self.all_idle.set()
 
-    def take_slot(self, model: Model, access: Access, limit: int) -> HTTPError | None:
+    def admit(self, model: Model, access: Access, limit: int) -> Admission | HTTPError:
         """Admit a proxied request, or say why not: its key's own limit first (429), then the
-        router's (503); 0 is no limit."""
+        router's (503); 0 is no limit. A request waiting for its group holds both."""
         key_limit = access.max_concurrent_requests
         key_in_flight = self.metrics.key_in_flight
         if key_limit and key_in_flight[access.name] >= key_limit:
@@ -3200,20 +3247,12 @@ class RouterState:
             message = f"too many concurrent requests (the limit is {limit})"
             return HTTPError(503, message, "too_many_concurrent_requests", headers=_RETRY_SOON)
         self.in_flight += 1
-        self.metrics.in_flight[model.name] += 1
         key_in_flight[access.name] += 1
-        return None
+        return Admission(self, model.name, access.name)
 
-    def release_slot(self, model: str, key: str) -> None:
-        self.in_flight -= 1
-        self.metrics.in_flight[model] -= 1
-        self.metrics.key_in_flight[key] -= 1
-
-    def finished(self, model: Model, key: str) -> None:
-        """A proxied request (or the tunnel it became) ended: its slot and its group's turn."""
-        self.release_slot(model.name, key)
-        if model.group is not None:
-            self.groups[model.group].release()
+    @property
+    def queued(self) -> int:
+        return sum(len(group.waiters) for group in self.groups.values())
 
     def group(self, name: str) -> Group:
         group = self.groups.get(name)
@@ -3237,9 +3276,12 @@ class RouterState:
             if name not in table.groups:
                 group.disband()
 
-    def record(self, exchange: Exchange) -> None:
-        model = exchange.model if exchange.model in self.table.models else "-"
-        self.metrics.observe(exchange, model)
+    def record(self, exchange: Exchange, access: Access | None) -> None:
+        # A model the key may not see is counted as an unknown one: a scoped key reading the
+        # metrics must not tell them apart.
+        name = exchange.model
+        known = name in self.table.models and access is not None and access.allows(name)
+        self.metrics.observe(exchange, name if known else "-")
         self.access_log.record(exchange)
 
 
@@ -3304,15 +3346,14 @@ class Tunnel:
     It holds the concurrency slot of the request that opened it until it closes.
     """
 
-    __slots__ = ("client", "closed", "ends", "key", "model", "upstream")
+    __slots__ = ("admission", "client", "closed", "ends", "upstream")
 
     def __init__(
-        self, client: ClientConnection, upstream: UpstreamConnection, model: Model, key: str
+        self, client: ClientConnection, upstream: UpstreamConnection, admission: Admission
     ) -> None:
         self.client = client
         self.upstream = upstream
-        self.model = model
-        self.key = key
+        self.admission = admission
         self.ends = 0  # sides that have sent their end of stream
         self.closed = False
 
@@ -3341,7 +3382,7 @@ class Tunnel:
             self.closed = True
             self.upstream.handler = None
             self.upstream.close()
-            self.client.router.finished(self.model, self.key)
+            self.admission.release()
 
     def _end_of_stream(self, target: asyncio.Transport) -> None:
         if self.closed:
@@ -3382,6 +3423,7 @@ class Forward:
     """
 
     __slots__ = (
+        "admission",
         "attempts",
         "body",
         "client",
@@ -3392,7 +3434,6 @@ class Forward:
         "exchange",
         "framing",
         "head",
-        "key",
         "length",
         "model",
         "payload",
@@ -3414,7 +3455,7 @@ class Forward:
         request: Request,
         exchange: Exchange,
         model: Model,
-        key: str,
+        admission: Admission,
         config: Config,
         target: bytes,
         body: BufferedBody | None,
@@ -3423,7 +3464,7 @@ class Forward:
         self.request = request
         self.exchange = exchange
         self.model = model
-        self.key = key  # the name of the API key whose slot it holds
+        self.admission = admission  # given back when the request ends
         self.config = config
         self.target = target
         self.body = body
@@ -3462,7 +3503,7 @@ class Forward:
             self.ended = True
             if self.replica is not None:
                 self.replica.state.in_flight -= 1
-            self.client.router.finished(self.model, self.key)
+            self.admission.release()
 
     def _leave_replica(self) -> None:
         if self.replica is not None:
@@ -3747,7 +3788,7 @@ class Forward:
         self.upstream = None
         self._leave_replica()
         self.ended = True  # the slot is the tunnel's now
-        tunnel = Tunnel(client, connection, self.model, self.key)
+        tunnel = Tunnel(client, connection, self.admission)
         connection.handler = tunnel
         client.switch_to_tunnel(tunnel)
         if connection.buffer:
@@ -3896,10 +3937,13 @@ class Server:
 
     def status(self) -> str:
         router = self.router
+        queued = router.queued
         text = (
             f"{len(router.table.models)} model(s) on {', '.join(self.addresses)}; "
-            f"{router.in_flight} request(s) in flight"
+            f"{router.in_flight - queued} request(s) in flight"
         )
+        if queued:
+            text = f"{text}, {queued} queued"
         return f"{text}; {self.reload_note}" if self.reload_note else text
 
     async def run(self) -> None:

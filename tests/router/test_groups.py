@@ -287,3 +287,56 @@ def test_bad_group_settings_are_refused_with_their_key_path(
     with pytest.raises(llmhop.ConfigError) as caught:
         llmhop.parse_config(text, llmhop.SecretResolver({}))
     assert any(p == path and message in m for p, m in caught.value.problems), caught.value
+
+
+def test_when_the_waiter_for_another_model_leaves_the_active_models_requests_go_in(
+    router_factory: Factory, held_factory: Callable[[], HeldUpstream]
+) -> None:
+    a, b = held_factory(), held_factory()
+    config = group_config(a, b)
+    config["models"]["b"]["queueTimeout"] = 0.3
+    router = router_factory(config)
+    holding = hold_a(router, a)
+    (waiting_b,) = queue_for(router, "b")
+    (late_a,) = queue_for(router, "a")  # behind b, though a is active
+    assert waiting_b.answer().status == 503
+    a.next_arrival()  # b gave up: a's request goes in while a still has one in flight
+    a.allow(2)
+    assert holding.answer().status == 200 and late_a.answer().status == 200
+    until(lambda: router.router.in_flight == 0)
+
+
+def test_a_queued_client_that_closes_with_its_body_unsent_leaves_the_queue(
+    router_factory: Factory, held_factory: Callable[[], HeldUpstream]
+) -> None:
+    a, b = held_factory(), held_factory()
+    router = router_factory(group_config(a, b))
+    holding = hold_a(router, a)
+    sock = router.connect()
+    head = request_bytes("POST", "/route/b/v1/x", None, {"Content-Length": "100"})
+    sock.sendall(head + b"0123456789")  # a body still to come, as the request queues
+    until(lambda: queue_depth(router, "b") == 1)
+    sock.close()
+    until(lambda: queue_depth(router, "b") == 0)
+    a.allow()
+    assert holding.answer().status == 200
+    until(lambda: router.router.in_flight == 0)
+    router.settle()
+    assert b.nothing_arrived()
+
+
+def test_queued_requests_are_not_counted_in_flight(
+    router_factory: Factory, held_factory: Callable[[], HeldUpstream]
+) -> None:
+    a, b = held_factory(), held_factory()
+    router = router_factory(group_config(a, b))
+    holding = hold_a(router, a)
+    waiting = queue_for(router, "b", 2)
+    text = exchange(router, "GET", "/metrics").body.decode()
+    assert 'llmhop_requests_in_flight{model="a"} 1' in text
+    assert 'llmhop_requests_in_flight{model="b"} 0' in text
+    assert router.server.status().endswith("1 request(s) in flight, 2 queued")
+    a.allow()
+    b.allow(2)
+    assert holding.answer().status == 200
+    assert all(client.answer().status == 200 for client in waiting)

@@ -319,3 +319,38 @@ def test_check_tells_two_credential_keys_apart(tmp_path: Path) -> None:
         ],
     )
     assert (checked.returncode, checked.stderr) == (0, "config ok: 1 model(s)\n")
+
+
+def test_a_queue_timeout_names_no_model_the_key_may_not_see(
+    router_factory: Factory, held_factory: Callable[[], HeldUpstream]
+) -> None:
+    secret, shared = held_factory(), held_factory()
+    config = {
+        "authTokens": [ADMIN_TOKEN, {"name": "ci", "sha256": sha256(CI_TOKEN), "models": ["b"]}],
+        "models": {
+            "secret-model": {"url": secret.url, "group": "gpu0"},
+            "b": {"url": shared.url, "group": "gpu0", "queueTimeout": 0.2},
+        },
+    }
+    router = router_factory(config)
+    with router.connect() as holding:
+        holding.sendall(
+            request_bytes("POST", "/v1/chat", chat("secret-model"), bearer(ADMIN_TOKEN))
+        )
+        secret.next_arrival()
+        refused = exchange(router, "POST", "/v1/chat", chat("b"), bearer(CI_TOKEN))
+        assert refused.status == 503
+        assert "secret-model" not in refused.body.decode()
+        secret.allow()
+        assert read_reply(SocketReader(holding)).status == 200
+
+
+def test_metrics_count_a_hidden_model_as_an_unknown_one(keyed: RunningRouter) -> None:
+    """A scoped key reading the metrics cannot tell a model it may not see from none."""
+    assert exchange(keyed, "POST", "/v1/chat", chat("hosted"), bearer(CI_TOKEN)).status == 404
+    assert exchange(keyed, "POST", "/v1/chat", chat("nothing"), bearer(CI_TOKEN)).status == 404
+    text = exchange(keyed, "GET", "/metrics", None, bearer(ADMIN_TOKEN)).body.decode()
+    assert not re.search(r'^llmhop_requests_total\{model="hosted"', text, re.M)
+    assert re.search(
+        r'^llmhop_requests_total\{model="-",route="body",status="404"\} 2$', text, re.M
+    )
