@@ -242,7 +242,15 @@ rec {
           i: w:
           w
           // {
-            previous = if cfg.startupOrdering && i > 0 then (lib.elemAt chained (i - 1)).unit else null;
+            # A model's replicas start one after another even without startupOrdering: they
+            # share its cache, so the first download serves them all.
+            previous =
+              if cfg.startupOrdering && i > 0 then
+                (lib.elemAt chained (i - 1)).unit
+              else if w.replica != null && w.replica > 0 then
+                "${backend}-${w.model.name}-${toString (w.replica - 1)}"
+              else
+                null;
           }
         ) chained;
     in
@@ -351,6 +359,8 @@ rec {
               inherit (workload) model;
               known = lib.attrNames model.credentials;
               unknown = lib.subtractLists known (lib.unique (llmhopLib.credentialRefs workload.settings));
+              gpusWithoutGpu =
+                model.runtime == "native" && !model.gpu && lib.any (replica: replica.gpus != [ ]) model.replicas;
             in
             llmhopLib.credentialNameAssertions (optionPath workload) model.credentials
             ++ map (name: {
@@ -368,6 +378,10 @@ rec {
                 message = "${optionPath workload}: set either tag or digest, not both.";
               }
             ]
+            ++ lib.optional gpusWithoutGpu {
+              assertion = false;
+              message = "${optionPath workload}: a replica has gpus, but the model has gpu = false and runs natively without any device (PrivateDevices=); set gpu = true.";
+            }
             ++ lib.optionals workload.onDemand (onDemandAssertions {
               inherit workload routerCfg socketCapable;
               optionPath = optionPath workload;

@@ -152,8 +152,11 @@
     NCCL_IB_DISABLE = "1";
   };
 
-  # Kernel and shader caches of GPU runtimes, kept in the worker's cache directory.
+  # Kernel and shader caches of GPU runtimes, kept in the worker's cache directory; CUDA's
+  # device numbers in PCI bus order, as nvidia-smi and CDI's `nvidia.com/gpu=<n>` count them
+  # (CUDA's own order puts the fastest first).
   gpuEnvironment = cacheDirectory: {
+    CUDA_DEVICE_ORDER = "PCI_BUS_ID";
     TRITON_CACHE_DIR = "${cacheDirectory}/triton";
     TORCHINDUCTOR_CACHE_DIR = "${cacheDirectory}/torchinductor";
     MIOPEN_USER_DB_PATH = "${cacheDirectory}/miopen";

@@ -41,7 +41,10 @@ def test_two_gpus_two_native_units_behind_one_route() -> None:
     assert "llama-cpp-q" not in result["services"]
     for index, port in ((0, 18001), (1, 18002)):
         unit = f"llama-cpp-q-{index}"
-        assert result["services"][unit]["environment"]["CUDA_VISIBLE_DEVICES"] == str(index)
+        environment = result["services"][unit]["environment"]
+        assert environment["CUDA_VISIBLE_DEVICES"] == str(index)
+        # Numbered as nvidia-smi and CDI number them.
+        assert environment["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
         args = argv(result, unit)
         assert args[1:3] == ["-url", f"http://127.0.0.1:{port}"]
         assert args[-4:] == ["--host", "127.0.0.1", "--port", str(port)]
@@ -145,9 +148,33 @@ def test_native_python_replicas() -> None:
     ]
 
 
+def test_native_replicas_start_one_after_another() -> None:
+    # llama.cpp orders no models natively (startupOrdering off), but a model's replicas share
+    # its cache: one downloads, the next starts once it is healthy.
+    replicas = [{}, {}, {}]
+    result = evaluate(llama({"q": {"replicas": replicas}, "r": {"replicas": replicas}}))
+    for model in ("q", "r"):
+        after = [result["services"][f"llama-cpp-{model}-{i}"]["after"] for i in range(3)]
+        assert after == [
+            ["network-online.target"],
+            ["network-online.target", f"llama-cpp-{model}-0.service"],
+            ["network-online.target", f"llama-cpp-{model}-1.service"],
+        ]
+
+
+def test_gpus_of_a_native_model_without_gpu_are_refused() -> None:
+    assert assertions(llama({"q": {"replicas": TWO_GPUS}})) == [
+        "services.llmhop.llama-cpp.models.q: a replica has gpus, but the model has gpu = false"
+        " and runs natively without any device (PrivateDevices=); set gpu = true."
+    ]
+    # In a container, gpus are CDI devices whatever `gpu` says.
+    result = evaluate(llama({"q": {"runtime": "container", "replicas": TWO_GPUS}}))
+    assert "nvidia.com/gpu=1" in result["quadlet"]["llama-cpp-q-1"]
+
+
 def test_every_replica_is_in_the_collision_checks() -> None:
     models = {
-        "q": {"port": 18001, "replicas": TWO_GPUS},
+        "q": {"port": 18001, "gpu": True, "replicas": TWO_GPUS},
         "other": {"port": 18002},
         "q-0": {},
     }
@@ -179,7 +206,8 @@ def test_replica_warnings_are_given_once() -> None:
 
 
 def test_replicas_cannot_be_on_demand() -> None:
-    messages = assertions(llama({"q": {"replicas": TWO_GPUS, "onDemand": {"enable": True}}}))
+    on_demand = {"gpu": True, "replicas": TWO_GPUS, "onDemand": {"enable": True}}
+    messages = assertions(llama({"q": on_demand}))
     assert messages == [
         "services.llmhop.llama-cpp.models.q: replicas cannot be on demand (each would need a"
         " socket, a proxy and a worker of its own); leave replicas empty or turn onDemand off."
@@ -207,7 +235,7 @@ def test_remote_urls_are_written_as_given() -> None:
 
 
 def test_hand_written_upstreams_claim_a_replicated_route() -> None:
-    config = llama({"q": {"port": 18001, "replicas": TWO_GPUS}})
+    config = llama({"q": {"port": 18001, "gpu": True, "replicas": TWO_GPUS}})
     config["services"]["llmhop"]["settings"] = {"models": {"q": {"urls": ["http://192.0.2.2:1"]}}}
     assert assertions(config) == [
         "services.llmhop: routing key q is claimed more than once, by llama-cpp.models.q,"
