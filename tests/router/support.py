@@ -202,6 +202,7 @@ class RunningRouter:
         for name, value in router_attributes.items():
             setattr(self.server.router, name, value)
         self.bytes_read = 0  # read off client connections, for tests that split a stream
+        self.connections_lost = 0
         self._count_reads()
         self.call(self.server.start())
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
@@ -213,26 +214,44 @@ class RunningRouter:
 
         def counted() -> llmhop.ClientConnection:
             connection = make()
-            received = connection.data_received
+            received, lost = connection.data_received, connection.connection_lost
 
             def data_received(data: bytes) -> None:
                 self.bytes_read += len(data)
                 received(data)
 
+            def connection_lost(exc: Exception | None) -> None:
+                self.connections_lost += 1
+                lost(exc)
+
             connection.data_received = data_received  # type: ignore[method-assign]
+            connection.connection_lost = connection_lost  # type: ignore[method-assign]
             return connection
 
         state.new_connection = counted  # type: ignore[method-assign]
 
-    def read_up_to(self, total: int) -> None:
+    def read_up_to(self, total: int, *, lost_before: int | None = None) -> None:
         """Wait until the router has read ``total`` bytes off its client connections, so that
-        what is sent next arrives in a read of its own."""
-        for _ in range(int(WAIT / 0.005)):
-            if self.bytes_read >= total:
+        what is sent next arrives in a read of its own; or, given the count of connections
+        lost before, until one more is lost (the router closed it)."""
+        for _ in range(int(WAIT / 0.002)):
+            if self.bytes_read >= total or (
+                lost_before is not None and self.connections_lost > lost_before
+            ):
                 self.settle()
                 return
-            threading.Event().wait(0.005)
+            threading.Event().wait(0.002)
         raise AssertionError(f"the router read {self.bytes_read} of {total} bytes")
+
+    def assert_idle(self) -> None:
+        """Every slot, gauge and turn that requests took has been given back."""
+        self.settle()
+        state = self.router
+        assert state.in_flight == 0
+        assert not +state.metrics.in_flight and not +state.metrics.key_in_flight
+        assert all(not group.in_flight and not group.waiters for group in state.groups.values())
+        for model in state.table.models.values():
+            assert all(replica.state.in_flight == 0 for replica in model.replicas)
 
     def settle(self) -> None:
         """Let the router's loop run a few turns: what the kernel has delivered to its sockets

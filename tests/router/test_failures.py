@@ -26,17 +26,6 @@ def refused_url() -> str:
         return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
-def idle(router: RunningRouter) -> None:
-    """Every slot and gauge the request took is given back."""
-    router.settle()
-    state = router.router
-    assert state.in_flight == 0
-    assert not +state.metrics.in_flight and not +state.metrics.key_in_flight
-    assert all(group.in_flight == 0 and not group.waiters for group in state.groups.values())
-    for model in state.table.models.values():
-        assert all(replica.state.in_flight == 0 for replica in model.replicas)
-
-
 # --- back-off ---------------------------------------------------------------------------------
 
 
@@ -54,7 +43,7 @@ def test_a_replica_down_for_an_afternoon_still_gets_an_answer(router_factory: Fa
     replica.state.failures = 5000  # a host that has been off for a long while
     reply = exchange(router, "POST", "/v1/chat", chat("m"))
     assert (reply.status, reply.json()["error"]["code"]) == (502, "upstream_unavailable")
-    idle(router)
+    router.assert_idle()
 
 
 def test_only_the_replica_that_failed_longest_ago_is_tried_when_all_back_off(
@@ -68,7 +57,7 @@ def test_only_the_replica_that_failed_longest_ago_is_tried_when_all_back_off(
     assert exchange(router, "POST", "/v1/chat", chat("m")).status == 502
     assert sum(r.state.connect_failures for r in replicas) == 4
     assert oldest.state.connect_failures == 2
-    idle(router)
+    router.assert_idle()
 
 
 # --- errors while connecting ------------------------------------------------------------------
@@ -94,7 +83,7 @@ def test_any_error_while_connecting_is_a_502(
     monkeypatch.setattr(router.loop, "create_connection", broken)
     reply = exchange(router, "POST", "/v1/chat", chat("m"))
     assert (reply.status, reply.json()["error"]["code"]) == (502, "upstream_unavailable")
-    idle(router)
+    router.assert_idle()
 
 
 def test_a_502_names_no_upstream_address(router_factory: Factory) -> None:
@@ -147,7 +136,7 @@ def test_a_post_is_never_sent_twice(router_factory: Factory) -> None:
         router = router_factory({"models": {"m": {"url": upstream.url}}})
         assert keep_alive_pair(router, "POST", {}) == 502
         assert upstream.count() == 2  # the first, and the second once: never replayed
-        idle(router)
+        router.assert_idle()
     finally:
         upstream.close()
 
@@ -161,7 +150,7 @@ def test_an_idempotent_request_is_replayed_once(
         router = router_factory({"models": {"m": {"url": upstream.url}}})
         assert keep_alive_pair(router, method, headers) == 200
         assert upstream.count() == 3  # the second went again, on a fresh connection
-        idle(router)
+        router.assert_idle()
     finally:
         upstream.close()
 
@@ -199,7 +188,7 @@ def test_an_unsolicited_switch_of_protocols_is_a_502(router_factory: Factory) ->
         reply = exchange(router, "POST", "/v1/chat", chat("m"))
         assert (reply.status, reply.json()["error"]["code"]) == (502, "upstream_error")
         assert b"raw bytes" not in reply.body
-        idle(router)
+        router.assert_idle()
     finally:
         upstream.close()
 
