@@ -20,7 +20,8 @@ import systemd_ns
 
 
 def skip_or_fail(reason: str) -> NoReturn:
-    """Skip for want of a tool, except in CI (or when asked), where a missing tool fails."""
+    """Skip for want of a tool or input, except in CI (or when asked), where it fails: CI's
+    machine is prepared by tests/nix/setup.sh, so anything missing there is a defect."""
     if os.environ.get("CI") == "true" or os.environ.get("LLMHOP_REQUIRE_E2E") == "1":
         pytest.fail(f"{reason} (CI=true or LLMHOP_REQUIRE_E2E=1: failing, not skipping)", False)
     pytest.skip(reason)
@@ -54,7 +55,16 @@ def nix_inputs() -> None:
     """Skip unless Nix and the offline flake inputs are prepared."""
     reason = harness.missing_inputs()
     if reason:
-        pytest.skip(reason)
+        skip_or_fail(reason)
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    """The folder of git snapshots that the flake inputs are prepared from."""
+    path = os.environ.get("LLMHOP_MIRROR")
+    if not path:
+        skip_or_fail("LLMHOP_MIRROR is not set: no snapshots to prepare the flake inputs from")
+    return Path(path)
 
 
 @pytest.fixture(scope="session")
@@ -62,13 +72,13 @@ def nix_tools() -> None:
     """Skip unless nix-instantiate is installed (parsing needs no inputs)."""
     reason = harness.missing_nix()
     if reason:
-        pytest.skip(reason)
+        skip_or_fail(reason)
 
 
 @pytest.fixture(scope="session")
 def systemd_analyze() -> None:
     if shutil.which("systemd-analyze") is None:
-        pytest.skip(f"systemd-analyze is not installed; prepare with: {harness.PREPARE_COMMAND}")
+        skip_or_fail(f"systemd-analyze is not installed; prepare with: {harness.PREPARE_COMMAND}")
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +97,9 @@ def scratch() -> Iterator[Path]:
 
 
 @pytest.fixture
-def ns(request: pytest.FixtureRequest, scratch: Path) -> Iterator[systemd_ns.SystemdNamespace]:
+def ns(
+    request: pytest.FixtureRequest, scratch: Path, nix_inputs: None
+) -> Iterator[systemd_ns.SystemdNamespace]:
     """The test module's `scenario(scratch)`, an evaluated system, booted under a real
     systemd."""
     with systemd_ns.booted(request.module.scenario(scratch)) as namespace:

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import offline_inputs
+from offline_inputs import NIXPKGS_LIB_CACHE, nix_env
+
 if TYPE_CHECKING:
     from systemd_ns import SystemdNamespace
 
@@ -24,12 +27,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 FLAKE_LOCK = REPO / "flake.lock"
 
-PREPARE_COMMAND = f"bash {HERE.relative_to(REPO)}/setup.sh"
-NIX_CONFIG = "experimental-features = nix-command flakes\nsubstituters =\n"
-NIXPKGS_LIB_CACHE = Path.home() / ".cache" / "llmhop" / "nixpkgs-lib"
-
-# The flake.lock nodes the harness evaluates with.
-HARNESS_INPUTS = ("nixpkgs-lib", "quadlet-nix")
+PREPARE_COMMAND = f"LLMHOP_MIRROR=/path/to/snapshots bash {HERE.relative_to(REPO)}/setup.sh"
 
 
 class NixEvalError(Exception):
@@ -47,12 +45,6 @@ class FailedAssertions(Exception):
         super().__init__("\n".join(messages))
         self.messages = messages
         self.result = result
-
-
-def nix_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["NIX_CONFIG"] = NIX_CONFIG + env.get("NIX_CONFIG", "")
-    return env
 
 
 def locked_store_path(node: str) -> Path:
@@ -83,12 +75,9 @@ def missing_inputs() -> str | None:
     reason = missing_nix()
     if reason:
         return reason
-    for node in HARNESS_INPUTS:
-        path = locked_store_path(node)
-        if not path.is_dir():
-            return f"flake input {node} is not in {path}; prepare with: {PREPARE_COMMAND}"
-    if not (NIXPKGS_LIB_CACHE / "lib").is_dir():
-        return f"{NIXPKGS_LIB_CACHE} is missing; prepare with: {PREPARE_COMMAND}"
+    lines = offline_inputs.missing()
+    if lines:
+        return f"{'; '.join(lines)}; prepare with: {PREPARE_COMMAND}"
     return None
 
 

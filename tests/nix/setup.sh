@@ -7,16 +7,15 @@
 #   LLMHOP_MIRROR=/path/to/snapshots bash tests/nix/setup.sh
 #
 # Environment:
-#   LLMHOP_SHARED  folder holding tools/nix-offline-inputs.sh and nix-pins.json
-#                  (default: ../shared beside the repository)
 #   LLMHOP_MIRROR  folder of the git snapshots OWNER+NAME/repo (no default)
+#   CI             when "true", a flake input that cannot be prepared fails the setup
 #
 # Without snapshots the inputs cannot be had offline; the script then says what to set and
-# exits 0, and the tests that need them skip, naming this script.
+# exits 0 (but 1 under CI=true), and the tests that need them skip, naming this script (and
+# fail under CI=true).
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
-export NIX_CONFIG=$'experimental-features = nix-command flakes\nsubstituters ='
 
 # --- Debian packages -------------------------------------------------------------------------
 need=()
@@ -34,44 +33,8 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # --- flake inputs ---------------------------------------------------------------------------
-inputs_present() {
-  python3 - "$repo/flake.lock" <<'PY'
-import json, os, subprocess, sys
-lock = json.load(open(sys.argv[1]))
-for name, node in lock["nodes"].items():
-    locked = node.get("locked")
-    if not locked or locked.get("repo") == "nixpkgs":  # full nixpkgs cannot be had offline
-        continue
-    path = subprocess.run(
-        ["nix-store", "--print-fixed-path", "--recursive", "sha256", locked["narHash"], "source"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()
-    if not os.path.isdir(path):
-        sys.exit(1)
-PY
-}
-
-prepare_inputs() {
-  if inputs_present && [ -d "$HOME/.cache/llmhop/nixpkgs-lib/lib" ]; then
-    echo "setup: flake inputs already in /nix/store"
-    return
-  fi
-  local shared=${LLMHOP_SHARED:-}
-  if [ -z "$shared" ] && [ -f "$repo/../shared/tools/nix-offline-inputs.sh" ]; then
-    shared=$(cd "$repo/../shared" && pwd)
-  fi
-  if [ -z "$shared" ] || [ ! -f "$shared/tools/nix-offline-inputs.sh" ]; then
-    echo "setup: WARNING no shared/tools/nix-offline-inputs.sh (set LLMHOP_SHARED); the Nix tests will skip"
-    return
-  fi
-  if [ -z "${LLMHOP_MIRROR:-}" ] || [ ! -d "$LLMHOP_MIRROR" ]; then
-    echo "setup: WARNING no snapshots (set LLMHOP_MIRROR to the folder of OWNER+NAME/repo git" \
-      "snapshots); the Nix tests will skip"
-    return
-  fi
-  # The tool reads nix-pins.json beside its own folder; it may be read-only, which is fine.
-  bash "$shared/tools/nix-offline-inputs.sh" "$LLMHOP_MIRROR"
-}
-
-prepare_inputs
+# offline_inputs.py exports each input pinned in flake.lock from its snapshot, checks it against
+# the lock's narHash and adds it to /nix/store. Without snapshots it warns and the tests skip;
+# with CI=true, or with snapshots that lack a pin, it fails.
+python3 "$repo/tests/nix/offline_inputs.py"
 bash "$repo/tests/nix/setup-quadlet.sh"

@@ -15,7 +15,7 @@ from systemd_ns import SystemdNamespace
 
 HERE = Path(__file__).resolve().parent
 
-pytestmark = [pytest.mark.systemd, pytest.mark.usefixtures("real_systemd")]
+pytestmark = [pytest.mark.systemd, pytest.mark.usefixtures("real_systemd", "nix_inputs")]
 
 
 def bpf_framework() -> bool:
