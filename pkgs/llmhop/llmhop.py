@@ -2482,16 +2482,50 @@ class Admission:
     ends the request: its forward, the tunnel it became, or the queue it left.
     """
 
-    __slots__ = ("going", "group", "key", "model", "released", "router", "waiter")
+    __slots__ = (
+        "going",
+        "group",
+        "key",
+        "model",
+        "on_busy",
+        "on_turn",
+        "queued_seconds",
+        "released",
+        "router",
+        "waiter",
+    )
 
     def __init__(self, router: RouterState, model: str, key: str) -> None:
         self.router = router
         self.model = model
         self.key = key
         self.group: Group | None = None
-        self.waiter: Waiter | None = None  # while it waits for its group to let it in
+        self.waiter: Waiter | None = None  # once it queued for its group
+        self.queued_seconds: float | None = None  # how long it waited, once it stopped
+        self.on_turn: Callable[[], None] | None = None
+        self.on_busy: Callable[[str | None], None] | None = None
         self.going = False  # let through to the upstream: in flight to its model
         self.released = False
+
+    @property
+    def waiting(self) -> bool:
+        return self.waiter is not None and self.queued_seconds is None
+
+    def enter(self, group: Group) -> bool:
+        """Take the group's turn at once (True), or be told to queue (False)."""
+        self.group = group
+        return group.enter(self.model)
+
+    def queue(
+        self, timeout: float, on_turn: Callable[[], None], on_busy: Callable[[str | None], None]
+    ) -> None:
+        """Wait for the group's turn: ``on_turn`` when it comes; past ``timeout`` the place
+        is given up and ``on_busy`` is told which model the group was serving."""
+        assert self.group is not None
+        self.on_turn, self.on_busy = on_turn, on_busy
+        timer = asyncio.get_running_loop().call_later(timeout, self._timed_out)
+        self.waiter = Waiter(self.model, self._turn_came, timer)
+        self.group.wait(self.waiter)
 
     def go(self) -> None:
         self.going = True
@@ -2507,11 +2541,85 @@ class Admission:
         if self.going:
             router.metrics.in_flight[self.model] -= 1
         group, waiter = self.group, self.waiter
+        if waiter is not None:
+            waiter.timer.cancel()
+            self._stop_waiting()
         if group is not None:
             if waiter is not None and not waiter.admitted:
                 group.leave(waiter)
             else:
                 group.release()
+
+    def _stop_waiting(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and self.queued_seconds is None:
+            self.queued_seconds = waited = time.monotonic() - waiter.queued_at
+            self.router.metrics.queue_wait[self.model].observe(waited)
+
+    def _turn_came(self) -> None:
+        if self.released:
+            return  # gave up meanwhile, and gave the turn back
+        self._stop_waiting()
+        assert self.on_turn is not None
+        self.on_turn()
+
+    def _timed_out(self) -> None:
+        if self.released or self.waiter is None or self.waiter.admitted:
+            return
+        assert self.group is not None and self.on_busy is not None
+        active = self.group.active
+        self.release()
+        self.on_busy(active)
+
+
+class Deadline:
+    """One timer for a connection's deadlines, one after another (a head's, a skipped body's,
+    an idle connection's): moving a deadline later costs no new timer, since the timer re-arms
+    itself when it fires early. An action that raises goes to ``on_error``."""
+
+    __slots__ = ("action", "loop", "on_error", "timer", "timer_when", "when")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_error: Callable[[Exception], None]):
+        self.loop = loop
+        self.on_error = on_error
+        self.action: Callable[[], None] | None = None
+        self.when = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_when = 0.0
+
+    def set(self, delay: float, action: Callable[[], None]) -> None:
+        when = self.loop.time() + delay
+        self.when = when
+        self.action = action
+        if self.timer is None or self.timer_when > when:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.loop.call_at(when, self._passed)
+            self.timer_when = when
+
+    def clear(self) -> None:
+        self.action = None
+
+    def cancel(self) -> None:
+        self.action = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _passed(self) -> None:
+        self.timer = None
+        action = self.action
+        if action is None:
+            return
+        if self.when > self.timer_when:  # moved later meanwhile
+            self.timer = self.loop.call_at(self.when, self._passed)
+            self.timer_when = self.when
+            return
+        self.action = None
+        try:
+            action()
+        except Exception as exc:
+            self.on_error(exc)
 
 
 class Phase:
@@ -2556,16 +2664,10 @@ class ClientConnection(asyncio.Protocol):
         self.forward: Forward | None = None
         self.tunnel: Tunnel | None = None
         self.admission: Admission | None = None  # of a proxied request
-        self.waiting: Waiter | None = None  # while the request waits for its model's group
         self._answer_after_body: Callable[[], None] | None = None
         self._dispatching = False
         self._leaving: asyncio.TimerHandle | None = None
-        # One timer per connection serves every deadline: moving a deadline later costs no
-        # timer, the timer re-arms itself when it fires early.
-        self._deadline = 0.0
-        self._on_deadline: Callable[[], None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_when = 0.0
+        self.deadline = Deadline(self.loop, self.internal_error)
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -2580,7 +2682,7 @@ class ClientConnection(asyncio.Protocol):
         if router.draining:
             self.close_gracefully()
         else:
-            self._set_deadline(router.idle_timeout, self.close)
+            self.deadline.set(router.idle_timeout, self.close)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -2608,7 +2710,7 @@ class ClientConnection(asyncio.Protocol):
                 self._exchange_failed(ClientGone())
             elif self.phase != Phase.EXCHANGE:
                 self._serve_next()  # an incomplete head is an error, none at all the end
-            elif self.waiting is not None:
+            elif self.admission is not None and self.admission.waiting:
                 # Nothing went upstream: a queued client that half-closes is taken as gone,
                 # rather than switch a GPU's model for an answer nobody may read.
                 self._client_left()
@@ -2628,8 +2730,7 @@ class ClientConnection(asyncio.Protocol):
         router.connections.discard(self)
         if not router.connections:
             router.no_connections.set()
-        if self._timer is not None:
-            self._timer.cancel()
+        self.deadline.cancel()
         try:
             if self.exchange is not None:
                 self._client_left()
@@ -2685,31 +2786,6 @@ class ClientConnection(asyncio.Protocol):
                 self.router.exchange_started()
             else:
                 self.router.exchange_finished()
-
-    def _set_deadline(self, delay: float, action: Callable[[], None]) -> None:
-        when = self.loop.time() + delay
-        self._deadline = when
-        self._on_deadline = action
-        if self._timer is None or self._timer_when > when:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self.loop.call_at(when, self._deadline_passed)
-            self._timer_when = when
-
-    def _deadline_passed(self) -> None:
-        self._timer = None
-        action = self._on_deadline
-        if action is None:
-            return
-        if self._deadline > self._timer_when:  # moved later meanwhile
-            self._timer = self.loop.call_at(self._deadline, self._deadline_passed)
-            self._timer_when = self._deadline
-            return
-        self._on_deadline = None
-        try:
-            action()
-        except Exception as exc:
-            self.internal_error(exc)
 
     # -- keep-alive -----------------------------------------------------------------------------
 
@@ -2769,9 +2845,9 @@ class ClientConnection(asyncio.Protocol):
                 if head is None:
                     if self.phase == Phase.IDLE:
                         self.phase = Phase.HEAD
-                        self._set_deadline(self.router.head_timeout, self.close_gracefully)
+                        self.deadline.set(self.router.head_timeout, self.close_gracefully)
                     return
-                self._on_deadline = None
+                self.deadline.clear()
                 self._start_exchange(head)
         finally:
             self._dispatching = False
@@ -2849,8 +2925,6 @@ class ClientConnection(asyncio.Protocol):
             self.forward.cancel()
         if self.tunnel is not None:
             self.tunnel.close()
-        if self.waiting is not None:
-            self._stop_waiting()
         if self.exchange is not None:
             self._end_exchange()
 
@@ -2864,12 +2938,14 @@ class ClientConnection(asyncio.Protocol):
             self._must_close()
         if self.gone and exchange.status == 0:
             exchange.status = 499  # nginx's "client closed request"
-        if self.admission is not None:
+        admission = self.admission
+        if admission is not None:
             # Whatever ended the exchange, what it held is given back (once: the forward or
             # the tunnel may have done so already).
-            self.admission.release()
+            admission.release()
+            exchange.queued_seconds = admission.queued_seconds
         self.request = self.exchange = self.forward = self.tunnel = self.body = None
-        self.waiting = self.admission = None
+        self.admission = None
         self._answer_after_body = None
         self.phase = Phase.IDLE
         if self._leaving is not None:
@@ -2880,7 +2956,7 @@ class ClientConnection(asyncio.Protocol):
         if not self.keep_alive or self.closed:
             self.close_gracefully()
             return
-        self._set_deadline(self.router.idle_timeout, self.close)
+        self.deadline.set(self.router.idle_timeout, self.close)
         self.resume_reading()
         self._serve_next()
 
@@ -3034,11 +3110,17 @@ class ClientConnection(asyncio.Protocol):
             raise admission
         assert type(admission) is Admission
         self.admission = admission
-        if model.group is not None:
-            group = admission.group = self.router.group(model.group)
-            if not group.enter(model.name):
-                self._wait_for(group, model, target, body)
-                return
+        if model.group is not None and not admission.enter(self.router.group(model.group)):
+
+            def turn_came() -> None:
+                try:
+                    self._forward(model, target, body)
+                except Exception as exc:
+                    self.internal_error(exc)
+
+            # It keeps its concurrency slot meanwhile; a body still to come waits in the buffer.
+            admission.queue(model.queue_timeout, turn_came, self._busy)
+            return
         self._forward(model, target, body)
 
     def _forward(self, model: Model, target: bytes, body: BufferedBody | None) -> None:
@@ -3049,59 +3131,17 @@ class ClientConnection(asyncio.Protocol):
         self.forward = Forward(self, request, exchange, model, admission, config, target, body)
         self.forward.start()
 
-    # -- waiting for a group --------------------------------------------------------------------
-
-    def _wait_for(
-        self, group: Group, model: Model, target: bytes, body: BufferedBody | None
-    ) -> None:
-        """Queue the request until its group lets it in, within the model's queue timeout.
-
-        It keeps its concurrency slot meanwhile; a body still to come waits in the buffer.
-        """
-        timer = self.loop.call_later(model.queue_timeout, self._queue_timed_out)
-
-        def admitted() -> None:
-            if self.waiting is not waiter:
-                return  # gave up meanwhile, and gave the admission back
-            self.waiting = None
-            self._waited(waiter)
-            try:
-                self._forward(model, target, body)
-            except Exception as exc:
-                self.internal_error(exc)
-
-        waiter = Waiter(model.name, admitted, timer)
-        assert self.admission is not None
-        self.waiting = self.admission.waiter = waiter
-        group.wait(waiter)
-
-    def _waited(self, waiter: Waiter) -> None:
-        assert self.exchange is not None
-        self.exchange.queued_seconds = waited = time.monotonic() - waiter.queued_at
-        self.router.metrics.queue_wait[waiter.model].observe(waited)
-
-    def _stop_waiting(self) -> None:
-        """Leave the group's queue (or give back an admission not yet used) and the slot."""
-        waiter, admission = self.waiting, self.admission
-        assert waiter is not None and admission is not None
-        self.waiting = None
-        waiter.timer.cancel()
-        self._waited(waiter)
-        admission.release()
-
-    def _queue_timed_out(self) -> None:
-        waiter, admission, access = self.waiting, self.admission, self.access
-        if waiter is None or admission is None or admission.group is None or access is None:
-            return
+    def _busy(self, active: str | None) -> None:
+        """The request was not let in within its queue timeout."""
+        admission, access = self.admission, self.access
         try:
-            group = admission.group
-            active = group.active
-            self._stop_waiting()
-            # The model it waits behind is named only to a key that may see it.
-            behind = json.dumps(active) if active is not None and access.allows(active) else None
+            assert admission is not None and admission.group is not None and access is not None
+            # The model it waited behind is named only to a key that may see it.
+            seen = active is not None and access.allows(active)
             message = (
-                f"model {json.dumps(waiter.model)} is busy: its group {json.dumps(group.name)} "
-                f"is serving {behind or 'another model'}; try again later"
+                f"model {json.dumps(admission.model)} is busy: its group "
+                f"{json.dumps(admission.group.name)} is serving "
+                f"{json.dumps(active) if seen else 'another model'}; try again later"
             )
             self._refuse(HTTPError(503, message, "model_busy", headers=_RETRY_SOON))
         except Exception as exc:
@@ -3156,7 +3196,7 @@ class ClientConnection(asyncio.Protocol):
         answer goes out and the connection closes."""
 
         def skipped() -> None:
-            self._on_deadline = None
+            self.deadline.clear()
             send()
 
         def given_up() -> None:
@@ -3164,7 +3204,7 @@ class ClientConnection(asyncio.Protocol):
             send()
 
         self._answer_after_body = send
-        self._set_deadline(DISCARD_TIMEOUT, given_up)
+        self.deadline.set(DISCARD_TIMEOUT, given_up)
         body.skip(skipped)
         self._start_body()
 
