@@ -8,6 +8,8 @@ let
     onDemand = {
       enable = true;
       idleTimeout = "3s";
+      # b listens on a TCP port, and this machine has no other local users.
+      trustLocalUsers = true;
     };
     group = "gpu";
     # llmhop-notify probes once a second: three 503s are three seconds of loading.

@@ -25,7 +25,6 @@
           gpu = true;
           group = "gpu0";
           onDemand.enable = true; # stopped after 10 idle minutes
-          port = 18002;
           settings.hf-repo = "unsloth/gemma-3-27b-it-GGUF:Q4_K_M";
         };
         embed = {

@@ -391,16 +391,24 @@ rec {
 
         warnings = lib.unique (
           lib.concatMap (
-          workload:
-          let
-            args = {
+            workload:
+            let
+              args = {
+                optionPath = optionPath workload;
+                backendCfg = cfg;
+                inherit (workload) model;
+              };
+            in
+            containerRuntime.gpuWarning args
+            ++ containerRuntime.unpinnedWarning (args // { inherit movingTags; })
+          ) w.container
+          ++ lib.concatMap (
+            workload:
+            onDemand.localTcpWarning {
               optionPath = optionPath workload;
-              backendCfg = cfg;
               inherit (workload) model;
-            };
-          in
-          containerRuntime.gpuWarning args ++ containerRuntime.unpinnedWarning (args // { inherit movingTags; })
-        ) w.container
+            }
+          ) w.all
         );
 
         services.llmhop = {

@@ -50,6 +50,17 @@ rec {
   # plus its own.
   proxyOpenFiles = connections: 6 * connections + 64;
 
+  # A group member's socket on a TCP port: 127.0.0.1 admits every local user, and a connection
+  # starts the model, whose Conflicts= stop the member that is serving.
+  localTcpWarning =
+    { optionPath, model }:
+    lib.optional (model.group != null && model.port != null && !model.onDemand.trustLocalUsers) ''
+      ${optionPath} is in group ${model.group} and listens on 127.0.0.1:${toString model.port}: any
+      local user can connect there past the router's keys, start it and so stop the other models
+      of ${model.group} mid-request. Leave port null for a unix socket, or set
+      onDemand.trustLocalUsers = true.
+    '';
+
   # The socket and proxy of a workload, as systemd.{sockets,services} (or systemd.user.*)
   # entries. `serviceConfig` is who the proxy runs as and its sandbox, `socketConfig` the
   # owner of a unix socket, `unitConfig` the conditions of both (a user unit's ConditionUser=).

@@ -217,6 +217,17 @@ let
             ''
             + lib.optionalString (!socketCapable) "Required: the server serves no unix socket.";
           };
+          trustLocalUsers = mkOption {
+            type = types.bool;
+            default = false;
+            description = ''
+              Whether every local user may be trusted with this model's `port`: its socket
+              listens on 127.0.0.1, where anyone on the host can start the model, past the
+              router's keys, and so stop the other models of its `group` mid-request. Without
+              it a group member on a port draws a warning; a unix socket (`port = null`) is not
+              open to every local user.
+            '';
+          };
         };
         group = mkOption {
           type = types.nullOr types.nonEmptyStr;

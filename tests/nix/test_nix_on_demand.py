@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from module_configs import argv, assertions, config_file, container, service
+from module_configs import argv, assertions, config_file, container, service, warnings
 from nix_harness import REPO, FailedAssertions, analyze_verify, evaluate, render_units, stand_in
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
@@ -390,6 +390,35 @@ def test_an_idle_timeout_that_is_no_time_span_is_refused() -> None:
         evaluate(llama_cpp({"a": {"onDemand": {"enable": True, "idleTimeout": "soon"}}}))
 
 
+# --- local users ------------------------------------------------------------------------------
+
+
+def tcp_member_warning(option_path: str, group: str, port: int) -> str:
+    return (
+        f"{option_path} is in group {group} and listens on 127.0.0.1:{port}: any local user can"
+        " connect there past the router's keys, start it and so stop the other models of"
+        f" {group} mid-request. Leave port null for a unix socket, or set"
+        " onDemand.trustLocalUsers = true."
+    )
+
+
+def test_a_group_member_on_a_tcp_port_is_warned_about() -> None:
+    # a and v are on unix sockets; s is on a port but in no group.
+    assert warnings(native()) == [
+        tcp_member_warning("services.llmhop.llama-cpp.models.b", "gpu", 18002)
+    ]
+    member = tcp_member_warning("services.llmhop.vllm.models.y", "gpu", 20002)
+    for rootless in (True, False):
+        assert warnings(containers(rootless=rootless)) == [member]
+
+
+def test_trusting_local_users_silences_the_warning() -> None:
+    config = native()
+    b = config["services"]["llmhop"]["llama-cpp"]["models"]["b"]
+    b["onDemand"] = {**ON_DEMAND, "trustLocalUsers": True}
+    assert warnings(config) == []
+
+
 # --- systemd-analyze --------------------------------------------------------------------------
 
 
@@ -453,6 +482,10 @@ def test_the_docs_show_the_example_and_it_evaluates() -> None:
     with pytest.raises(FailedAssertions) as refused:
         evaluate(embed, module=example)
     assert refused.value.messages == [shown]
+    # The warning the docs quote, for a member given a port.
+    gemma = {"services": {"llmhop": {"llama-cpp": {"models": {"gemma-3-27b": {"port": 18002}}}}}}
+    [warned] = evaluate(gemma, module=example)["warnings"]
+    assert " ".join(warned.split()) in " ".join(text.split())
 
 
 @pytest.mark.parametrize(
