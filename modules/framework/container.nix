@@ -134,6 +134,8 @@ rec {
     {
       image,
       tag,
+      # How the docs show `tag`'s default, when it depends on the configuration.
+      tagText ? null,
       what,
     }:
     {
@@ -151,7 +153,8 @@ rec {
           under it (`Pull=newer`). Pin a release tag, or a `digest`, so that a restart never
           starts another engine version.
         '';
-      };
+      }
+      // lib.optionalAttrs (tagText != null) { defaultText = tagText; };
     };
 
   # `digest` of a model or the gateway: an image pinned by content instead of a tag.
@@ -263,11 +266,12 @@ rec {
       displayName,
       image,
       tag,
+      tagText,
       defaultUid,
       nvidiaToolkit,
     }:
     imageOptions {
-      inherit image tag;
+      inherit image tag tagText;
       what = "every model without its own (container runtime)";
     }
     // {
@@ -368,12 +372,11 @@ rec {
       };
 
   # What every container of the module runs with: no privileges, a private /tmp, and readiness
-  # from its health check (`healthCmd`, given `startPeriod` to load); `environment` and
-  # `environmentFiles` (nulls dropped) as Quadlet passes them on.
+  # from its health check (`healthCmd`; quadletContainer gives it the start timeout to load);
+  # `environment` and `environmentFiles` (nulls dropped) as Quadlet passes them on.
   containerBase =
     {
       healthCmd,
-      startPeriod,
       environment,
       environmentFiles,
     }:
@@ -387,7 +390,6 @@ rec {
 
       Notify = "healthy";
       HealthCmd = healthCmd;
-      HealthStartPeriod = startPeriod;
       HealthInterval = "10s";
       HealthTimeout = "5s";
     };
@@ -412,11 +414,29 @@ rec {
     let
       over = key: lib.foldl' (acc: l: acc // l.${key}) { } layers;
       userContainer = over "containerConfig";
+      service = llmhopLib.withCredentials credentials (serviceConfig // over "serviceConfig");
+      # The health check's grace lasts as long as systemd waits for the start, whoever set
+      # that: a server still loading within it is not marked unhealthy. A start timeout that is
+      # no time span (`infinity`) leaves Podman's default.
+      startTimeout = service.TimeoutStartSec or null;
+      startSeconds =
+        if lib.isInt startTimeout then
+          startTimeout
+        else if
+          lib.isString startTimeout && builtins.match llmhopLib.timeSpanPattern startTimeout != null
+        then
+          builtins.ceil (llmhopLib.timeSpanSeconds startTimeout)
+        else
+          null;
+      healthStartPeriod = lib.optionalAttrs (containerConfig ? HealthCmd && startSeconds != null) {
+        HealthStartPeriod = "${toString startSeconds}s";
+      };
     in
     {
       uid = if user != null then user.uid else null;
       containerConfig =
         containerConfig
+        // healthStartPeriod
         // removeAttrs userContainer [
           "Volume"
           "PodmanArgs"
@@ -436,12 +456,8 @@ rec {
           in
           lib.optionalAttrs (podmanArgs != [ ]) { PodmanArgs = podmanArgs; }
         );
-      serviceConfig =
-        let
-          merged = llmhopLib.withCredentials credentials (serviceConfig // over "serviceConfig");
-        in
-        # quadlet-nix sets Restart=always without a priority; ours (or the user's) wins.
-        merged // { Restart = lib.mkOverride 90 merged.Restart; };
+      # quadlet-nix sets Restart=always without a priority; ours (or the user's) wins.
+      serviceConfig = service // { Restart = lib.mkOverride 90 service.Restart; };
       unitConfig = unitConfig // over "unitConfig";
       quadletConfig = over "quadletConfig";
       extraConfig = lib.foldl' lib.recursiveUpdate { } (map (l: l.extraConfig) layers);
@@ -502,8 +518,6 @@ rec {
         }
         // containerBase {
           healthCmd = health;
-          # Loading weights may take long.
-          startPeriod = "30m";
           environment = {
             ${cacheVariable} = cacheDirectory;
           }

@@ -181,14 +181,23 @@ let
             in
             lib.isInt value && value > 1
           ) parallelFlags;
-          defaultText = lib.literalMD "whether a parallelism flag in the settings exceeds 1";
+          defaultText =
+            if parallelFlags == [ ] then
+              lib.literalExpression "false"
+            else
+              lib.literalMD "whether a parallelism flag in the settings exceeds 1";
           description = ''
             Whether a native model talks NCCL between its GPU processes: netlink, binds on any
             TCP port (the ephemeral rendezvous), `NCCL_SOCKET_IFNAME=lo` and no InfiniBand.
           ''
-          + lib.optionalString (parallelFlags != [ ]) ''
-            On when a parallelism flag (${lib.concatStringsSep ", " parallelFlags}) exceeds 1.
-          '';
+          + (
+            if parallelFlags == [ ] then
+              "Off unless set: the server has no flag that spreads a model over GPU processes."
+            else
+              ''
+                On when a parallelism flag (${lib.concatStringsSep ", " parallelFlags}) exceeds 1.
+              ''
+          );
         };
         onDemand = {
           enable = lib.mkEnableOption (
@@ -275,9 +284,11 @@ rec {
       socketDirectory,
       # This backend's config (option defaults refer to it).
       cfg,
-      # The image (without tag) and default tag of the container runtime.
+      # The image (without tag) and default tag of the container runtime, and how the docs
+      # show that tag when it depends on the configuration.
       image,
       tag,
+      tagText ? null,
       # Whether the NVIDIA container toolkit is enabled (the default `devices`).
       nvidiaToolkit,
       defaultRuntime ? "native",
@@ -295,6 +306,7 @@ rec {
         displayName
         image
         tag
+        tagText
         nvidiaToolkit
         ;
       defaultUid = container.defaultUids.${backend};

@@ -20,6 +20,7 @@ framework.backendModule {
   displayName = "llama.cpp";
   image = "ghcr.io/ggml-org/llama.cpp";
   tag = if config.hardware.nvidia-container-toolkit.enable then "server-cuda" else "server";
+  tagText = lib.literalExpression ''if config.hardware.nvidia-container-toolkit.enable then "server-cuda" else "server"'';
   # Rebuilt from every commit; `server-b<build>` and `server-cuda-b<build>` stay put.
   movingTags = [
     "server"

@@ -137,7 +137,6 @@ in
               url = "${url}/health";
               insecure = tls;
             };
-            startPeriod = "5m";
             inherit (gateway) environment;
             environmentFiles = [ gateway.environmentFile ];
           }

@@ -13,7 +13,7 @@ from module_configs import (
     llmhop,
     warnings,
 )
-from nix_harness import REPO, NixEvalError, evaluate
+from nix_harness import REPO, NixEvalError, evaluate, option_docs
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
 
@@ -82,7 +82,8 @@ def test_container_hardening_health_and_mounts() -> None:
     assert c["Tmpfs"] == ["/tmp"]
     assert c["Notify"] == ["healthy"]
     assert c["HealthCmd"] == ["curl --fail --silent --show-error http://localhost:8000/health"]
-    assert c["HealthStartPeriod"] == ["30m"]
+    # As long as systemd waits for the start (TimeoutStartSec=3600, below).
+    assert c["HealthStartPeriod"] == ["3600s"]
     # Older images' entrypoint (the API server module) takes no positional model.
     assert c["Entrypoint"] == ['["vllm","serve"]']
     assert c["ShmSize"] == ["32g"]
@@ -435,6 +436,43 @@ def test_quadlet_layers() -> None:
     assert unit["Unit"]["DefaultDependencies"] == ["false"]
     assert unit["Quadlet"]["DefaultDependencies"] == ["false"]
     assert unit["Install"]["WantedBy"] == ["gpu.target"]
+
+
+@pytest.mark.parametrize(
+    ("timeout", "period"),
+    [(7200, "7200s"), ("2h 30min", "9000s"), ("1.5s", "2s"), ("infinity", None)],
+)
+def test_the_health_checks_grace_is_the_start_timeout(
+    timeout: int | str, period: str | None
+) -> None:
+    model = {
+        "port": 20001,
+        "model": "org/m",
+        "quadlet": {"serviceConfig": {"TimeoutStartSec": timeout}},
+    }
+    unit = container(evaluate(llmhop(vllm={"models": {"m": model}})), "vllm-m")
+    assert unit["Service"]["TimeoutStartSec"] == [str(timeout)]
+    assert unit["Container"].get("HealthStartPeriod") == (period and [period])
+
+
+def test_a_health_start_period_of_ones_own_wins() -> None:
+    quadlet = {"containerConfig": {"HealthStartPeriod": "5m"}}
+    model = {"port": 20001, "model": "org/m", "quadlet": quadlet}
+    unit = container(evaluate(llmhop(vllm={"models": {"m": model}})), "vllm-m")
+    assert unit["Container"]["HealthStartPeriod"] == ["5m"]
+
+
+def test_llama_cpps_default_tag_follows_the_nvidia_toolkit_and_says_so() -> None:
+    [tag] = [o for o in option_docs() if o["name"] == "services.llmhop.llama-cpp.tag"]
+    assert tag["default"]["text"] == (
+        'if config.hardware.nvidia-container-toolkit.enable then "server-cuda" else "server"'
+    )
+    result = evaluate(
+        llmhop(**{"llama-cpp": {"runtime": "container", "models": {"l": {"port": 18001}}}})
+    )
+    assert container(result, "llama-cpp-l")["Container"]["Image"] == [
+        "ghcr.io/ggml-org/llama.cpp:server"
+    ]
 
 
 def test_values_reach_the_container_literally() -> None:

@@ -52,6 +52,7 @@ def test_gateway_in_front_of_the_workers() -> None:
     assert unit["Unit"]["Requires"] == ["sglang-a.service", "sglang-b.service"]
     assert unit["Unit"]["ConditionUser"] == ["60603"]
     assert unit["Service"]["TimeoutStartSec"] == ["600"]
+    assert c["HealthStartPeriod"] == ["600s"]
     registries = result["registries"]
     assert registries["portsRegistry"]["sglang.gateway"] == 19000
     assert registries["portsRegistry"]["sglang.gateway.metrics"] == 29000
