@@ -32,6 +32,16 @@ let
 
   canCheck = pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform;
 
+  # The tokens of settings.authTokens written out: with no `${cred:…}`, `${env:…}` or
+  # `${file:…}` reference (`$$` is a literal `$`), they land in the world-readable store.
+  literalTokens =
+    let
+      reference = ".*[$][{](cred|env|file):[^}]*}.*";
+    in
+    lib.filter (
+      token: builtins.match reference (lib.replaceStrings [ "$$" ] [ "" ] token) == null
+    ) cfg.settings.authTokens;
+
   # The named keys of apiKeys as authTokens entries, after the plain tokens of settings.
   apiKeyEntries = lib.mapAttrsToList (
     name: key:
@@ -121,7 +131,7 @@ let
         example = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
         description = ''
           The SHA-256 of the token in hex, as `llmhop hash-token` prints it; it may sit in
-          the Nix store.
+          the Nix store, unsalted, so the token must be random (`openssl rand -hex 32`).
         '';
       };
       tokenCredential = mkOption {
@@ -415,7 +425,13 @@ in
         ''
           services.llmhop.settings.{host,port,listen} are ignored: the listeners come from
           systemd (services.llmhop.host, port, socket and listen).
-        '';
+        ''
+      ++ lib.optional (literalTokens != [ ]) ''
+        services.llmhop.settings.authTokens holds a token written out, not a reference such as
+        "''${cred:NAME}": it lands in the Nix store, where every local user can read it. Give it
+        as a credential (services.llmhop.credentials.NAME, written "''${cred:NAME}"), or as an
+        apiKeys entry with its hash.
+      '';
 
     # The router's claims; registries.nix fails evaluation when another owner makes the same.
     services.llmhop.portsRegistry = lib.mapAttrs' (

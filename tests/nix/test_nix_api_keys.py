@@ -125,3 +125,46 @@ def test_a_name_the_router_would_refuse_fails(name: str) -> None:
 def test_malformed_keys_are_refused_by_type(key: dict[str, Any], option: str) -> None:
     with pytest.raises(NixEvalError, match=rf"apiKeys\.ci\.{option}' is not of type"):
         evaluate(llmhop(apiKeys={"ci": key}))
+
+
+# --- tokens in the store ----------------------------------------------------------------------
+
+LITERAL_TOKEN_WARNING = (
+    "services.llmhop.settings.authTokens holds a token written out, not a reference such as"
+    ' "${cred:NAME}": it lands in the Nix store, where every local user can read it. Give it as'
+    ' a credential (services.llmhop.credentials.NAME, written "${cred:NAME}"), or as an apiKeys'
+    " entry with its hash."
+)
+
+
+def token_warnings(tokens: list[str]) -> list[str]:
+    result = evaluate(llmhop(settings={"authTokens": tokens}))
+    return [" ".join(w.split()) for w in result["warnings"]]
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        ["plain-admin-token"],
+        ["${cred:t}", "plain-admin-token"],
+        # `$$` is a literal `$`: this is the text "${cred:t}", not a reference.
+        ["$${cred:t}"],
+        # Not a scheme the router reads secrets from.
+        ["${vault:t}"],
+    ],
+)
+def test_a_token_written_out_warns(tokens: list[str]) -> None:
+    assert token_warnings(tokens) == [LITERAL_TOKEN_WARNING]
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [[], ["${cred:t}"], ["${env:LLMHOP_TOKEN}", "${file:/run/secrets/t}"], ["$$${cred:t}"]],
+)
+def test_tokens_kept_out_of_the_store_do_not_warn(tokens: list[str]) -> None:
+    assert token_warnings(tokens) == []
+
+
+def test_the_docs_quote_the_warning() -> None:
+    text = " ".join((REPO / "docs" / "module.md").read_text().split())
+    assert LITERAL_TOKEN_WARNING in text
