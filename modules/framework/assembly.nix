@@ -50,7 +50,7 @@ rec {
           inherit cfg;
           inherit (routerCfg) socketDirectory;
           nvidiaToolkit = config.hardware.nvidia-container-toolkit.enable;
-          extraOptions = extraOptions // lib.optionalAttrs namedUser (nativeRuntime.namedUserOptions backend);
+          extraOptions = extraOptions // lib.optionalAttrs namedUser (options.namedUserOptions backend);
         }
       );
 
@@ -260,48 +260,6 @@ rec {
       container = chain "container";
     };
 
-  # The assertions of an on-demand model.
-  onDemandAssertions =
-    {
-      workload,
-      routerCfg,
-      socketCapable,
-      optionPath,
-    }:
-    let
-      inherit (workload) model;
-      idle = llmhopLib.timeSpanSeconds model.onDemand.idleTimeout;
-      routed = routerCfg.settings.models.${model.name} or { };
-      routerIdle = routed.upstreamIdleTimeout or routerCfg.settings.upstreamIdleTimeout or null;
-    in
-    [
-      {
-        assertion = model.socket != null || (model.port != null && model.port != 0);
-        message = "${optionPath}: on demand, it needs a unix socket or a fixed port for the proxy's socket unit to own, not port 0.";
-      }
-      {
-        assertion = socketCapable || model.onDemand.workerPort != null;
-        message = "${optionPath}.onDemand.workerPort must be set: the server serves no unix socket, so behind the proxy it needs a loopback port of its own.";
-      }
-      {
-        assertion = routerIdle == null || idle > routerIdle;
-        message = "${optionPath}.onDemand.idleTimeout (${model.onDemand.idleTimeout}) must be longer than the router's upstreamIdleTimeout for ${model.name} (${toString routerIdle} s): its pooled connections would keep the server loaded.";
-      }
-      {
-        assertion = workload.manager != "the system manager" || routerCfg.enable;
-        message = "${optionPath}: on demand, it needs services.llmhop.enable: its proxy runs as the router's user.";
-      }
-      {
-        assertion = model.replicas == [ ];
-        message = "${optionPath}: replicas cannot be on demand (each would need a socket, a proxy and a worker of its own); leave replicas empty or turn onDemand off.";
-      }
-      (llmhopLib.socketPathAssertion {
-        inherit (workload.listen) socket;
-        what = "${optionPath}: the server's socket behind the proxy, ${toString workload.listen.socket},";
-        hint = "; shorten the name or services.llmhop.socketDirectory";
-      })
-    ];
-
   # The config of a backend: registries, routes, the router's group, assertions and units.
   # `native` maps a workload to nativeRuntime.service's arguments (minus cfg, routerCfg, workload),
   # `container` to containerRuntime.service's (minus cfg, routerCfg, podman, workload).
@@ -382,7 +340,7 @@ rec {
               assertion = false;
               message = "${optionPath workload}: a replica has gpus, but the model has gpu = false and runs natively without any device (PrivateDevices=); set gpu = true.";
             }
-            ++ lib.optionals workload.onDemand (onDemandAssertions {
+            ++ lib.optionals workload.onDemand (onDemand.assertions {
               inherit workload routerCfg socketCapable;
               optionPath = optionPath workload;
             })

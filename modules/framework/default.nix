@@ -2,6 +2,7 @@
 # module in ../nixos is built.
 #
 # - options.nix: the options of every backend and model, defined once;
+# - container-options.nix: those of the container runtime, which options.nix adds;
 # - native.nix: the native runtime (hardened system units);
 # - container.nix: the container runtime (Podman through quadlet-nix);
 # - on-demand.nix: the socket and proxy in front of a model started on demand;
@@ -10,9 +11,10 @@ lib:
 let
   llmhopLib = import ../lib lib;
   onDemand = import ./on-demand.nix { inherit lib llmhopLib; };
+  containerOptions = import ./container-options.nix { inherit lib; };
   container = import ./container.nix { inherit lib llmhopLib onDemand; };
-  native = import ./native.nix { inherit lib llmhopLib container onDemand; };
-  options = import ./options.nix { inherit lib llmhopLib container; };
+  native = import ./native.nix { inherit lib llmhopLib containerOptions onDemand; };
+  options = import ./options.nix { inherit lib llmhopLib containerOptions; };
   assembly = import ./assembly.nix {
     inherit lib llmhopLib options onDemand;
     nativeRuntime = native;
@@ -20,7 +22,12 @@ let
   };
 in
 {
-  inherit llmhopLib native container;
+  inherit
+    llmhopLib
+    native
+    container
+    containerOptions
+    ;
   inherit (options) settingsType environmentOption environmentFileOption;
   inherit (assembly)
     backendModule

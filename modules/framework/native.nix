@@ -2,16 +2,13 @@
 # shared with the router (llmhopLib.hardening), started through `llmhop-notify`, which holds
 # the unit in `activating` until the server's /health answers. `service` builds the unit;
 # vLLM and SGLang add `pythonServer` (their environment, compilers and restart policy) and
-# run under a named account (`namedUserOptions`, `namedUserConfig`).
+# run under a named account (`namedUserConfig`; its options are options.nix's `namedUserOptions`).
 {
   lib,
   llmhopLib,
-  container,
+  containerOptions,
   onDemand,
 }:
-let
-  inherit (lib) mkOption types;
-in
 {
   # A native model's systemd.services entry, in the sandbox shared with the router
   # (llmhopLib.hardening). `command` is the server's argv before its flags; `managedFlags` win
@@ -126,32 +123,13 @@ in
         // fixed;
     };
 
-  # `user` and `group` of a backend whose native units run under a named account.
-  namedUserOptions = backend: {
-    user = mkOption {
-      type = types.str;
-      default = backend;
-      description = ''
-        The user of every native model: a real account rather than `DynamicUser=`, whose
-        private mounts are noexec while the runtime loads kernels it compiled into its cache.
-        Declared by the module under its default name (UID and GID
-        ${toString container.defaultUids.${backend}}, as the container user's).
-      '';
-    };
-    group = mkOption {
-      type = types.str;
-      default = backend;
-      description = "The group of every native model, owning its socket directory; the router joins it.";
-    };
-  };
-
   namedUserConfig =
     backend: cfg:
     let
       # The container user of the same name (models of both runtimes) lends its IDs.
       containerUser = cfg.quadlet.user;
       shared = what: containerUser != null && containerUser.manage && containerUser.${what} == backend;
-      defaultId = container.defaultUids.${backend};
+      defaultId = containerOptions.defaultUids.${backend};
     in
     {
       users.users = lib.mkIf (cfg.user == backend) {

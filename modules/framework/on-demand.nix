@@ -50,6 +50,48 @@ rec {
   # plus its own.
   proxyOpenFiles = connections: 6 * connections + 64;
 
+  # The assertions of an on-demand model.
+  assertions =
+    {
+      workload,
+      routerCfg,
+      socketCapable,
+      optionPath,
+    }:
+    let
+      inherit (workload) model;
+      idle = llmhopLib.timeSpanSeconds model.onDemand.idleTimeout;
+      routed = routerCfg.settings.models.${model.name} or { };
+      routerIdle = routed.upstreamIdleTimeout or routerCfg.settings.upstreamIdleTimeout or null;
+    in
+    [
+      {
+        assertion = model.socket != null || (model.port != null && model.port != 0);
+        message = "${optionPath}: on demand, it needs a unix socket or a fixed port for the proxy's socket unit to own, not port 0.";
+      }
+      {
+        assertion = socketCapable || model.onDemand.workerPort != null;
+        message = "${optionPath}.onDemand.workerPort must be set: the server serves no unix socket, so behind the proxy it needs a loopback port of its own.";
+      }
+      {
+        assertion = routerIdle == null || idle > routerIdle;
+        message = "${optionPath}.onDemand.idleTimeout (${model.onDemand.idleTimeout}) must be longer than the router's upstreamIdleTimeout for ${model.name} (${toString routerIdle} s): its pooled connections would keep the server loaded.";
+      }
+      {
+        assertion = workload.manager != "the system manager" || routerCfg.enable;
+        message = "${optionPath}: on demand, it needs services.llmhop.enable: its proxy runs as the router's user.";
+      }
+      {
+        assertion = model.replicas == [ ];
+        message = "${optionPath}: replicas cannot be on demand (each would need a socket, a proxy and a worker of its own); leave replicas empty or turn onDemand off.";
+      }
+      (llmhopLib.socketPathAssertion {
+        inherit (workload.listen) socket;
+        what = "${optionPath}: the server's socket behind the proxy, ${toString workload.listen.socket},";
+        hint = "; shorten the name or services.llmhop.socketDirectory";
+      })
+    ];
+
   # A group member's socket on a TCP port: 127.0.0.1 admits every local user, and a connection
   # starts the model, whose Conflicts= stop the member that is serving.
   localTcpWarning =

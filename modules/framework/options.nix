@@ -1,12 +1,12 @@
 # The options of every backend (services.llmhop.<backend>) and of every model
 # (services.llmhop.<backend>.models.<name>), defined once: each backend module passes what is
 # its own (names, defaults, `extraOptions` such as `package`, `modelOptions` such as `model`),
-# and the container runtime adds its own (container.nix). A new per-model option belongs in
+# and the container runtime adds its own (container-options.nix). A new per-model option belongs in
 # `modelModule`, a new backend-wide one in `backendOptions`.
 {
   lib,
   llmhopLib,
-  container,
+  containerOptions,
 }:
 let
   inherit (lib) mkOption types;
@@ -90,7 +90,7 @@ let
     }:
     { name, config, ... }:
     {
-      options = container.modelOptions { inherit backendCfg; } // {
+      options = containerOptions.modelOptions { inherit backendCfg; } // {
         enable = lib.mkEnableOption "this model" // {
           default = true;
         };
@@ -300,7 +300,7 @@ rec {
       extraOptions ? { },
       modelOptions ? { },
     }:
-    container.backendOptions {
+    containerOptions.backendOptions {
       inherit
         backend
         displayName
@@ -309,7 +309,7 @@ rec {
         tagText
         nvidiaToolkit
         ;
-      defaultUid = container.defaultUids.${backend};
+      defaultUid = containerOptions.defaultUids.${backend};
     }
     // {
       enable = lib.mkEnableOption "${displayName} workers" // {
@@ -385,6 +385,25 @@ rec {
       };
     }
     // extraOptions;
+
+  # `user` and `group` of a backend whose native units run under a named account.
+  namedUserOptions = backend: {
+    user = mkOption {
+      type = types.str;
+      default = backend;
+      description = ''
+        The user of every native model: a real account rather than `DynamicUser=`, whose
+        private mounts are noexec while the runtime loads kernels it compiled into its cache.
+        Declared by the module under its default name (UID and GID
+        ${toString containerOptions.defaultUids.${backend}}, as the container user's).
+      '';
+    };
+    group = mkOption {
+      type = types.str;
+      default = backend;
+      description = "The group of every native model, owning its socket directory; the router joins it.";
+    };
+  };
 
   # The `model` option of vLLM and SGLang models.
   modelOption = {

@@ -11,7 +11,7 @@ let
   inherit (lib) mkOption types;
 
   framework = import ../framework lib;
-  inherit (framework) llmhopLib container;
+  inherit (framework) llmhopLib container containerOptions;
 
   sglang = config.services.llmhop.sglang;
   gateway = sglang.gateway;
@@ -47,14 +47,14 @@ let
 in
 {
   options.services.llmhop.sglang.gateway =
-    container.imageOptions {
+    containerOptions.imageOptions {
       image = "docker.io/lmsysorg/sgl-model-gateway";
       tag = "latest";
       what = "the gateway";
     }
     // {
       enable = lib.mkEnableOption "the SGL Model Gateway in front of the SGLang workers (a container)";
-      digest = container.digestOption;
+      digest = containerOptions.digestOption;
       bindAddress = mkOption {
         type = types.str;
         default = "127.0.0.1";
@@ -96,7 +96,7 @@ in
           metrics flags are managed. `''${cred:name}` becomes the path of credential `name`.
         '';
       };
-      quadlet = container.quadletLayers "the gateway's container";
+      quadlet = containerOptions.quadletLayers "the gateway's container";
     };
 
   # The SGLang backend provides the container runtime's system part (its user, Quadlet) for it.
