@@ -74,6 +74,9 @@ stdenvNoCC.mkDerivation {
   nativeCheckInputs = [
     python3
     python3.pkgs.pytest
+    # The property tests: generated streams, and h11 as the reference HTTP/1.1 parser.
+    python3.pkgs.hypothesis
+    python3.pkgs.h11
   ];
   checkPhase = ''
     runHook preCheck

@@ -385,7 +385,11 @@ def package_derivation(package_nix: Path, python: Path) -> dict[str, Any]:
           stdenvNoCC.mkDerivation = attrs: attrs;
           python3 = input "python3" // {{
             interpreter = "{python}";
-            pkgs.pytest = input "pytest";
+            pkgs = {{
+              pytest = input "pytest";
+              hypothesis = input "hypothesis";
+              h11 = input "h11";
+            }};
           }};
           runtimeShell = "/bin/sh";
         }};
@@ -443,27 +447,33 @@ def _python3_input(directory: Path) -> dict[str, str]:
     return dict(PYTHON_HOOK_ENV)
 
 
-def _pytest_input(directory: Path, python: Path) -> dict[str, str]:
-    from importlib import metadata
-
-    # pytest and what it requires, each linked from this venv into a site directory of its
-    # own that goes on PYTHONPATH, as the python setup hook adds a Python input's
-    # site-packages: nothing else of this venv (ruff, say) comes along.
+def _python_package_input(directory: Path, name: str) -> Path:
+    """A Python input's site directory: the distribution `name` and what it requires, each
+    linked from this venv into a site directory of its own that goes on PYTHONPATH, as the
+    python setup hook adds a Python input's site-packages: nothing else of this venv (ruff,
+    say) comes along."""
     site = directory / "site-packages"
     site.mkdir(parents=True)
-    for distribution in _distribution_closure("pytest"):
+    for distribution in _distribution_closure(name):
         for top in {Path(f).parts[0] for f in distribution.files or []} - {"..", "__pycache__"}:
             if not (site / top).exists():
                 (site / top).symlink_to(Path(distribution.locate_file(top)).resolve())
+    (directory / "bin").mkdir()
+    return site
+
+
+def _pytest_input(directory: Path, python: Path) -> Path:
+    from importlib import metadata
+
+    site = _python_package_input(directory, "pytest")
     (script,) = metadata.entry_points(group="console_scripts", name="pytest")
     module, _, function = script.value.partition(":")
-    (directory / "bin").mkdir()
     pytest_bin = directory / "bin" / "pytest"
     pytest_bin.write_text(
         f"#!{python}\nimport sys\nfrom {module} import {function}\nsys.exit({function}())\n"
     )
     pytest_bin.chmod(0o755)
-    return {"PYTHONPATH": str(site)}
+    return site
 
 
 @dataclass
@@ -491,14 +501,19 @@ def build_in_sandbox(root: Path, build_top: Path, *, timeout: float = 600) -> Sa
     python_env = _python3_input(inputs / "python3")
     env: dict[str, str] = {}
     path = [inputs / "stdenv" / "bin"]
+    sites: list[Path] = []
     for name in derivation["nativeCheckInputs"]:
         if name == "python3":
             env |= python_env
         elif name == "pytest":
-            env |= _pytest_input(inputs / name, python)
+            sites.append(_pytest_input(inputs / name, python))
+        elif name in ("hypothesis", "h11"):
+            sites.append(_python_package_input(inputs / name, name))
         else:
             raise ValueError(f"nativeCheckInputs: no counterpart here for {name}")
         path.insert(-1, inputs / name / "bin")
+    if sites:
+        env["PYTHONPATH"] = ":".join(map(str, sites))
     _link_stdenv_programs(inputs / "stdenv" / "bin")
 
     # unpackPhase: a writable copy named as the store path without its hash.
