@@ -64,6 +64,7 @@ DEFAULT_QUEUE_TIMEOUT = 600.0  # a cold start (loading weights) can take minutes
 # Below the keep-alive of the servers behind (uvicorn's and llama.cpp's are 5 s), so the
 # router lets go of an idle connection before the server may close it under a request.
 DEFAULT_UPSTREAM_IDLE_TIMEOUT = 4.0
+FRESHLY_USED = 0.5  # seconds: no server's keep-alive timer is shorter
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADER_FIELDS = 256
@@ -215,6 +216,8 @@ def parse_fields(block: bytes) -> Fields:
 
 def header_tokens(headers: Fields, lower_name: bytes) -> list[bytes]:
     """The comma-separated elements of every field of that name, lower-cased."""
+    if lower_name not in headers.lowered:
+        return []  # the usual answer, without building a list from nothing
     return [
         element.strip(b" \t").lower()
         for value in headers.values(lower_name)
@@ -769,6 +772,11 @@ class Replica:
     forwarding_drops: frozenset[bytes]
     host_header: bytes  # the Host sent upstream: a configured Host wins over the upstream's own
     state: ReplicaState
+    header_lines: tuple[bytes, ...] = ()  # ``headers`` as field lines, made once
+
+    def __post_init__(self) -> None:
+        lines = tuple(name + b": " + value for name, value in self.headers)
+        object.__setattr__(self, "header_lines", lines)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1702,7 +1710,7 @@ def upstream_request_head(
         b"Host: " + replica.host_header,
     ]
     lines += request.headers.without(dropped)
-    lines += [n + b": " + v for n, v in replica.headers]
+    lines += replica.header_lines
     # Whatever the client claimed in these is replaced by what the router saw.
     client_host = request.header(b"host")
     lines.append(b"Forwarded: " + forwarded_value(client.ip, client_host))
@@ -2118,13 +2126,14 @@ class UpstreamConnection(asyncio.Protocol):
     ``Forward``, or after 101 Switching Protocols its ``Tunnel``.
     """
 
-    __slots__ = ("buffer", "closed", "handler", "idle_until", "readable", "transport")
+    __slots__ = ("buffer", "closed", "handler", "idle_since", "idle_until", "readable", "transport")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()  # received, not yet relayed: a head in the making, say
         self.closed = False
         self.handler: Forward | Tunnel | None = None
+        self.idle_since = 0.0  # while pooled: since when
         self.idle_until = math.inf  # while pooled: when it is closed unless used again
         self.readable = select.poll()  # asks the socket, not the loop, whether it has news
 
@@ -2132,7 +2141,9 @@ class UpstreamConnection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         transport.set_write_buffer_limits(WRITE_HIGH_WATER)
-        self.readable.register(transport.get_extra_info("socket").fileno(), select.POLLIN)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # a transport of the tests' own may have none
+            self.readable.register(sock.fileno(), select.POLLIN)
 
     def said_something(self) -> bool:
         """Whether the upstream closed or sent bytes since the loop last looked: either way an
@@ -2201,14 +2212,22 @@ class UpstreamPool:
         self._sweep_at = math.inf
 
     def take(self, upstream: Upstream) -> UpstreamConnection | None:
-        """An idle connection to the upstream that is still open, if there is one."""
+        """An idle connection to the upstream that is still open, if there is one.
+
+        One idle long enough for a server's keep-alive timer to close it is asked first
+        whether the server did; one used a moment ago was open then.
+        """
         idle = self.idle.get(upstream.pool_key)
         while idle:
             connection = idle.pop()
-            if not connection.closed:
-                if not connection.said_something():
-                    return connection
-                connection.close()
+            if connection.closed:
+                continue
+            if (
+                time.monotonic() - connection.idle_since < FRESHLY_USED
+                or not connection.said_something()
+            ):
+                return connection
+            connection.close()
         return None
 
     def release(
@@ -2220,7 +2239,8 @@ class UpstreamPool:
             assert connection.transport is not None
             connection.transport.resume_reading()  # to notice the upstream closing it
             idle.append(connection)
-            connection.idle_until = time.monotonic() + idle_timeout
+            connection.idle_since = now = time.monotonic()
+            connection.idle_until = now + idle_timeout
             if connection.idle_until < self._sweep_at:
                 self._schedule_sweep(connection.idle_until)
         else:
@@ -2309,9 +2329,10 @@ class ClientGone(Exception):
     pass
 
 
-class RequestBody:
-    """A request's body on the client connection, followed by one framing from its first byte
-    to its last, whatever becomes of the bytes: forwarded, held for routing, or skipped.
+class RequestBody(Framing):
+    """A request's body on the client connection: one framing from its first byte to its
+    last, whatever becomes of the bytes (forwarded, held for routing, or skipped), and who reads
+    it now.
 
     It alone says where the next request starts. A reader that stops early (a body over the
     cap, an upstream gone) leaves the framing where the body stands: the rest is then skipped
@@ -2319,10 +2340,10 @@ class RequestBody:
     a request (RFC 9112 §6.3, §11.2).
     """
 
-    __slots__ = ("cap", "exchange", "framing", "on_data", "on_done", "payload")
+    __slots__ = ("cap", "exchange", "on_data", "on_done", "payload")
 
     def __init__(self, length: int) -> None:
-        self.framing = Framing(length)
+        super().__init__(length)
         self.cap = 0  # on chunked content; a declared length is refused before reading
         self.exchange: Exchange | None = None  # where received bytes are counted, if anywhere
         self.on_data: Callable[[bytes], None] | None = None
@@ -2331,7 +2352,7 @@ class RequestBody:
 
     @property
     def unread(self) -> bool:
-        return not self.framing.done
+        return not self.done
 
     @property
     def reading(self) -> bool:
@@ -2357,21 +2378,20 @@ class RequestBody:
         """Whether the rest is small enough to read and drop, keeping the connection: a
         declared length with at most MAX_DISCARD_BYTES left; chunked content is read at most
         MAX_DISCARD_BYTES further (``skip`` sets that cap)."""
-        return self.framing.remaining <= MAX_DISCARD_BYTES
+        return self.remaining <= MAX_DISCARD_BYTES
 
     def skip(self, on_done: Callable[[], None]) -> None:
         """Read the rest and drop it, by the same framing."""
-        cap = self.framing.content_size + MAX_DISCARD_BYTES
+        cap = self.content_size + MAX_DISCARD_BYTES
         self.read_by(None, on_done, cap=cap)
 
-    def feed(self, data: bytes) -> int:
+    def take(self, data: bytes) -> int:
         """Take the body's bytes from ``data``: how many belong to it. BodyTooLarge past the
         cap (after the bytes are taken, so the framing stays where the body stands)."""
-        framing = self.framing
-        end = framing.feed(data, self.payload)
+        end = self.feed(data, self.payload)
         if self.exchange is not None:
             self.exchange.bytes_in += end
-        if self.cap and framing.content_size > self.cap:
+        if self.cap and self.content_size > self.cap:
             raise BodyTooLarge(end)
         return end
 
@@ -2379,13 +2399,23 @@ class RequestBody:
 class Waiter:
     """A request waiting for its model's group to let it in."""
 
-    __slots__ = ("admit", "admitted", "model", "queued_at", "timer")
+    __slots__ = ("admit", "admitted", "model", "on_busy", "on_turn", "queued_at", "timer", "waited")
 
-    def __init__(self, model: str, admit: Callable[[], None], timer: asyncio.TimerHandle) -> None:
+    def __init__(
+        self,
+        model: str,
+        admit: Callable[[], None],
+        timer: asyncio.TimerHandle,
+        on_turn: Callable[[], None],
+        on_busy: Callable[[str | None], None],
+    ) -> None:
         self.model = model
         self.admit = admit  # called (soon, from the event loop) when the request may go
         self.timer = timer  # its queue timeout
+        self.on_turn = on_turn  # the request's own, when its turn came
+        self.on_busy = on_busy  # the request's own, when the queue timeout passed
         self.queued_at = time.monotonic()
+        self.waited: float | None = None  # seconds, once it stopped waiting
         self.admitted = False  # let in, and counted in flight, but not yet going
 
 
@@ -2482,18 +2512,7 @@ class Admission:
     ends the request: its forward, the tunnel it became, or the queue it left.
     """
 
-    __slots__ = (
-        "going",
-        "group",
-        "key",
-        "model",
-        "on_busy",
-        "on_turn",
-        "queued_seconds",
-        "released",
-        "router",
-        "waiter",
-    )
+    __slots__ = ("going", "group", "key", "model", "released", "router", "waiter")
 
     def __init__(self, router: RouterState, model: str, key: str) -> None:
         self.router = router
@@ -2501,15 +2520,17 @@ class Admission:
         self.key = key
         self.group: Group | None = None
         self.waiter: Waiter | None = None  # once it queued for its group
-        self.queued_seconds: float | None = None  # how long it waited, once it stopped
-        self.on_turn: Callable[[], None] | None = None
-        self.on_busy: Callable[[str | None], None] | None = None
         self.going = False  # let through to the upstream: in flight to its model
         self.released = False
 
     @property
     def waiting(self) -> bool:
-        return self.waiter is not None and self.queued_seconds is None
+        return self.waiter is not None and self.waiter.waited is None
+
+    @property
+    def queued_seconds(self) -> float | None:
+        """How long it waited for its group, once it stopped; None if it never queued."""
+        return None if self.waiter is None else self.waiter.waited
 
     def enter(self, group: Group) -> bool:
         """Take the group's turn at once (True), or be told to queue (False)."""
@@ -2522,9 +2543,8 @@ class Admission:
         """Wait for the group's turn: ``on_turn`` when it comes; past ``timeout`` the place
         is given up and ``on_busy`` is told which model the group was serving."""
         assert self.group is not None
-        self.on_turn, self.on_busy = on_turn, on_busy
         timer = asyncio.get_running_loop().call_later(timeout, self._timed_out)
-        self.waiter = Waiter(self.model, self._turn_came, timer)
+        self.waiter = Waiter(self.model, self._turn_came, timer, on_turn, on_busy)
         self.group.wait(self.waiter)
 
     def go(self) -> None:
@@ -2552,24 +2572,25 @@ class Admission:
 
     def _stop_waiting(self) -> None:
         waiter = self.waiter
-        if waiter is not None and self.queued_seconds is None:
-            self.queued_seconds = waited = time.monotonic() - waiter.queued_at
+        if waiter is not None and waiter.waited is None:
+            waiter.waited = waited = time.monotonic() - waiter.queued_at
             self.router.metrics.queue_wait[self.model].observe(waited)
 
     def _turn_came(self) -> None:
         if self.released:
             return  # gave up meanwhile, and gave the turn back
         self._stop_waiting()
-        assert self.on_turn is not None
-        self.on_turn()
+        assert self.waiter is not None
+        self.waiter.on_turn()
 
     def _timed_out(self) -> None:
-        if self.released or self.waiter is None or self.waiter.admitted:
+        waiter = self.waiter
+        if self.released or waiter is None or waiter.admitted:
             return
-        assert self.group is not None and self.on_busy is not None
+        assert self.group is not None
         active = self.group.active
         self.release()
-        self.on_busy(active)
+        waiter.on_busy(active)
 
 
 class Deadline:
@@ -2976,7 +2997,7 @@ class ClientConnection(asyncio.Protocol):
             # Small bodies usually arrive with their head: take them as they are.
             raw = bytes(self.buffer[:length])
             del self.buffer[:length]
-            body.framing.feed(raw)
+            body.feed(raw)
             exchange.bytes_in += length
             self._proxy_by_body(BufferedBody(raw, raw, chunked=False))
             return
@@ -3022,7 +3043,7 @@ class ClientConnection(asyncio.Protocol):
         body = self.body
         assert body is not None
         try:
-            end = body.feed(data)
+            end = body.take(data)
         except BodyTooLarge as exc:
             self.buffer += data[exc.taken :]  # the next request, if the body ended here
             body.stop_reading()
@@ -3036,7 +3057,7 @@ class ClientConnection(asyncio.Protocol):
             self.buffer += data[end:]  # the start of the next request
             data = data[:end]
         on_data, on_done = body.on_data, body.on_done
-        done = body.framing.done
+        done = body.done
         if done:
             body.stop_reading()
         if data and on_data is not None:
