@@ -30,6 +30,7 @@ ROUTER_SCRIPT = Path(
 )
 WRK_SCRIPT = BENCH_DIR / "post.lua"
 SSE_UPSTREAM_SCRIPT = BENCH_DIR / "sse_upstream.py"
+FAULTY_UPSTREAM_SCRIPT = BENCH_DIR / "faulty_upstream.py"
 LOOPBACK = "127.0.0.1"
 
 START_TIMEOUT = 15.0
@@ -246,10 +247,18 @@ def llmhop_config(models: dict[str, str]) -> dict[str, object]:
 
 
 def start_sse_upstream(work_dir: Path, cores: str) -> Service:
+    return _start_script_upstream("sse-upstream", SSE_UPSTREAM_SCRIPT, work_dir, cores)
+
+
+def start_faulty_upstream(work_dir: Path, cores: str) -> Service:
+    return _start_script_upstream("faulty-upstream", FAULTY_UPSTREAM_SCRIPT, work_dir, cores)
+
+
+def _start_script_upstream(name: str, script: Path, work_dir: Path, cores: str) -> Service:
     work_dir.mkdir(parents=True, exist_ok=True)
-    command = Pinning.command(cores, [sys.executable, str(SSE_UPSTREAM_SCRIPT), "--port", "0"])
+    command = Pinning.command(cores, [sys.executable, str(script), "--port", "0"])
     started = time.monotonic()
-    managed = _spawn("sse upstream", command, work_dir / "sse-upstream.log")
+    managed = _spawn(name, command, work_dir / f"{name}.log")
     host, port, startup = _wait_for_listening_line(managed, started)
     return Service(managed, host, port, startup)
 

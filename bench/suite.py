@@ -15,12 +15,15 @@ import gc
 import json
 import os
 import platform
+import re
 import resource
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +32,7 @@ from bench import harness, sse_client
 from bench.harness import Pinning, Service, WrkResult
 from bench.report import Results, Target, markdown, text_table, write_document
 
-PHASES = ("small", "large", "models", "replicas", "sse", "streams", "llama")
+PHASES = ("small", "large", "models", "replicas", "sse", "streams", "llama", "baseline", "soak")
 SMALL_CONCURRENCIES = (1, 16, 64)
 LARGE_BODY_BYTES = 1024 * 1024
 LARGE_CONCURRENCY = 4
@@ -37,6 +40,13 @@ MODELS_CONCURRENCY = 16
 MANY_MODELS = 10_000
 MODELS_ROUNDS = 2  # alternating 1-model and 10,000-model runs, to spread drift over both
 REPLICAS_ROUNDS = 4  # one run varies by a quarter on a busy machine: the median of four
+BASELINE_ROUNDS = 6  # this router against another revision: each goes first in half the rounds
+SOAK_REQUESTS = 100_000
+SOAK_CONNECTIONS = 16
+SOAK_RUN_SECONDS = 5  # wrk runs this long, again and again until the requests are sent
+SOAK_MAX_RUNS = 60
+SOAK_RSS_GROWTH = 1.10  # RSS after the last run over after the first: flat, give or take
+SOAK_SETTLE_SECONDS = 5.0
 WARMUP_SECONDS = 1
 STEADY_MARGIN = 0.1  # share of each wrk run left out at either end
 
@@ -68,6 +78,11 @@ STARTUP_SECTION = "Startup and idle memory (3 models: fast, sse, tiny)"
 LARGE_SECTION = f"1 MiB POST, concurrency {LARGE_CONCURRENCY}"
 MODELS_SECTION = f"{MANY_MODELS:,} models in the config (concurrency {MODELS_CONCURRENCY})"
 REPLICAS_SECTION = f"A model with 2 upstreams against 1 (concurrency {MODELS_CONCURRENCY})"
+BASELINE_SECTION = "This router against another revision of it (medians of alternating runs)"
+SOAK_SECTION = (
+    f"Soak: {SOAK_REQUESTS:,} requests to an upstream that fails one in ten at random, "
+    "beside a replica that refuses"
+)
 SSE_SECTION = f"SSE: {SSE_STREAMS} streams x {SSE_CHUNKS} chunks, {SSE_INTERVAL_MS:g} ms apart"
 STREAMS_SECTION = f"{IDLE_STREAMS:,} concurrent SSE streams, one chunk a second for {IDLE_CHUNKS} s"
 LLAMA_SECTION = f"llama.cpp (tiny GGUF): streamed chat, {LLAMA_TOKENS} tokens"
@@ -86,6 +101,8 @@ class Options:
     phases: frozenset[str]
     write: bool
     work_dir: Path
+    baseline: Path | None = None  # another revision's router, for the baseline phase
+    soak_requests: int = SOAK_REQUESTS
 
 
 @dataclass
@@ -265,9 +282,12 @@ class Bench:
             harness.run_wrk(endpoint.url("fast"), 16, WARMUP_SECONDS, self.pinning.load_cores)
 
     @contextlib.contextmanager
-    def router_for_one_run(self, name: str, config: dict[str, object]) -> Iterator[Service]:
+    def router_for_one_run(
+        self, name: str, config: dict[str, object], script: Path = harness.ROUTER_SCRIPT
+    ) -> Iterator[Service]:
         """A router started on the proxy's cores for one measurement, stopped after it."""
-        router = harness.start_llmhop(name, config, self.options.work_dir, self.pinning.proxy_cores)
+        work, cores = self.options.work_dir, self.pinning.proxy_cores
+        router = harness.start_llmhop(name, config, work, cores, script)
         try:
             yield router
         finally:
@@ -384,6 +404,75 @@ class Bench:
             figures = {"direct": None, "nginx": None, "llmhop": _median(values)}
             self.results.add(REPLICAS_SECTION, f"proxy CPU per request, {label}", "µs", figures, 1)
         self.raw["replicas"] = cpu
+
+    def phase_baseline(self) -> None:
+        """The router against another revision of itself (``--baseline``), run after run on
+        the same cores: CPU per request at concurrency 16 and added p50 latency at 1."""
+        baseline = self.options.baseline
+        if baseline is None:
+            self.results.notes.append("baseline phase skipped: no --baseline router given")
+            return
+        assert self.fast is not None
+        config = harness.llmhop_config({"fast": self.fast.url})
+        scripts = [("before", baseline), ("now", harness.ROUTER_SCRIPT)]
+        figures: dict[str, dict[str, list[float]]] = {
+            label: {"cpu": [], "p50": []} for label, _ in scripts
+        }
+        for round_number in range(BASELINE_ROUNDS):
+            for label, script in scripts if round_number % 2 == 0 else scripts[::-1]:
+                self.log(f"baseline: {label}, round {round_number + 1}")
+                with self.router_for_one_run(f"llmhop-{label}", config, script) as router:
+                    endpoint = Endpoint(label, router.host, {"fast": router.port}, router.pid)
+                    harness.run_wrk(
+                        endpoint.url("fast"), 16, WARMUP_SECONDS, self.pinning.load_cores
+                    )
+                    if (cpu := self.load(endpoint, 16).cpu_us_per_request()) is not None:
+                        figures[label]["cpu"].append(cpu)
+                    figures[label]["p50"].append(float(self.load(endpoint, 1).wrk.p50_us))
+        direct = self.results.find(small_section(1), "latency p50")
+        direct_p50 = direct.value("direct") if direct is not None else None
+        for label, measured in figures.items():
+            cpu = _median(measured["cpu"])
+            p50 = _median(measured["p50"])
+            added = None if p50 is None or direct_p50 is None else p50 - direct_p50
+            add = self.results.add
+            add(
+                BASELINE_SECTION, f"proxy CPU per request (c=16), {label}", "µs", {"llmhop": cpu}, 1
+            )
+            add(BASELINE_SECTION, f"latency p50 (c=1), {label}", "µs", {"llmhop": p50}, 0)
+            add(BASELINE_SECTION, f"added latency p50 (c=1), {label}", "µs", {"llmhop": added}, 0)
+        self.raw["baseline"] = figures
+
+    def phase_soak(self) -> None:
+        """Many requests against random faults: memory stays flat, every gauge ends at 0, and
+        the log has no error the router did not handle."""
+        work, load = self.options.work_dir, self.pinning.load_cores
+        faulty = harness.start_faulty_upstream(work, load)
+        try:
+            config = harness.llmhop_config({})
+            config["models"] = {"fast": {"urls": [faulty.url, _refused_url()]}}
+            with self.router_for_one_run("llmhop-soak", config) as router:
+                endpoint = Endpoint("soak", router.host, {"fast": router.port}, router.pid)
+                sent, rss = 0, []
+                for run in range(SOAK_MAX_RUNS):
+                    if sent >= self.options.soak_requests:
+                        break
+                    self.log(f"soak: run {run + 1}, {sent:,} requests so far")
+                    url = endpoint.url("fast")
+                    sent += harness.run_wrk(url, SOAK_CONNECTIONS, SOAK_RUN_SECONDS, load).requests
+                    rss.append(_mib(endpoint.rss_bytes()))
+                gauges = _gauges_in_flight(router)
+                log = router.managed.log_path.read_text(errors="replace")
+        finally:
+            faulty.stop()
+        unhandled = log.count("never retrieved") + log.count("internal error")
+        add = self.results.add
+        add(SOAK_SECTION, "requests sent", "count", {"llmhop": float(sent)}, 0)
+        add(SOAK_SECTION, "proxy RSS after the first run", "MiB", {"llmhop": rss[0]}, 1)
+        add(SOAK_SECTION, "proxy RSS after the last run", "MiB", {"llmhop": rss[-1]}, 1)
+        add(SOAK_SECTION, "requests in flight after the soak", "count", {"llmhop": gauges}, 0)
+        add(SOAK_SECTION, "unhandled errors in the log", "count", {"llmhop": unhandled}, 0)
+        self.raw["soak"] = {"sent": sent, "rss_mib": rss, "in_flight": gauges}
 
     def phase_sse(self) -> None:
         records = {}
@@ -586,6 +675,40 @@ class Bench:
             False,
         )
         check("added p50 at concurrency 1 <= 2x nginx's", small_section(1), added_p50, 2, True)
+        first, last = (
+            results.find(SOAK_SECTION, f"proxy RSS after the {which} run")
+            for which in ("first", "last")
+        )
+        if (
+            first is not None
+            and last is not None
+            and first.value("llmhop")
+            and last.value("llmhop")
+        ):
+            growth = last.value("llmhop") / first.value("llmhop")
+            results.targets.append(
+                Target(
+                    f"soak: RSS after the last run <= {SOAK_RSS_GROWTH:.2f}x after the first",
+                    f"{growth:.3f}x",
+                    growth <= SOAK_RSS_GROWTH,
+                )
+            )
+        else:
+            results.targets.append(Target("soak: RSS flat", "not measured", None))
+        check(
+            "soak: no request left in flight",
+            SOAK_SECTION,
+            "requests in flight after the soak",
+            0,
+            False,
+        )
+        check(
+            "soak: no unhandled error in the log",
+            SOAK_SECTION,
+            "unhandled errors in the log",
+            0,
+            False,
+        )
         check("p99 at concurrency 1 <= 1 ms", small_section(1), "latency p99", 1000, False)
         check(
             "SSE: added transit per chunk <= 0.1 ms p50",
@@ -670,6 +793,32 @@ class Bench:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _refused_url() -> str:
+    """A loopback port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind((harness.LOOPBACK, 0))
+        return f"http://{harness.LOOPBACK}:{sock.getsockname()[1]}"
+
+
+def _gauges_in_flight(router: Service, settle: float = SOAK_SETTLE_SECONDS) -> float | None:
+    """The sum of the router's in-flight gauges (by model and by key), read from /metrics
+    until it is 0 or ``settle`` seconds have passed: when wrk stops, the requests it cut off
+    end as the router notices their clients gone, and slow answers finish."""
+    url = f"http://{router.host}:{router.port}/metrics"
+    deadline = time.monotonic() + settle
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return None
+        pattern = r"^llmhop_(?:key_)?requests_in_flight\{[^}]*\} (\S+)$"
+        total = sum(float(value) for value in re.findall(pattern, text, re.M))
+        if not total or time.monotonic() > deadline:
+            return total
+        time.sleep(0.05)
 
 
 def _median(values: list[float]) -> float | None:
@@ -806,6 +955,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         "--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone"
     )
     parser.add_argument("--work-dir", type=Path, help="keep configs and logs here")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another revision's router script, measured against this one "
+        "(e.g. git show REV:pkgs/llmhop/llmhop.py > before.py)",
+    )
     arguments = parser.parse_args(argv)
     unknown = set(arguments.phases.split(",")) - set(PHASES)
     if unknown:
@@ -841,6 +996,7 @@ def main(argv: list[str] | None = None) -> int:
             frozenset(arguments.phases.split(",")),
             not arguments.no_write,
             work_dir,
+            arguments.baseline.resolve() if arguments.baseline else None,
         )
         bench = Bench(options, pinning)
         try:

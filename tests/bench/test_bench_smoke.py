@@ -8,6 +8,7 @@ taskset skip without them (`bench/run` installs them).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import shutil
@@ -157,3 +158,41 @@ def test_python_path_comparison_runs_both_copies(tmp_path: Path) -> None:
     lines = completed.stdout.splitlines()
     assert [line.split(" (")[0] for line in lines] == [str(router), str(copy)]
     assert all(re.search(r"fastest \d+\.\d+ µs, median \d+\.\d+ µs$", line) for line in lines)
+
+
+@needs_taskset
+@needs_nginx_and_wrk
+def test_soak_phase_at_tiny_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(suite, "SOAK_RUN_SECONDS", 1)
+    options = dataclasses.replace(tiny_options(tmp_path, "soak"), soak_requests=1)
+    bench = suite.Bench(options, harness.Pinning.for_this_machine())
+    try:
+        bench.phase_soak()
+    finally:
+        bench.stop()
+    figures = {f.name: f.value("llmhop") for f in bench.results.figures}
+    assert figures["requests sent"] and figures["requests sent"] > 0
+    assert figures["requests in flight after the soak"] == 0
+    assert figures["unhandled errors in the log"] == 0
+    assert figures["proxy RSS after the last run"] and figures["proxy RSS after the last run"] > 1
+
+
+@needs_taskset
+@needs_nginx_and_wrk
+def test_baseline_phase_measures_both_revisions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(suite, "BASELINE_ROUNDS", 1)
+    before = tmp_path / "before.py"
+    before.write_bytes(harness.ROUTER_SCRIPT.read_bytes())
+    options = dataclasses.replace(tiny_options(tmp_path, "baseline"), baseline=before)
+    bench = suite.Bench(options, harness.Pinning.for_this_machine())
+    try:
+        bench.start()
+        bench.phase_baseline()
+    finally:
+        bench.stop()
+    names = {f.name for f in bench.results.figures if f.value("llmhop") is not None}
+    for label in ("before", "now"):
+        assert f"proxy CPU per request (c=16), {label}" in names
+        assert f"latency p50 (c=1), {label}" in names
