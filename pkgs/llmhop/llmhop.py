@@ -35,6 +35,7 @@ import asyncio
 import bisect
 import collections
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -788,6 +789,8 @@ class Model:
     group: str | None  # models of one group are served one at a time
     queue_timeout: float  # how long a request may wait for its group
     upstream_idle_timeout: float  # pooled connections to it close after this
+    # The provider's name for it, JSON-encoded: it replaces the body's top-level "model".
+    upstream_model: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -825,6 +828,8 @@ class Config:
     shutdown_timeout: float
     metrics_auth: bool  # whether /metrics needs a token too; by default, when tokens are set
     models: dict[str, Model]
+    # (key path, message): what is allowed but likely a mistake, said at start and by --check.
+    warnings: tuple[tuple[str, str], ...] = ()
 
 
 _CONFIG_KEYS = {
@@ -851,6 +856,7 @@ _MODEL_KEYS = {
     "group": str,
     "queueTimeout": (int, float),
     "upstreamIdleTimeout": (int, float),
+    "upstreamModel": str,
 }
 _REPLICA_KEYS = {"url": str, "headers": dict}
 _API_KEY_KEYS = {
@@ -872,13 +878,80 @@ _TYPE_NAMES = {
 }
 
 
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
+# Header names that carry a credential: a model that sets one spends someone's account.
+_CREDENTIAL_WORDS = ("auth", "key", "token", "secret")
+
+
+def injected_credentials(config: Config) -> list[str]:
+    """The models whose injected headers carry a credential (``Authorization``, an API key)."""
+    return [
+        name
+        for name, model in config.models.items()
+        if any(
+            word in header.lower().decode("latin-1")
+            for replica in model.replicas
+            for header, _ in replica.headers
+            for word in _CREDENTIAL_WORDS
+        )
+    ]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listening host is this machine's loopback (or a unix socket path)."""
+    return host == "localhost" or host == "::1" or host.startswith(("127.", "/"))
+
+
+def open_proxy_warnings(config: Config, hosts: Iterable[str]) -> list[tuple[str, str]]:
+    """A listener beyond loopback without authTokens, while models inject credentials, lends
+    those credentials to anyone who reaches it."""
+    exposed = [host or "every interface" for host in hosts if not is_loopback(host)]
+    models = injected_credentials(config)
+    if config.api_keys or not exposed or not models:
+        return []
+    address = exposed[0]
+    names = ", ".join(models)
+    message = (
+        f"listening on {address}, beyond this machine's loopback, with no authTokens, while "
+        f"{names} inject{'s' if len(models) == 1 else ''} credentials: anyone who reaches the "
+        "router spends them. Listen on 127.0.0.1, or set authTokens"
+    )
+    return [("authTokens", message)]
+
+
+class _JSONObject(dict[str, Any]):
+    """A decoded JSON object that remembers the keys it had more than once."""
+
+    __slots__ = ("repeated",)
+
+
+def _object_noting_repeats(pairs: list[tuple[str, Any]]) -> _JSONObject:
+    result = _JSONObject()
+    result.repeated = []
     for key, value in pairs:
         if key in result:
-            raise ValueError(f"duplicate key {key!r}")
+            result.repeated.append(key)
         result[key] = value
     return result
+
+
+def _repeated_keys(value: Any, path: str = "") -> Iterable[tuple[str, str]]:
+    """A problem for each key an object of the document has twice, by its key path: JSON
+    would keep the last silently."""
+    if isinstance(value, _JSONObject):
+        for key in dict.fromkeys(value.repeated):
+            yield f"{path}.{key}" if path else key, "appears more than once in its object"
+        for key, item in value.items():
+            yield from _repeated_keys(item, f"{path}.{key}" if path else key)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _repeated_keys(item, f"{path}[{index}]")
+
+
+def _syntax_error(text: str, error: json.JSONDecodeError, source: str) -> str:
+    """Where the JSON breaks: file, line and column, the line itself and a caret."""
+    line = text.splitlines()[error.lineno - 1] if text.strip() else ""
+    where = f"{source}:{error.lineno}:{error.colno}" if source else f"line {error.lineno}"
+    return f"invalid JSON at {where}: {error.msg}\n    {line}\n    {' ' * (error.colno - 1)}^"
 
 
 def _has_type(value: Any, expected: type | tuple[type, ...]) -> bool:
@@ -899,6 +972,7 @@ class _ConfigReader:
     def __init__(self, resolve: Callable[[str, str], str]):
         self.resolve = resolve
         self.problems: list[tuple[str, str]] = []
+        self.warnings: list[tuple[str, str]] = []
         self.checks_tokens = False
         # The defaults of the models' own settings, read before the models.
         self.queue_timeout = DEFAULT_QUEUE_TIMEOUT
@@ -906,6 +980,9 @@ class _ConfigReader:
 
     def problem(self, path: str, message: str) -> None:
         self.problems.append((path, message))
+
+    def warn(self, path: str, message: str) -> None:
+        self.warnings.append((path, message))
 
     def fields(self, obj: dict[str, Any], schema: dict[str, Any], prefix: str) -> dict[str, Any]:
         """The keys of ``obj`` that exist in ``schema`` and have the right type."""
@@ -1093,6 +1170,9 @@ class _ConfigReader:
         idle_timeout = self.upstream_idle_timeout
         if "upstreamIdleTimeout" in fields:
             idle_timeout = self.seconds(fields, "upstreamIdleTimeout", 0, f"{path}.")
+        upstream_model = fields.get("upstreamModel")
+        if upstream_model is not None and not upstream_model:
+            self.problem(f"{path}.upstreamModel", "must not be empty")
         if len(self.problems) > problems or None in replicas:
             return None
         return Model(
@@ -1103,6 +1183,7 @@ class _ConfigReader:
             group,
             queue_timeout,
             idle_timeout,
+            None if upstream_model is None else json.dumps(upstream_model).encode(),
         )
 
     def replica_entry(
@@ -1133,6 +1214,14 @@ class _ConfigReader:
         except ValueError as exc:
             self.problem(path, str(exc))
             return None
+        if upstream.base_path.endswith("/v1"):
+            # Clients name the API's own /v1 in their paths: it would be there twice.
+            without = url.replace(upstream.base_path, upstream.base_path[: -len("/v1")], 1)
+            self.warn(
+                path,
+                f"ends in /v1, so a request for /v1/chat/completions would go to "
+                f"{upstream.base_path}/v1/chat/completions: write {without!r}",
+            )
         header_names = frozenset(n.lower() for n, _ in headers)
         return Replica(
             index,
@@ -1169,22 +1258,27 @@ class _ConfigReader:
         return result
 
 
-def parse_config(text: str | bytes, resolve: Callable[[str, str], str]) -> Config:
-    """Decode and validate a config strictly; raise ConfigError naming every problem."""
+def parse_config(text: str | bytes, resolve: Callable[[str, str], str], source: str = "") -> Config:
+    """Decode and validate a config strictly; raise ConfigError naming every problem.
+    ``source`` names the file in a syntax error."""
     try:
         if isinstance(text, bytes):
             text = text.decode()
-        decoder = json.JSONDecoder(object_pairs_hook=_reject_duplicate_keys)
-        document, end = decoder.raw_decode(text.lstrip())
+        decoder = json.JSONDecoder(object_pairs_hook=_object_noting_repeats)
+        start = len(text) - len(text.lstrip())
+        document, end = decoder.raw_decode(text, start)
     except UnicodeDecodeError:
         raise ConfigError([("", "is not UTF-8 text")]) from None
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
+        raise ConfigError([("", _syntax_error(text, exc, source))]) from None
+    except (ValueError, RecursionError) as exc:
         raise ConfigError([("", f"invalid JSON: {exc}")]) from None
-    if text.lstrip()[end:].strip():
+    if text[end:].strip():
         raise ConfigError([("", "multiple JSON values in config")])
     if not isinstance(document, dict):
         raise ConfigError([("", "must be a JSON object")])
     reader = _ConfigReader(resolve)
+    reader.problems.extend(_repeated_keys(document))
     fields = reader.fields(document, _CONFIG_KEYS, "")
     # What models forward depends on whether the router checks tokens itself.
     reader.checks_tokens = bool(fields.get("authTokens"))
@@ -1205,7 +1299,7 @@ def parse_config(text: str | bytes, resolve: Callable[[str, str], str]) -> Confi
     )
     if reader.problems:
         raise ConfigError(reader.problems)
-    return config
+    return dataclasses.replace(config, warnings=tuple(reader.warnings))
 
 
 def load_config(path: str, *, check_only: bool = False) -> Config:
@@ -1214,7 +1308,7 @@ def load_config(path: str, *, check_only: bool = False) -> Config:
             text = file.read()
     except OSError as exc:
         raise ConfigError([("", f"cannot read {path}: {exc.strerror}")]) from None
-    return parse_config(text, SecretResolver(check_only=check_only))
+    return parse_config(text, SecretResolver(check_only=check_only), path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1629,6 +1723,67 @@ def model_of_body(payload: bytes) -> str:
     if not model:
         raise HTTPError(400, "missing model: the model name is empty", "missing_model")
     return model
+
+
+# What a walk over a JSON document stops at: strings, nesting, and a top-level key's end.
+_JSON_STRUCTURE = re.compile(rb'["{}\[\]:,]')
+
+
+def _string_end(document: bytes, opening: int) -> int:
+    """The index of the quote that closes the JSON string opened at ``opening``."""
+    quote = opening
+    while True:
+        quote = document.index(b'"', quote + 1)
+        backslashes = quote
+        while document[backslashes - 1] == 0x5C:
+            backslashes -= 1
+        if (quote - backslashes) % 2 == 0:  # not escaped
+            return quote
+
+
+def top_level_string_span(document: bytes, key: str) -> tuple[int, int] | None:
+    """Where the string value of a JSON object's top-level ``key`` sits, quotes included: the
+    last one, as json.loads keeps. The document must be valid JSON (it was parsed)."""
+    found = None
+    depth = 0
+    in_key = False  # at depth 1, the next string is a key
+    value_of: str | None = None  # at depth 1, the key whose value comes next
+    position = 0
+    while (match := _JSON_STRUCTURE.search(document, position)) is not None:
+        at = match.start()
+        char = document[at]
+        position = at + 1
+        if char == 0x22:  # "
+            end = _string_end(document, at)
+            position = end + 1
+            if depth == 1 and in_key:
+                value_of = json.loads(document[at:position])
+                in_key = False
+            elif depth == 1 and value_of is not None:
+                if value_of == key:
+                    found = (at, position)
+                value_of = None
+        elif char in b"{[":
+            depth += 1
+            in_key = depth == 1
+        elif char in b"}]":
+            depth -= 1
+            if depth == 1:
+                value_of = None
+        elif char == 0x2C and depth == 1:  # ,
+            in_key, value_of = True, None
+    return found
+
+
+def with_upstream_model(body: BufferedBody, upstream_model: bytes) -> BufferedBody:
+    """The body with its top-level ``model`` string replaced by ``upstream_model`` (JSON),
+    every other byte as it was; sent with a Content-Length, chunked or not before."""
+    span = top_level_string_span(body.payload, "model")
+    if span is None:
+        return body
+    start, end = span
+    payload = body.payload[:start] + upstream_model + body.payload[end:]
+    return BufferedBody(payload, payload, chunked=False)
 
 
 def _too_large(cap: int) -> str:
@@ -2329,6 +2484,16 @@ class ClientGone(Exception):
     pass
 
 
+class BodyReader(NamedTuple):
+    """Who reads a request body now: where its pieces go and what happens at its end."""
+
+    on_data: Callable[[bytes], None] | None  # None: the bytes are dropped
+    on_done: Callable[[], None]
+    cap: int  # on chunked content; a declared length is refused before reading
+    exchange: Exchange | None = None  # where received bytes are counted, if anywhere
+    payload: list[bytes] | None = None  # the content, de-chunked, when wanted
+
+
 class RequestBody(Framing):
     """A request's body on the client connection: one framing from its first byte to its
     last, whatever becomes of the bytes (forwarded, held for routing, or skipped), and who reads
@@ -2340,39 +2505,11 @@ class RequestBody(Framing):
     a request (RFC 9112 §6.3, §11.2).
     """
 
-    __slots__ = ("cap", "exchange", "on_data", "on_done", "payload")
+    __slots__ = ("reader",)
 
     def __init__(self, length: int) -> None:
-        super().__init__(length)
-        self.cap = 0  # on chunked content; a declared length is refused before reading
-        self.exchange: Exchange | None = None  # where received bytes are counted, if anywhere
-        self.on_data: Callable[[bytes], None] | None = None
-        self.on_done: Callable[[], None] | None = None  # None: nobody reads it now
-        self.payload: list[bytes] | None = None
-
-    @property
-    def unread(self) -> bool:
-        return not self.done
-
-    @property
-    def reading(self) -> bool:
-        return self.on_done is not None
-
-    def read_by(
-        self,
-        on_data: Callable[[bytes], None] | None,
-        on_done: Callable[[], None],
-        *,
-        cap: int,
-        exchange: Exchange | None = None,
-        payload: list[bytes] | None = None,
-    ) -> None:
-        self.on_data, self.on_done = on_data, on_done
-        self.cap, self.exchange, self.payload = cap, exchange, payload
-
-    def stop_reading(self) -> None:
-        """Whoever read it is done with it; the bytes still to come wait for ``skip``."""
-        self.on_data = self.on_done = self.exchange = self.payload = None
+        Framing.__init__(self, length)
+        self.reader: BodyReader | None = None  # None: nobody reads it now
 
     def skippable(self) -> bool:
         """Whether the rest is small enough to read and drop, keeping the connection: a
@@ -2382,16 +2519,17 @@ class RequestBody(Framing):
 
     def skip(self, on_done: Callable[[], None]) -> None:
         """Read the rest and drop it, by the same framing."""
-        cap = self.content_size + MAX_DISCARD_BYTES
-        self.read_by(None, on_done, cap=cap)
+        self.reader = BodyReader(None, on_done, self.content_size + MAX_DISCARD_BYTES)
 
     def take(self, data: bytes) -> int:
         """Take the body's bytes from ``data``: how many belong to it. BodyTooLarge past the
         cap (after the bytes are taken, so the framing stays where the body stands)."""
-        end = self.feed(data, self.payload)
-        if self.exchange is not None:
-            self.exchange.bytes_in += end
-        if self.cap and self.content_size > self.cap:
+        reader = self.reader
+        assert reader is not None
+        end = self.feed(data, reader.payload)
+        if reader.exchange is not None:
+            reader.exchange.bytes_in += end
+        if reader.cap and self.content_size > reader.cap:
             raise BodyTooLarge(end)
         return end
 
@@ -2707,7 +2845,7 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            if self.body is not None and self.body.reading:
+            if self.body is not None and self.body.reader is not None:
                 self._read_body(data)
             elif self.phase == Phase.TUNNEL:
                 assert self.tunnel is not None
@@ -2727,7 +2865,7 @@ class ClientConnection(asyncio.Protocol):
             if self.phase == Phase.TUNNEL:
                 assert self.tunnel is not None
                 self.tunnel.client_eof()
-            elif self.body is not None and self.body.reading:
+            elif self.body is not None and self.body.reader is not None:
                 self._exchange_failed(ClientGone())
             elif self.phase != Phase.EXCHANGE:
                 self._serve_next()  # an incomplete head is an error, none at all the end
@@ -2823,7 +2961,7 @@ class ClientConnection(asyncio.Protocol):
             not request.keep_alive
             # Unread body bytes would be taken for the next request (RFC 9112 §9.3): a body
             # is read, skipped or the connection closes.
-            or (self.body is not None and self.body.unread)
+            or (self.body is not None and not self.body.done)
             # A response body delimited by the connection closing (RFC 9112 §6.3).
             or response_closes
             # Shutting down: no further requests (RFC 9112 §9.6).
@@ -3009,7 +3147,7 @@ class ClientConnection(asyncio.Protocol):
             content = raw if payload is None else b"".join(payload)
             self._proxy_by_body(BufferedBody(raw, content, payload is not None))
 
-        body.read_by(wire.append, whole, cap=cap, exchange=exchange, payload=payload)
+        body.reader = BodyReader(wire.append, whole, cap, exchange, payload)
         self._start_body()
 
     def _proxy_by_body(self, body: BufferedBody) -> None:
@@ -3019,6 +3157,8 @@ class ClientConnection(asyncio.Protocol):
             self.exchange.model = name
             assert self.access is not None  # body routing needs a valid token
             model = model_named(self.table, name, self.access)
+            if model.upstream_model is not None:
+                body = with_upstream_model(body, model.upstream_model)
             self._proxy(model, self.request.target, body)
         except Exception as exc:
             self._exchange_failed(exc)
@@ -3026,7 +3166,7 @@ class ClientConnection(asyncio.Protocol):
     def _start_body(self) -> None:
         """Read the request body from here on; what is buffered already goes first."""
         body, request = self.body, self.request
-        assert body is not None and body.reading and request is not None
+        assert body is not None and body.reader is not None and request is not None
         if request.expect_continue:
             # A body is skipped only without Expect, so this goes out once.
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -3034,7 +3174,7 @@ class ClientConnection(asyncio.Protocol):
             data = bytes(self.buffer)
             self.buffer.clear()
             self._read_body(data)
-        if self.body is body and body.reading and self.eof:
+        if self.body is body and body.reader is not None and self.eof:
             # The client's stream ended before the reading began (an upstream connection was
             # being opened, say): what is buffered was all there was to read.
             self._exchange_failed(ClientGone())
@@ -3046,25 +3186,25 @@ class ClientConnection(asyncio.Protocol):
             end = body.take(data)
         except BodyTooLarge as exc:
             self.buffer += data[exc.taken :]  # the next request, if the body ended here
-            body.stop_reading()
+            body.reader = None
             self._exchange_failed(exc)
             return
         except ProtocolError as exc:
-            body.stop_reading()
+            body.reader = None
             self._exchange_failed(exc)
             return
         if end < len(data):
             self.buffer += data[end:]  # the start of the next request
             data = data[:end]
-        on_data, on_done = body.on_data, body.on_done
+        reader = body.reader
+        assert reader is not None
         done = body.done
         if done:
-            body.stop_reading()
-        if data and on_data is not None:
-            on_data(data)
+            body.reader = None
+        if data and reader.on_data is not None:
+            reader.on_data(data)
         if done:
-            assert on_done is not None
-            on_done()
+            reader.on_done()
 
     # -- what the forward asks of the client connection -------------------------------------------
 
@@ -3074,13 +3214,13 @@ class ClientConnection(asyncio.Protocol):
         body = self.body
         assert body is not None
         cap = self.table.config.max_body_bytes
-        body.read_by(forward.send_body, forward.body_sent, cap=cap, exchange=self.exchange)
+        body.reader = BodyReader(forward.send_body, forward.body_sent, cap, self.exchange)
         self._start_body()
 
     def stop_reading_body(self) -> None:
         """The upstream went away: the rest of the body is skipped, or the connection closes."""
         if self.body is not None:
-            self.body.stop_reading()
+            self.body.reader = None
 
     def response_complete(self) -> None:
         """The upstream's response went out whole."""
@@ -3201,7 +3341,7 @@ class ClientConnection(asyncio.Protocol):
         unread = self.body
         if (
             unread is not None
-            and unread.unread
+            and not unread.done
             and request.keep_alive
             and not self.router.draining
             # A client waiting for 100 Continue sends nothing; a large body takes too long.
@@ -3221,7 +3361,7 @@ class ClientConnection(asyncio.Protocol):
             send()
 
         def given_up() -> None:
-            body.stop_reading()
+            body.reader = None
             send()
 
         self._answer_after_body = send
@@ -3972,6 +4112,18 @@ class Server:
         self.reload_note = ""
 
     async def start(self) -> None:
+        await self._listen()
+        config = self.router.table.config
+        hosts = [
+            sock.getsockname()[0]
+            for server in self.servers
+            for sock in server.sockets
+            if sock.family != socket.AF_UNIX
+        ]
+        for path, message in (*config.warnings, *open_proxy_warnings(config, hosts)):
+            log(f"warning: config: {path}: {message}")
+
+    async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
         factory = self.router.new_connection
         if self.activated:
@@ -4233,24 +4385,47 @@ def notify_main(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+_EPILOG = """\
+signals:
+  SIGHUP           re-read the config; requests in flight finish on the old one, and a
+                   config with errors is logged and ignored
+  SIGTERM, SIGINT  stop: listeners close, requests in flight get shutdownTimeout seconds
+
+exit status:
+  0  stopped by a signal, or --check found the config valid (warnings may be printed)
+  1  the config is invalid (one "config: <key path>: <message>" line per problem), a
+     listener could not be opened, or systemd could not be told the router is ready
+
+other commands:
+  llmhop hash-token < TOKEN-FILE
+      print a token's sha256, for a named key in authTokens
+  llmhop notify -url URL [-health-path PATH] [--] COMMAND...
+      run a server and tell systemd it is ready once URL answers (also as llmhop-notify)
+
+documentation: the README and docs/ of the llmhop repository
+"""
+
+
 def _argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmhop",
         description="One OpenAI-compatible endpoint in front of many LLM servers.",
-        epilog=(
-            "llmhop notify -url URL [-health-path P] [--] CMD...: see llmhop-notify. "
-            "llmhop hash-token < TOKEN: the sha256 of a token, for a named key in authTokens."
-        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
     parser.add_argument(
-        "--config", "-config", default="config.json", metavar="PATH", help="JSON config file"
+        "--config",
+        "-config",
+        default="config.json",
+        metavar="PATH",
+        help="the JSON config (default: config.json in the working directory)",
     )
     parser.add_argument(
         "--check",
         "-check",
         action="store_true",
-        help="validate the config (secrets by syntax only) and exit",
+        help="validate the config (secrets by syntax only), print any warnings, and exit",
     )
     parser.add_argument("--version", "-version", action="version", version=f"llmhop {VERSION}")
     return parser
@@ -4292,6 +4467,9 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 1
     if args.check:
+        warnings = (*config.warnings, *open_proxy_warnings(config, [config.listener.host]))
+        for path, message in warnings:
+            print(f"config: warning: {path}: {message}", file=sys.stderr)
         print(f"config ok: {len(config.models)} model(s)", file=sys.stderr)
         return 0
     try:

@@ -175,7 +175,6 @@ def test_every_problem_is_reported() -> None:
         ('{"models": {}} {"x": 1}', "multiple JSON values in config"),
         ("[1]", "must be a JSON object"),
         ('{"models": ', "invalid JSON"),
-        ('{"port": 1, "port": 2, "models": {}}', "duplicate key 'port'"),
     ],
 )
 def test_document_level_errors(text: str, message: str) -> None:
@@ -293,3 +292,89 @@ def test_example_config_runs_as_written() -> None:
             process.wait(WAIT)
             raise
     assert status == 0
+
+
+# --- errors that point at the line ----------------------------------------------------------
+
+
+def test_a_key_given_twice_is_named_by_its_path_with_every_other_problem() -> None:
+    text = (
+        '{"port": 1, "models": {"a": {"url": "http://x:1"}, "a": {"url": "http://x:2"},'
+        ' "b": {"url": "ftp://x", "url": "ftp://y"}}, "port": 2, "maxBodyBytes": "big"}'
+    )
+    found = problems(text)
+    assert ("models.a", "appears more than once in its object") in found
+    assert ("models.b.url", "appears more than once in its object") in found
+    assert ("port", "appears more than once in its object") in found
+    assert any(path == "maxBodyBytes" for path, _ in found)  # reported in the same run
+    assert any(path == "models.b.url" and "http" in message for path, message in found)
+
+
+def test_a_syntax_error_shows_file_line_column_and_a_caret(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text('{\n  "models": {\n    "m": {"url": "http://x:1",}\n  }\n}\n')
+    with pytest.raises(llmhop.ConfigError) as caught:
+        llmhop.load_config(str(path))
+    ((where, message),) = caught.value.problems
+    assert where == ""
+    first, line, caret = message.split("\n")
+    assert first.startswith(f"invalid JSON at {path}:3:31: ")
+    assert line == "    " + '    "m": {"url": "http://x:1",}'  # indented under the message
+    assert caret.index("^") == line.index("}")
+
+
+def test_a_url_ending_in_v1_is_a_warning_with_the_fix() -> None:
+    config = parse({"models": {"m": {"url": "http://127.0.0.1:8000/v1"}}})
+    ((path, message),) = config.warnings
+    assert path == "models.m.url"
+    assert "/v1/v1/chat/completions" in message and "'http://127.0.0.1:8000'" in message
+    assert parse({"models": MODELS}).warnings == ()
+
+
+HOSTED = {"url": "https://api.example", "headers": {"Authorization": "Bearer ${env:K}"}}
+
+
+@pytest.mark.parametrize(
+    ("config", "warned"),
+    [
+        ({"listen": ":8080", "models": {"hosted": HOSTED}}, True),
+        ({"host": "0.0.0.0", "models": {"hosted": HOSTED}}, True),
+        ({"listen": "127.0.0.1:8080", "models": {"hosted": HOSTED}}, False),
+        ({"listen": "[::1]:8080", "models": {"hosted": HOSTED}}, False),
+        ({"listen": ":8080", "authTokens": ["t"], "models": {"hosted": HOSTED}}, False),
+        ({"listen": ":8080", "models": MODELS}, False),  # nothing injected
+    ],
+)
+def test_check_warns_of_an_open_proxy_to_injected_credentials(
+    tmp_path: Path, config: dict[str, Any], warned: bool
+) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    result = subprocess.run(
+        [sys.executable, str(ROUTER_SCRIPT), "--check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    warning = "config: warning: authTokens: listening on"
+    assert (warning in result.stderr) == warned, result.stderr
+    if warned:
+        assert "hosted injects credentials" in result.stderr
+
+
+def test_help_tells_the_default_config_signals_exit_codes_and_docs() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROUTER_SCRIPT), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=True,
+    )
+    text = result.stdout
+    for expected in ("default: config.json", "SIGHUP", "SIGTERM", "exit status", "docs/"):
+        assert expected in text
+    # The epilog is laid out as written: no command is broken across lines.
+    assert "llmhop notify -url URL [-health-path PATH] [--] COMMAND..." in text
+    assert "llmhop hash-token < TOKEN-FILE" in text

@@ -22,8 +22,11 @@ needs_systemd_analyze = pytest.mark.skipif(
 
 def test_example_config_loads() -> None:
     config = llmhop.load_config(str(ROOT / "examples" / "config.json"), check_only=True)
-    assert config.listener == llmhop.Listener("", 8080)
+    # Loopback: the example injects an OpenAI key, which nobody else may spend.
+    assert config.listener == llmhop.Listener("127.0.0.1", 8080)
     assert sorted(config.models) == ["openai-gpt-4o", "qwen3-8b"]
+    assert config.models["openai-gpt-4o"].upstream_model == b'"gpt-4o"'
+    assert config.warnings == ()
 
 
 def test_the_router_and_the_package_have_one_version() -> None:
