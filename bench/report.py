@@ -6,6 +6,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 TARGETS = ("direct", "nginx", "llmhop")
 # Between these markers docs/benchmarks.md is rewritten by each run; the rest is kept.
@@ -176,3 +177,81 @@ def write_document(path: Path, generated: str) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(DOCUMENT_HEAD + block + "\n")
+
+
+# -- the plot ----------------------------------------------------------------------------------
+
+COLOURS = {"direct": "#9e9e9e", "nginx": "#2e7d32", "llmhop": "#1565c0"}
+PLOTTED = (
+    ("proxy CPU per request", None, "Proxy CPU per request (µs)"),
+    ("latency p50", "added latency p50", "Latency p50 (µs; added over direct in brackets)"),
+)
+
+
+def svg_plot(results: Results, plotted_sections: list[str]) -> str | None:
+    """Bars of CPU per request and latency, llmhop beside nginx and direct, one group of bars
+    per section (concurrency): an SVG document, written with the standard library alone.
+    None when the run measured none of the sections."""
+    groups = [s for s in plotted_sections if results.find(s, PLOTTED[0][0]) is not None]
+    if not groups:
+        return None
+    bar, gap, group_gap, panel_height, top = 26, 4, 30, 190, 56
+    group_width = len(TARGETS) * (bar + gap) - gap
+    panel_width = 70 + len(groups) * (group_width + group_gap)
+    width = panel_width * len(PLOTTED) + 20
+    height = top + panel_height + 70
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+    ]
+    for index, target in enumerate(TARGETS):
+        x = 20 + index * 110
+        parts.append(f'<rect x="{x}" y="12" width="12" height="12" fill="{COLOURS[target]}"/>')
+        parts.append(f'<text x="{x + 18}" y="22">{escape(target)}</text>')
+    for panel, (name, added_name, title) in enumerate(PLOTTED):
+        left = 20 + panel * panel_width
+        base = top + panel_height
+        figures = [results.find(section, name) for section in groups]
+        values = [
+            f.value(t) for f in figures if f is not None for t in TARGETS if f.value(t) is not None
+        ]
+        scale = (panel_height - 70) / max([v for v in values if not math.isnan(v)] or [1.0])
+        parts.append(f'<text x="{left}" y="{top - 10}" font-weight="bold">{escape(title)}</text>')
+        parts.append(
+            f'<line x1="{left}" y1="{base}" x2="{left + panel_width - 40}" y2="{base}" '
+            'stroke="black"/>'
+        )
+        for column, (section, figure) in enumerate(zip(groups, figures, strict=True)):
+            x0 = left + 10 + column * (group_width + group_gap)
+            added = results.find(section, added_name) if added_name else None
+            for index, target in enumerate(TARGETS):
+                x = x0 + index * (bar + gap)
+                value = figure.value(target) if figure is not None else None
+                if value is None or math.isnan(value):
+                    label, bar_height = "no proxy" if target == "direct" else "—", 0.0
+                else:
+                    label, bar_height = figure.formatted(target), value * scale
+                    if added is not None and added.value(target) is not None:
+                        label += f" (+{added.formatted(target)})"
+                parts.append(
+                    f'<rect x="{x}" y="{base - bar_height:.1f}" width="{bar}" '
+                    f'height="{bar_height:.1f}" fill="{COLOURS[target]}">'
+                    f"<title>{escape(f'{section}, {target}: {label}')}</title></rect>"
+                )
+                ty = base - bar_height - 4
+                parts.append(
+                    f'<text x="{x + bar / 2}" y="{ty:.1f}" font-size="9" text-anchor="start" '
+                    f'transform="rotate(-60 {x + bar / 2} {ty:.1f})">{escape(label)}</text>'
+                )
+            caption = section.rsplit(", ", 1)[-1]
+            parts.append(
+                f'<text x="{x0 + group_width / 2}" y="{base + 16}" '
+                f'text-anchor="middle">{escape(caption)}</text>'
+            )
+        parts.append(
+            f'<text x="{left + (panel_width - 40) / 2}" y="{base + 34}" text-anchor="middle">'
+            f"{escape(groups[0].rsplit(', ', 1)[0])}</text>"
+        )
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"

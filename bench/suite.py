@@ -30,7 +30,7 @@ from pathlib import Path
 
 from bench import harness, sse_client
 from bench.harness import Pinning, Service, WrkResult
-from bench.report import Results, Target, markdown, text_table, write_document
+from bench.report import Results, Target, markdown, svg_plot, text_table, write_document
 
 PHASES = ("small", "large", "models", "replicas", "sse", "streams", "llama", "baseline", "soak")
 SMALL_CONCURRENCIES = (1, 16, 64)
@@ -69,6 +69,7 @@ LLAMA_WARMUP_ROUNDS = 2
 LLAMA_TIMEOUT = 30.0
 
 DOCUMENT = harness.REPO_ROOT / "docs" / "benchmarks.md"
+PLOT = harness.REPO_ROOT / "docs" / "benchmarks.svg"
 RESULTS_DIR = harness.BENCH_DIR / "results"
 SHARED_MACHINE_BUSY = 0.05  # others' load above this share of all cores is noted
 OTHERS_LOAD_SAMPLE = 0.5  # seconds of /proc/stat before each phase
@@ -875,30 +876,39 @@ def _cpu_model() -> str:
     return platform.processor() or "?"
 
 
-def _llmhop_revision() -> str:
-    root = str(harness.REPO_ROOT)
-    script = str(harness.ROUTER_SCRIPT)
-    # The router's own last commit: the repository's HEAD moves with unrelated work.
-    commit = _command_output(["git", "-C", root, "log", "-1", "--format=%h", "--", script])
-    dirty = _command_output(["git", "-C", root, "status", "--porcelain", "--", script])
-    return f"{commit}{' + uncommitted changes to the router' if dirty else ''}"
+def _cpu_family(model: str) -> str:
+    """The CPU as users name it: "Intel Xeon", "AMD EPYC", not its model string."""
+    for family in ("Intel Xeon", "AMD EPYC", "AMD Ryzen", "Intel Core"):
+        if all(word in model for word in family.split()):
+            return family
+    words = re.sub(r"\((R|TM)\)|CPU|@.*|Processor|\d+-Core", " ", model, flags=re.I).split()
+    return " ".join(words) or "unknown CPU"
+
+
+def _virtual_machine() -> bool:
+    # The "hypervisor" CPU flag: set when the kernel runs under one.
+    with contextlib.suppress(OSError):
+        return " hypervisor" in Path("/proc/cpuinfo").read_text()
+    return False
+
+
+def _llmhop_version() -> str:
+    match = re.search(r'^VERSION = "([^"]+)"', harness.ROUTER_SCRIPT.read_text(), re.M)
+    return match[1] if match else "?"
 
 
 def machine_description(others_load: list[float]) -> list[tuple[str, str]]:
+    """The machine and the programs, in the words of the people who read the results."""
     wrk_version = _command_output(["wrk", "-v"]).splitlines()[0]
     nginx_version = _command_output([harness.nginx_binary(), "-v"])
+    kind = "VM" if _virtual_machine() else "machine"
     return [
-        ("date", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")),
-        ("cores (`nproc`)", str(os.cpu_count())),
-        ("CPU", _cpu_model()),
-        ("kernel", platform.release()),
+        ("date", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")),
+        ("machine", f"a {os.cpu_count()}-core {_cpu_family(_cpu_model())} {kind}"),
         ("Python (llmhop)", platform.python_version()),
         ("nginx", nginx_version.removeprefix("nginx version: ")),
         ("wrk", wrk_version.split(" [")[0]),
-        (
-            "llmhop",
-            f"`{harness.ROUTER_SCRIPT.relative_to(harness.REPO_ROOT)}` at {_llmhop_revision()}",
-        ),
+        ("llmhop", _llmhop_version()),
         (
             "other load on the machine",
             f"up to {max(others_load):.0%} of all cores busy with other work, sampled before, "
@@ -1022,6 +1032,9 @@ def main(argv: list[str] | None = None) -> int:
         machine = machine_description(others)
         generated = markdown(results, machine, setup_description(options, pinning))
         write_document(DOCUMENT, generated)
+        plot = svg_plot(results, [small_section(c) for c in SMALL_CONCURRENCIES])
+        if plot is not None:
+            PLOT.write_text(plot)
         RESULTS_DIR.mkdir(exist_ok=True)
         raw = {
             "machine": dict(machine),

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
@@ -64,6 +65,29 @@ def test_report_ratios_targets_and_document(tmp_path: Path) -> None:
     text = document.read_text()
     assert "hand-written intro" in text and "second run" in text
     assert text.count(report.BEGIN_MARKER) == 1 and "latency p50" not in text
+
+
+def test_the_plot_is_an_svg_naming_the_three_targets() -> None:
+    results = report.Results()
+    for concurrency in (1, 16):
+        section = suite.small_section(concurrency)
+        results.add(section, "latency p50", "µs", {"direct": 25, "nginx": 234, "llmhop": 437})
+        results.add(section, "added latency p50", "µs", {"nginx": 209, "llmhop": 412})
+        results.add(section, "proxy CPU per request", "µs", {"nginx": 24.1, "llmhop": 94.6})
+    plot = report.svg_plot(results, [suite.small_section(c) for c in (1, 16, 64)])
+    assert plot is not None
+    root = ElementTree.fromstring(plot)
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    texts = " ".join(element.text or "" for element in root.iter())
+    assert all(target in texts for target in ("direct", "nginx", "llmhop"))
+    assert "concurrency 16" in texts and "concurrency 64" not in texts
+    assert report.svg_plot(report.Results(), [suite.small_section(1)]) is None
+
+
+def test_the_machine_is_described_in_users_words() -> None:
+    assert suite._cpu_family("Intel(R) Xeon(R) CPU @ 2.20GHz") == "Intel Xeon"
+    assert suite._cpu_family("AMD EPYC 7B13") == "AMD EPYC"
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", suite._llmhop_version())
 
 
 def test_generation_timing_reads_openai_chunks() -> None:
