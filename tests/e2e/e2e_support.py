@@ -120,9 +120,13 @@ class LlamaServer:
 
 
 def start_llama_server(
-    model_path: Path, model_name: str, log_dir: Path, api_key: str | None = None
+    model_path: Path,
+    model_name: str,
+    log_dir: Path,
+    api_key: str | None = None,
+    port: int | None = None,
 ) -> LlamaServer:
-    port = free_port()
+    port = port or free_port()
     command = [
         sys.executable,
         "-m",
