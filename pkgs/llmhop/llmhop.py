@@ -2652,23 +2652,20 @@ class Admission:
 
     __slots__ = ("going", "group", "key", "model", "released", "router", "waiter")
 
-    def __init__(self, router: RouterState, model: str, key: str) -> None:
+    def __init__(self, router: RouterState, model: str, key: str, *, going: bool) -> None:
         self.router = router
         self.model = model
         self.key = key
         self.group: Group | None = None
         self.waiter: Waiter | None = None  # once it queued for its group
-        self.going = False  # let through to the upstream: in flight to its model
+        self.going = going  # let through to the upstream: in flight to its model
         self.released = False
+        if going:
+            router.metrics.in_flight[model] += 1
 
     @property
     def waiting(self) -> bool:
         return self.waiter is not None and self.waiter.waited is None
-
-    @property
-    def queued_seconds(self) -> float | None:
-        """How long it waited for its group, once it stopped; None if it never queued."""
-        return None if self.waiter is None else self.waiter.waited
 
     def enter(self, group: Group) -> bool:
         """Take the group's turn at once (True), or be told to queue (False)."""
@@ -3100,9 +3097,11 @@ class ClientConnection(asyncio.Protocol):
         admission = self.admission
         if admission is not None:
             # Whatever ended the exchange, what it held is given back (once: the forward or
-            # the tunnel may have done so already).
-            admission.release()
-            exchange.queued_seconds = admission.queued_seconds
+            # the tunnel usually did so already).
+            if not admission.released:
+                admission.release()
+            if admission.waiter is not None:
+                exchange.queued_seconds = admission.waiter.waited
         self.request = self.exchange = self.forward = self.tunnel = self.body = None
         self.admission = None
         self._answer_after_body = None
@@ -3287,7 +3286,8 @@ class ClientConnection(asyncio.Protocol):
     def _forward(self, model: Model, target: bytes, body: BufferedBody | None) -> None:
         request, exchange, admission = self.request, self.exchange, self.admission
         assert request is not None and exchange is not None and admission is not None
-        admission.go()
+        if not admission.going:  # a request that waited for its group goes only now
+            admission.go()
         config = self.table.config
         self.forward = Forward(self, request, exchange, model, admission, config, target, body)
         self.forward.start()
@@ -3449,7 +3449,8 @@ class RouterState:
             return HTTPError(503, message, "too_many_concurrent_requests", headers=_RETRY_SOON)
         self.in_flight += 1
         key_in_flight[access.name] += 1
-        return Admission(self, model.name, access.name)
+        # A model in a group may have to wait its turn; any other goes at once.
+        return Admission(self, model.name, access.name, going=model.group is None)
 
     @property
     def queued(self) -> int:
