@@ -4398,8 +4398,8 @@ exit status:
      listener could not be opened, or systemd could not be told the router is ready
 
 other commands:
-  llmhop hash-token < TOKEN-FILE
-      print a token's sha256, for a named key in authTokens
+  llmhop hash-token [--allow-short] < TOKEN-FILE
+      print a token's sha256, for a named key in authTokens (at least 16 bytes)
   llmhop notify -url URL [-health-path PATH] [--] COMMAND...
       run a server and tell systemd it is ready once URL answers (also as llmhop-notify)
 
@@ -4432,10 +4432,22 @@ def _argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MIN_TOKEN_BYTES = 16
+_HASH_TOKEN_USAGE = (
+    "usage: llmhop hash-token [--allow-short] < TOKEN-FILE   "
+    "(or: printf %s TOKEN | llmhop hash-token)"
+)
+
+
 def hash_token_main(argv: list[str], stdin: Any = None) -> int:
-    """Print the ``sha256`` value of the token on standard input, for an ``authTokens`` key."""
-    if argv:
-        print("usage: llmhop hash-token < TOKEN-FILE   (or: printf %s TOKEN | llmhop hash-token)")
+    """Print the ``sha256`` value of the token on standard input, for an ``authTokens`` key.
+
+    The digest is unsalted and may sit in a world-readable Nix store: it keeps a random token
+    secret, not a short or chosen one, which a dictionary finds. Short tokens are refused
+    unless ``--allow-short`` insists."""
+    allow_short = argv == ["--allow-short"]
+    if argv and not allow_short:
+        print(_HASH_TOKEN_USAGE)
         return 0 if argv[0] in ("-h", "--help") else 1
     text = (stdin or sys.stdin.buffer).read()
     # One line terminator is the echo's or the file's, not the token's, as with ${file:...}.
@@ -4444,6 +4456,14 @@ def hash_token_main(argv: list[str], stdin: Any = None) -> int:
         print(
             "llmhop hash-token: the token on standard input is empty or not a valid header "
             "value (no control characters, no leading or trailing spaces)",
+            file=sys.stderr,
+        )
+        return 1
+    if len(token) < MIN_TOKEN_BYTES and not allow_short:
+        print(
+            f"llmhop hash-token: the token is {len(token)} bytes; under {MIN_TOKEN_BYTES} its "
+            "unsalted hash can be reversed by trying tokens. Make a random one (openssl rand "
+            "-hex 32), or insist with --allow-short",
             file=sys.stderr,
         )
         return 1

@@ -377,4 +377,4 @@ def test_help_tells_the_default_config_signals_exit_codes_and_docs() -> None:
         assert expected in text
     # The epilog is laid out as written: no command is broken across lines.
     assert "llmhop notify -url URL [-health-path PATH] [--] COMMAND..." in text
-    assert "llmhop hash-token < TOKEN-FILE" in text
+    assert "llmhop hash-token [--allow-short] < TOKEN-FILE" in text

@@ -277,6 +277,22 @@ def test_hash_token_prints_the_configs_sha256() -> None:
     assert run(b"", "--help").returncode == 0
 
 
+def test_hash_token_refuses_a_short_token_unless_insisted_on() -> None:
+    def run(stdin: bytes, *args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, str(ROUTER_SCRIPT), "hash-token", *args]
+        return subprocess.run(
+            command, input=stdin.decode(), capture_output=True, text=True, timeout=WAIT * 2
+        )
+
+    short = "x" * (llmhop.MIN_TOKEN_BYTES - 1)
+    refused = run(short.encode())
+    assert (refused.returncode, refused.stdout) == (1, "")
+    assert "openssl rand -hex 32" in refused.stderr and "--allow-short" in refused.stderr
+    insisted = run(short.encode(), "--allow-short")
+    assert (insisted.returncode, insisted.stdout) == (0, sha256(short) + "\n")
+    assert run(("x" * llmhop.MIN_TOKEN_BYTES).encode()).returncode == 0
+
+
 def check_keys(tmp_path: Path, keys: list[Any]) -> subprocess.CompletedProcess[str]:
     """`llmhop --check` on a config with these authTokens; nothing is read."""
     config = tmp_path / "config.json"
