@@ -9,6 +9,7 @@
   nativeRuntime,
   containerRuntime,
   onDemand,
+  weightsLib,
 }:
 rec {
   # A backend as a NixOS module: its options (options.nix; with `namedUser`, the `user` and
@@ -28,6 +29,9 @@ rec {
       movingTags ? [ ],
       extraConfig ? { },
       socketCapable ? true,
+      # Whether the server loads its weights from one file (`weights.huggingface.files`' first).
+      singleFileWeights ? false,
+      pkgs,
       ...
     }@args:
     let
@@ -45,12 +49,17 @@ rec {
           "containersWanted"
           "movingTags"
           "extraConfig"
+          "singleFileWeights"
+          "pkgs"
         ]
         // {
           inherit cfg;
           inherit (routerCfg) socketDirectory;
           nvidiaToolkit = config.hardware.nvidia-container-toolkit.enable;
-          extraOptions = extraOptions // lib.optionalAttrs namedUser (options.namedUserOptions backend);
+          extraOptions =
+            extraOptions
+            // options.hubPackageOption pkgs
+            // lib.optionalAttrs namedUser (options.namedUserOptions backend);
         }
       );
 
@@ -68,6 +77,7 @@ rec {
               containersWanted
               movingTags
               socketCapable
+              singleFileWeights
               ;
             socketGroup = cfg.group;
             nativeSystem = lib.optionalAttrs namedUser (nativeRuntime.namedUserConfig backend cfg);
@@ -87,6 +97,11 @@ rec {
     modelOptions = options.modelOption;
     namedUser = true;
   };
+
+  # The model a server loads: its declared weights, else its `model`.
+  modelPath =
+    { model, weights, ... }:
+    if weights != null then weights.path else model.model;
 
   # The managed listener flags of a server: its unix socket as `--<socketFlag>`, else
   # `--host` and `--port`.
@@ -166,7 +181,12 @@ rec {
   # `native` and `container` hold the units of each runtime, sorted by unit name (so by model
   # name), each knowing its predecessor in the same runtime for startupOrdering.
   workloads =
-    backend: cfg: routerCfg:
+    {
+      backend,
+      cfg,
+      routerCfg,
+      singleFileWeights,
+    }:
     let
       all = map (instance: rec {
         inherit (instance)
@@ -219,6 +239,16 @@ rec {
         );
         peersBefore = lib.filter (peer: peer < "${unit}.service") peers;
         cacheDirectory = "/var/cache/${backend}/${model.name}";
+        # Native workers keep their weights in their own cache, containers in the backend's.
+        weights =
+          let
+            container = model.runtime == "container";
+          in
+          weightsLib.of {
+            inherit model container;
+            hubCache = "${if container then cfg.cache.directory else cacheDirectory}/hub";
+            singleFile = singleFileWeights;
+          };
         # The server's flags as the user wrote them: the model's over the backend's.
         settings = cfg.modelSettings // model.settings;
         # The same with `${cred:NAME}` as the path of the credential in `directory` (an
@@ -275,6 +305,7 @@ rec {
       container,
       # False for servers without unix sockets: on demand they need onDemand.workerPort.
       socketCapable ? true,
+      singleFileWeights ? false,
       # An assertion that the native runtime cannot work (a missing package), or null.
       nativeUnavailable ? null,
       # Whether the container runtime is needed without container models (the gateway).
@@ -285,7 +316,14 @@ rec {
       movingTags ? [ ],
     }:
     let
-      w = workloads backend cfg routerCfg;
+      w = workloads {
+        inherit
+          backend
+          cfg
+          routerCfg
+          singleFileWeights
+          ;
+      };
       onDemandWorkloads = lib.filter (wl: wl.onDemand) w.all;
       # The proxies of the system manager (native and rootful container workers).
       systemProxies = lib.filter (wl: wl.manager == "the system manager") onDemandWorkloads;
@@ -302,6 +340,54 @@ rec {
         );
 
       optionPath = workload: "services.llmhop.${workload.modelOwner}";
+
+      # One fetch unit per model, whatever its replicas.
+      fetched = lib.attrValues (
+        lib.foldl' (
+          acc: wl:
+          if wl.weights == null || !wl.weights.fetch || acc ? ${wl.modelOwner} then
+            acc
+          else
+            acc // { ${wl.modelOwner} = wl; }
+        ) { } w.all
+      );
+      hub = cfg.huggingfaceHubPackage;
+      fetchService =
+        wl:
+        let
+          inherit (wl) model;
+          rootless = cfg.quadlet.user != null;
+        in
+        weightsLib.service {
+          inherit model;
+          inherit (wl) weights;
+          identity =
+            if model.runtime == "native" then
+              (native wl).identity
+            else if rootless then
+              {
+                User = cfg.quadlet.user.name;
+                Group = cfg.quadlet.user.group;
+              }
+            else
+              { User = "root"; };
+          directories =
+            if model.runtime == "native" then
+              { CacheDirectory = "${backend}/${model.name}"; }
+            else
+              { ReadWritePaths = [ cfg.cache.directory ]; };
+          python = hub.pythonModule.withPackages (_: [ hub ]);
+          environment = cfg.environment // model.environment;
+          keep = map (other: other.model.weights.huggingface.revision) (
+            lib.filter (other: other.weights.storage == wl.weights.storage) fetched
+          );
+          systemdVersion = config.systemd.package.version;
+        };
+      # A rootless container runs in its user's manager, which a system unit cannot be a
+      # dependency of: that whole manager starts after the fetches of its containers.
+      rootlessFetches = lib.filter (
+        wl: wl.model.runtime == "container" && cfg.quadlet.user != null
+      ) fetched;
       nativeSockets = lib.any (wl: wl.model.runtime == "native" && wl.model.socket != null) w.all;
     in
     lib.mkMerge [
@@ -344,6 +430,11 @@ rec {
               inherit workload routerCfg socketCapable;
               optionPath = optionPath workload;
             })
+            ++ weightsLib.assertions {
+              inherit model;
+              optionPath = optionPath workload;
+              singleFile = singleFileWeights;
+            }
           ) w.all
         );
 
@@ -363,6 +454,10 @@ rec {
           ++ lib.concatMap (
             workload:
             onDemand.localTcpWarning {
+              optionPath = optionPath workload;
+              inherit (workload) model;
+            }
+            ++ weightsLib.warnings {
               optionPath = optionPath workload;
               inherit (workload) model;
             }
@@ -442,6 +537,25 @@ rec {
                   lib.removeSuffix "s" kind
                 }
             ) userProxies
+          )
+        );
+      }
+
+      {
+        systemd.services = lib.listToAttrs (
+          map (wl: lib.nameValuePair (weightsLib.fetchUnit wl.model) (fetchService wl)) fetched
+          ++ lib.optional (rootlessFetches != [ ]) (
+            lib.nameValuePair "user@${toString cfg.quadlet.user.uid}" (
+              let
+                units = map (wl: "${weightsLib.fetchUnit wl.model}.service") rootlessFetches;
+              in
+              {
+                # A drop-in of the template's instance, not a unit of its own.
+                overrideStrategy = "asDropin";
+                wants = units;
+                after = units;
+              }
+            )
           )
         );
       }

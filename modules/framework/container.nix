@@ -8,6 +8,7 @@
   lib,
   llmhopLib,
   onDemand,
+  weightsLib,
 }:
 let
   # Where the container sees its socket directory and its credentials.
@@ -252,8 +253,13 @@ rec {
       environment ? { },
     }:
     let
-      inherit (workload) model;
+      inherit (workload) model weights;
       rootless = cfg.quadlet.user != null;
+      # A rootful container is a system unit, which can require the fetch unit; a rootless
+      # one's manager starts after it (assembly.nix).
+      fetch = lib.optional (
+        weights != null && weights.fetch && !rootless
+      ) "${weightsLib.fetchUnit model}.service";
       # The server's own socket (on demand, the private one behind the proxy).
       socket = workload.listen.socket;
       onSocket = socket != null;
@@ -286,7 +292,8 @@ rec {
           }
           // environment
           // cfg.environment
-          // model.environment;
+          // model.environment
+          // weightsLib.offlineEnvironment weights;
           environmentFiles = [
             cfg.environmentFile
             model.environmentFile
@@ -315,6 +322,7 @@ rec {
       volumes = [
         "${cfg.cache.directory}:${cacheDirectory}"
       ]
+      ++ lib.optionals (weights != null) weights.volumes
       ++ lib.optional onSocket "${dirOf socket}:${socketMount}${
         lib.optionalString (
           model.quadlet.mountOptions.socket != [ ]
@@ -348,10 +356,14 @@ rec {
         onDemand.workerUnitConfig workload.onDemand
         // (
           let
-            after = lib.optional (workload.previous != null) "${workload.previous}.service" ++ workload.peersBefore;
+            after =
+              fetch
+              ++ lib.optional (workload.previous != null) "${workload.previous}.service"
+              ++ workload.peersBefore;
           in
           lib.optionalAttrs (after != [ ]) { After = after; }
         )
+        // lib.optionalAttrs (fetch != [ ]) { Requires = fetch; }
         // lib.optionalAttrs (workload.peers != [ ]) { Conflicts = workload.peers; };
     }
     # On demand, its proxy starts it.

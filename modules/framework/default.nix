@@ -6,17 +6,40 @@
 # - native.nix: the native runtime (hardened system units);
 # - container.nix: the container runtime (Podman through quadlet-nix);
 # - on-demand.nix: the socket and proxy in front of a model started on demand;
+# - weights.nix: declared weights and the unit that fetches them;
 # - assembly.nix: a backend's config (workloads, registries, assertions, units) from them.
 lib:
 let
   llmhopLib = import ../lib lib;
   onDemand = import ./on-demand.nix { inherit lib llmhopLib; };
+  weightsLib = import ./weights.nix { inherit lib llmhopLib; };
   containerOptions = import ./container-options.nix { inherit lib; };
-  container = import ./container.nix { inherit lib llmhopLib onDemand; };
-  native = import ./native.nix { inherit lib llmhopLib containerOptions onDemand; };
+  container = import ./container.nix {
+    inherit
+      lib
+      llmhopLib
+      onDemand
+      weightsLib
+      ;
+  };
+  native = import ./native.nix {
+    inherit
+      lib
+      llmhopLib
+      containerOptions
+      onDemand
+      weightsLib
+      ;
+  };
   options = import ./options.nix { inherit lib llmhopLib containerOptions; };
   assembly = import ./assembly.nix {
-    inherit lib llmhopLib options onDemand;
+    inherit
+      lib
+      llmhopLib
+      options
+      onDemand
+      weightsLib
+      ;
     nativeRuntime = native;
     containerRuntime = container;
   };
@@ -32,6 +55,7 @@ in
   inherit (assembly)
     backendModule
     pythonBackend
+    modelPath
     listenFlags
     instances
     ;

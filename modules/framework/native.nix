@@ -8,6 +8,7 @@
   llmhopLib,
   containerOptions,
   onDemand,
+  weightsLib,
 }:
 {
   # A native model's systemd.services entry, in the sandbox shared with the router
@@ -29,7 +30,9 @@
       description,
     }:
     let
-      inherit (workload) model;
+      inherit (workload) model weights;
+      # Every replica waits for the model's weights.
+      fetch = lib.optional (weights != null && weights.fetch) "${weightsLib.fetchUnit model}.service";
       # `%d` is escaped with the rest of ExecStart=, so a placeholder stands for it until then.
       settings = workload.settingsIn llmhopLib.credentialsDirectoryPlaceholder;
       argv = command ++ llmhopLib.renderCliArgs dialect (settings // managedFlags);
@@ -59,9 +62,11 @@
       # On demand, its proxy starts it.
       wantedBy = lib.optional (!workload.onDemand) "multi-user.target";
       wants = [ "network-online.target" ];
+      requires = fetch;
       after = [
         "network-online.target"
       ]
+      ++ fetch
       ++ lib.optional (workload.previous != null) "${workload.previous}.service"
       ++ workload.peersBefore;
       conflicts = workload.peers;
@@ -70,7 +75,8 @@
         // lib.optionalAttrs model.gpu (llmhopLib.gpuEnvironment workload.cacheDirectory)
         // lib.optionalAttrs model.nccl llmhopLib.ncclEnvironment
         // cfg.environment
-        // model.environment;
+        // model.environment
+        // weightsLib.offlineEnvironment weights;
       unitConfig = onDemand.workerUnitConfig workload.onDemand // model.unitConfig;
       serviceConfig =
         llmhopLib.withCredentials model.credentials (

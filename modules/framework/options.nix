@@ -78,6 +78,70 @@ let
     };
   };
 
+  # A model's `weights`: fetched from the hub by its fetch unit, or on disk.
+  weightsModule = {
+    options = {
+      huggingface = mkOption {
+        type = types.nullOr (
+          types.submodule {
+            options = {
+              repo = mkOption {
+                type = types.strMatching "[^/]+/[^/]+";
+                example = "unsloth/Qwen3-8B-GGUF";
+                description = "The model repository on the Hugging Face hub.";
+              };
+              revision = mkOption {
+                type = types.strMatching "[^[:space:]]+";
+                example = "0123456789abcdef0123456789abcdef01234567";
+                description = "The commit to fetch; a branch or tag is accepted with a warning.";
+              };
+              files = mkOption {
+                type = types.nullOr (types.nonEmptyListOf types.str);
+                default = null;
+                example = [ "Qwen3-8B-Q4_K_M.gguf" ];
+                description = ''
+                  Globs of the files to fetch; `null` fetches every file. A server that loads
+                  one file (a GGUF) loads the first, which must name it without a pattern.
+                '';
+              };
+            };
+          }
+        );
+        default = null;
+        description = ''
+          Weights fetched from the Hugging Face hub by `llmhop-fetch-<name>.service` before
+          any worker of the model starts; the workers get the local snapshot and run offline.
+        '';
+      };
+      path = mkOption {
+        type = types.nullOr types.path;
+        default = null;
+        example = "/srv/models/qwen3-8b";
+        description = "Weights already on disk (or a derivation): the file (a GGUF) or directory the server loads.";
+      };
+      tokenCredential = mkOption {
+        type = types.nullOr (
+          types.either types.externalPath (types.strMatching llmhopLib.credentialNamePattern)
+        );
+        default = null;
+        example = "/run/secrets/hf-token";
+        description = ''
+          The hub token of a gated or private repository, kept out of the Nix store: a file
+          (`LoadCredential=`) or a credential name imported from the credential store
+          (`ImportCredential=`). Only the fetch unit gets it.
+        '';
+      };
+      prune = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Whether the fetch unit removes the repository's other revisions from the cache (those
+          other models of the same cache declare are kept).
+        '';
+      };
+    };
+  };
+
   # Options of services.llmhop.<backend>.models.<name>.
   modelModule =
     {
@@ -142,6 +206,11 @@ let
             follow the flag as the server expects. `''${cred:name}` becomes the path of the
             model's credential `name`. Managed flags (listener, served name) cannot be set.
           '';
+        };
+        weights = mkOption {
+          type = types.submodule weightsModule;
+          default = { };
+          description = "The model's weights, declared so that they are there before its workers start.";
         };
         environment = environmentOption "this model (over the backend's)";
         environmentFile = environmentFileOption "this model (after the backend's)";
@@ -408,9 +477,17 @@ rec {
   # The `model` option of vLLM and SGLang models.
   modelOption = {
     options.model = mkOption {
-      type = types.str;
+      type = types.nullOr types.str;
+      default = null;
       example = "meta-llama/Meta-Llama-3-8B-Instruct";
-      description = "The model to serve: a Hugging Face repository or a path.";
+      description = "The model to serve: a Hugging Face repository or a path; `weights` replace it.";
+    };
+  };
+
+  # The hub client of the fetch units.
+  hubPackageOption = pkgs: {
+    huggingfaceHubPackage = lib.mkPackageOption pkgs [ "python3Packages" "huggingface-hub" ] {
+      extraDescription = "The fetch units run it with its own Python (`weights.huggingface`).";
     };
   };
 

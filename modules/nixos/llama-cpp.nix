@@ -13,10 +13,14 @@ let
 
   # llama-server binds a unix socket when --host ends in .sock.
   listenFlags = framework.listenFlags "host";
+
+  # Declared weights: their file, as the server sees it.
+  weightsFlags = weights: lib.optionalAttrs (weights != null) { model = weights.path; };
 in
 framework.backendModule {
-  inherit config;
+  inherit config pkgs;
   backend = "llama-cpp";
+  singleFileWeights = true;
   displayName = "llama.cpp";
   image = "ghcr.io/ggml-org/llama.cpp";
   tag = if config.hardware.nvidia-container-toolkit.enable then "server-cuda" else "server";
@@ -60,6 +64,7 @@ framework.backendModule {
       model,
       cacheDirectory,
       listen,
+      weights,
       ...
     }:
     {
@@ -69,6 +74,7 @@ framework.backendModule {
       managedFlags = {
         alias = model.name;
       }
+      // weightsFlags weights
       // listenFlags listen;
       environment.LLAMA_CACHE = cacheDirectory;
       identity = {
@@ -98,6 +104,7 @@ framework.backendModule {
       managedFlags = {
         alias = model.name;
       }
+      // weightsFlags workload.weights
       // listenFlags (framework.container.listen workload 8080);
     };
 

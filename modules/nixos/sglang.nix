@@ -13,15 +13,15 @@ let
 
   cfg = config.services.llmhop.sglang;
 
-  servedFlags = model: {
-    model-path = model.model;
-    served-model-name = model.name;
+  servedFlags = workload: {
+    model-path = framework.modelPath workload;
+    served-model-name = workload.model.name;
   };
 in
 framework.backendModule (
   framework.pythonBackend
   // {
-    inherit config;
+    inherit config pkgs;
     backend = "sglang";
     displayName = "SGLang";
     image = "docker.io/lmsysorg/sglang";
@@ -59,6 +59,7 @@ framework.backendModule (
         model,
         cacheDirectory,
         listen,
+        weights,
         ...
       }:
       framework.native.pythonServer { inherit cfg pkgs cacheDirectory; }
@@ -70,21 +71,21 @@ framework.backendModule (
           "sglang.launch_server"
         ];
         dialect = "sglang";
-        managedFlags = servedFlags model // {
+        managedFlags = servedFlags { inherit model weights; } // {
           host = "127.0.0.1";
           inherit (listen) port;
         };
       };
 
     container =
-      { model, ... }:
+      workload:
       {
         dialect = "sglang";
         containerPort = 30000;
         cacheDirectory = "/root/.cache/huggingface";
         # Every SGLang image has the module; `sglang serve` only the releases after 0.5.1.
         entrypoint = ''["python3","-m","sglang.launch_server"]'';
-        managedFlags = servedFlags model // {
+        managedFlags = servedFlags workload // {
           host = "0.0.0.0";
           port = 30000;
         };

@@ -18,7 +18,7 @@ in
 framework.backendModule (
   framework.pythonBackend
   // {
-    inherit config;
+    inherit config pkgs;
     backend = "vllm";
     displayName = "vLLM";
     image = "docker.io/vllm/vllm-openai";
@@ -40,6 +40,7 @@ framework.backendModule (
         model,
         cacheDirectory,
         listen,
+        weights,
         ...
       }:
       framework.native.pythonServer {
@@ -54,7 +55,7 @@ framework.backendModule (
         command = [
           (lib.getExe' cfg.package "vllm")
           "serve"
-          model.model
+          (framework.modelPath { inherit model weights; })
         ];
         dialect = "vllm";
         managedFlags = servedFlags model // listenFlags listen;
@@ -68,7 +69,7 @@ framework.backendModule (
         cacheDirectory = "/root/.cache/huggingface";
         # Older images start the API server module, which takes no positional model.
         entrypoint = ''["vllm","serve"]'';
-        positional = [ model.model ];
+        positional = [ (framework.modelPath workload) ];
         managedFlags = servedFlags model // listenFlags (framework.container.listen workload 8000);
       };
   }

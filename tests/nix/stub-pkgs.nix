@@ -104,6 +104,14 @@ let
       cc = mkPackage "gcc-wrapper" { };
     };
 
+    # The fetch units run huggingface_hub in `pythonModule.withPackages`, an environment that
+    # stands alone here as `huggingface-hub-python` (override it with a Python that has it).
+    python3Packages.huggingface-hub = mkPackage "huggingface-hub" {
+      pythonModule = known.python3 // {
+        withPackages = _: mkPackage "huggingface-hub-python" { };
+      };
+    };
+
     formats = {
       json = mkFormat builtins.toJSON;
       # YAML is a superset of JSON.

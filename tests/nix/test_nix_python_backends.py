@@ -20,11 +20,10 @@ def test_sglang_needs_a_port() -> None:
         evaluate(llmhop(sglang={"models": {"m": {"model": "org/m"}}}))
 
 
-def test_vllm_needs_a_model() -> None:
-    with pytest.raises(
-        NixEvalError, match=r"vllm\.models\.m\.model.*accessed but has no value defined"
-    ):
-        evaluate(llmhop(vllm={"models": {"m": {"port": 20001}}}))
+def test_vllm_needs_a_model_or_weights() -> None:
+    assert assertions(llmhop(vllm={"models": {"m": {"port": 20001}}})) == [
+        "services.llmhop.vllm.models.m: set `model` (a repository or a path) or `weights`."
+    ]
 
 
 def native_vllm() -> dict[str, Any]:
