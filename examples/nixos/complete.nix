@@ -35,10 +35,12 @@
           port = 20001;
           model = "meta-llama/Meta-Llama-3-8B-Instruct";
           devices = [ "nvidia.com/gpu=0" ];
+          # GPU 0 is shared with llama.cpp's gemma: vLLM takes three quarters of it.
+          settings.gpu-memory-utilization = 0.75;
         };
         # On a unix socket (--uds), pinned by digest, with the Hugging Face token.
         qwen3-32b = {
-          model = "Qwen/Qwen3-32B";
+          model = "Qwen/Qwen3-32B-FP8"; # 33 GB of weights leave an 80 GB card room for cache
           digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
           devices = [ "nvidia.com/gpu=1" ];
           shmSize = "16g";
@@ -48,18 +50,21 @@
           settings.max-model-len = 32768;
         };
         # A hardened system unit of the same user running pkgs.vllm, on a unix socket, tensor
-        # parallel over two GPUs (so NCCL, over loopback).
+        # parallel over four GPUs (so NCCL, over loopback): 35 GB of weights on each.
         llama-3-70b = {
           runtime = "native";
           model = "meta-llama/Llama-3.3-70B-Instruct";
-          environment.CUDA_VISIBLE_DEVICES = "3,4";
-          settings.tensor-parallel-size = 2;
+          environment.CUDA_VISIBLE_DEVICES = "3,4,5,6";
+          settings = {
+            tensor-parallel-size = 4;
+            max-model-len = 32768;
+          };
         };
       };
     };
 
     # SGLang containers (always on a port), started after one another, behind the SGL Model
-    # Gateway, which llmhop routes to as `sglang`.
+    # Gateway, which llmhop routes to as `sglang`; a GPU each.
     sglang = {
       tag = "v0.5.10.post1-cu130"; # a release, not the moving `latest`
       devices = [ "nvidia.com/gpu=2" ];
@@ -71,7 +76,8 @@
         mistral-small = {
           port = 30002;
           model = "mistralai/Mistral-Small-3.2-24B-Instruct-2506";
-          settings.mem-fraction-static = 0.4;
+          devices = [ "nvidia.com/gpu=7" ];
+          settings.mem-fraction-static = 0.85; # weights and cache: 48 + 20 GB
         };
       };
       gateway = {

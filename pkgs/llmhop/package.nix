@@ -8,12 +8,14 @@ let
   root = ../..;
 
   # What the package and its check read: the router, and the router's tests with the test
-  # support they import (tests.support, the fake engine among it) and the examples they check.
+  # support they import (tests.support, the fake engine among it), the examples they check and
+  # the metrics table of the operating docs, which they hold to what the router exports.
   # Trees are kept whole; plain cleanSourceWith works with Nix 2.8.
   files = [
     "pyproject.toml"
     "pkgs/llmhop/llmhop.py"
     "examples/config.json"
+    "docs/operating.md"
     "tests/__init__.py"
   ];
   trees = [

@@ -85,18 +85,18 @@ def test_the_complete_example() -> None:
     assert "Volume=%d:/run/llmhop/credentials:ro\n" in qwen
     assert "LoadCredential=llmhop.hf-token:/run/secrets/vllm/hf-token\n" in qwen
     assert "Image=docker.io/vllm/vllm-openai:v0.11.0\n" in result["quadlet"]["vllm-llama-3-8b"]
-    # The native vLLM: a system unit of the same (lingering) user, NCCL for its two GPUs.
+    # The native vLLM: a system unit of the same (lingering) user, NCCL for its four GPUs.
     assert "vllm-llama-3-70b" not in result["quadlet"]
     native = result["services"]["vllm-llama-3-70b"]
     exec_start = native["serviceConfig"]["ExecStart"]
     assert native["serviceConfig"]["User"] == "vllm"
-    assert '"--tensor-parallel-size" "2"' in exec_start
+    assert '"--tensor-parallel-size" "4"' in exec_start
     assert '"--uds" "/run/llmhop/vllm-llama-3-70b/http.sock"' in exec_start
     assert native["environment"]["NCCL_SOCKET_IFNAME"] == "lo"
     assert result["users"]["vllm"]["linger"] is True
     mistral = result["quadlet"]["sglang-mistral-small"]
     assert "After=sglang-gemma-3-27b.service\n" in mistral
-    assert "AddDevice=nvidia.com/gpu=2\n" in mistral
+    assert "AddDevice=nvidia.com/gpu=7\n" in mistral  # its own, replacing the backend's
     gateway = result["quadlet"]["sglang-gateway"]
     assert "--worker-urls http://127.0.0.1:30001 http://127.0.0.1:30002" in gateway
     assert "'--policy=cache_aware'" in gateway
