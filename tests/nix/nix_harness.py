@@ -423,6 +423,22 @@ def _distribution_closure(name: str) -> list[Any]:
     return list(found.values())
 
 
+def python_with(root: Path, distribution: str) -> Path:
+    """A stand-in for `python3.withPackages (ps: [ ps.<distribution> ])` in root/<name>:
+    bin/python3 runs the host's interpreter with `distribution` and what it requires, copied
+    from this venv (a unit under PrivateTmp= would not see a venv below /tmp)."""
+    site = root / f"python-{distribution}" / "site-packages"
+    site.mkdir(parents=True)
+    for installed in _distribution_closure(distribution):
+        for top in {Path(f).parts[0] for f in installed.files or []} - {"..", "__pycache__"}:
+            source = Path(installed.locate_file(top)).resolve()
+            if not (site / top).exists():
+                copy = shutil.copytree if source.is_dir() else shutil.copyfile
+                copy(source, site / top)
+    python = f'#!/bin/sh\nPYTHONPATH={site} exec /usr/bin/python3 -s "$@"\n'
+    return make_package(root, f"python-{distribution}", {"python3": python})
+
+
 def _link_stdenv_programs(bin_dir: Path) -> None:
     bin_dir.mkdir(parents=True)
     coreutils = subprocess.run(
@@ -586,11 +602,13 @@ def llama_cpp_scenario(
     *,
     router: dict[str, Any] | None = None,
     started_by_hand: tuple[str, ...] = (),
+    pkgs: dict[str, str] | None = None,
+    services: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The evaluated system a service test boots: the router on 127.0.0.1:8080, started by
     its first connection, in front of llama.cpp's `models` with the fake engine as
     `llama-server`. `router` adds options of services.llmhop; the units `started_by_hand`
-    stay out of the boot too.
+    stay out of the boot too; `pkgs` adds stand-ins, `services` systemd.services entries.
 
     The fake engine is copied out of the checkout, which may sit below /tmp, where
     PrivateTmp= hides it; systemd-socket-proxyd is the host's, as systemd itself is."""
@@ -603,6 +621,7 @@ def llama_cpp_scenario(
         "llama-cpp": str(make_package(scratch / "pkgs", "llama-cpp", {"llama-server": server})),
         "coreutils": "/usr",
         "systemd": "/usr",
+        **(pkgs or {}),
     }
     not_at_boot = {"wantedBy": mk_force([])}
     config = {
@@ -617,7 +636,11 @@ def llama_cpp_scenario(
         },
         "systemd": {
             "services": {
-                unit.removesuffix(".service"): not_at_boot for unit in ("llmhop", *started_by_hand)
+                **(services or {}),
+                **{
+                    unit.removesuffix(".service"): not_at_boot
+                    for unit in ("llmhop", *started_by_hand)
+                },
             }
         },
     }

@@ -62,6 +62,7 @@ REPORTED_ENVIRONMENT = (
     "HF_HOME",
     "HF_HUB_CACHE",
     "HF_TOKEN_PATH",
+    "HF_HUB_OFFLINE",
     "LLAMA_CACHE",
     "VLLM_CACHE_ROOT",
     "LLMHOP_FAKE_CDI",
@@ -105,6 +106,7 @@ def llama_server_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--alias", required=True)
     parser.add_argument("--api-key-file", type=Path)
+    parser.add_argument("-m", "--model", type=Path)
     parser.add_argument("--hf-repo")
     parser.add_argument("--ctx-size", type=int)
     parser.add_argument("--jinja", action="store_true")
@@ -656,6 +658,15 @@ def describe(address: Address) -> str:
 def llama_server(argv: list[str]) -> tuple[App, list[Address]]:
     options = llama_server_parser().parse_args(argv)
     engine = Engine("llama-server", options.alias, options, argv)
+    if options.model is not None:
+        # As llama-server, which reads the file's GGUF header before it listens.
+        try:
+            with options.model.open("rb") as model:
+                magic = model.read(4)
+        except OSError as error:
+            raise Failure(f"failed to load model {options.model}: {error}") from error
+        if magic != b"GGUF":
+            raise Failure(f"failed to load model {options.model}: not a GGUF file")
     if options.api_key_file is not None:
         engine.api_key = engine.load_credential("api-key-file", options.api_key_file)
     # llama-server listens on a unix socket when --host ends in .sock.
