@@ -65,7 +65,6 @@ DEFAULT_QUEUE_TIMEOUT = 600.0  # a cold start (loading weights) can take minutes
 # Below the keep-alive of the servers behind (uvicorn's and llama.cpp's are 5 s), so the
 # router lets go of an idle connection before the server may close it under a request.
 DEFAULT_UPSTREAM_IDLE_TIMEOUT = 4.0
-FRESHLY_USED = 0.5  # seconds: no server's keep-alive timer is shorter
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADER_FIELDS = 256
@@ -749,7 +748,15 @@ class Listener:
 class ReplicaState:
     """What the router knows of one replica at run time; it outlives reloads that keep it."""
 
-    __slots__ = ("connect_failures", "failed_at", "failures", "in_flight", "requests", "retry_at")
+    __slots__ = (
+        "connect_failures",
+        "failed_at",
+        "failures",
+        "in_flight",
+        "requests",
+        "retry_at",
+        "seen",
+    )
 
     def __init__(self) -> None:
         self.in_flight = 0
@@ -758,6 +765,37 @@ class ReplicaState:
         self.failures = 0  # connection attempts failed in a row; 0 once one succeeds
         self.failed_at = 0.0  # monotonic time of the last failed attempt
         self.retry_at = 0.0  # left out of the choice until then
+        self.seen = UNKNOWN  # what its last response head (or probe) said: READY or LOADING
+
+
+# A model's state, as the router sees it (``model_state``).
+READY, LOADING, IDLE, UNAVAILABLE, UNKNOWN = "ready", "loading", "idle", "unavailable", "unknown"
+STATES = (READY, LOADING, IDLE, UNAVAILABLE, UNKNOWN)
+
+
+def replica_state(state: ReplicaState, now: float) -> str:
+    """``unavailable`` while it backs off after failed connects; else what it last said."""
+    return UNAVAILABLE if state.retry_at > now else state.seen
+
+
+def model_state(model: Model, group: Group | None, now: float) -> str:
+    """A model's state: ``idle`` while another model of its group is active; else
+    ``unavailable`` while every replica backs off; else ``ready`` if any replica answered,
+    ``loading`` if any is loading (its group switched to it, or it answered 503), ``unknown``
+    before the router has heard from any."""
+    if group is not None and group.active is not None and group.active != model.name:
+        return IDLE
+    states = [replica_state(replica.state, now) for replica in model.replicas]
+    for state in (READY, LOADING, UNKNOWN):
+        if state in states:
+            return state
+    return UNAVAILABLE
+
+
+def seen_in(status: int) -> str:
+    """What a response head tells of its server: llama.cpp and vLLM answer 503 while they
+    load their weights; any other answer comes from a server that is up."""
+    return LOADING if status == 503 else READY
 
 
 @dataclass(slots=True)
@@ -1343,11 +1381,14 @@ JSON = b"application/json"
 
 
 class Answer(NamedTuple):
-    """An answer of the router's own, the same for every request that gets it."""
+    """An answer of the router's own, the same for every request that gets it; the models
+    API's add each model's state as they go out (``models``)."""
 
     kind: str  # the route, as metrics and the access log name it
     body: bytes
     content_type: bytes = JSON
+    models: tuple[str, ...] | None = None  # the models it describes, for the models API
+    one: bool = False  # one model object, not a list
 
 
 class Scrape(NamedTuple):
@@ -1439,7 +1480,19 @@ def carry_replica_states(old: RoutingTable, new: RoutingTable) -> None:
 
 
 def _models_list(objects: list[dict[str, Any]]) -> Answer:
-    return Answer("models", _json_bytes({"object": "list", "data": objects}))
+    names = tuple(model["id"] for model in objects)
+    return Answer("models", _json_bytes({"object": "list", "data": objects}), JSON, names)
+
+
+def models_document(answer: Answer, table: RoutingTable, states: Callable[[str], str]) -> bytes:
+    """The models API's answer with each model's state, under ``llmhop`` (OpenAI clients
+    ignore fields they do not know)."""
+    assert answer.models is not None
+    objects = [
+        {**table.objects[name], "llmhop": {"status": states(name)}}
+        for name in answer.models
+    ]
+    return _json_bytes(objects[0] if answer.one else {"object": "list", "data": objects})
 
 
 class RoutingTable:
@@ -1456,7 +1509,11 @@ class RoutingTable:
             name: {"id": name, "object": "model", "created": created, "owned_by": "llmhop"}
             for name in listed
         }
-        self.model_objects = {name: Answer("models", _json_bytes(o)) for name, o in objects.items()}
+        self.objects = objects  # the models API's objects of the listed models, by name
+        self.model_objects = {
+            name: Answer("models", _json_bytes(o), JSON, (name,), one=True)
+            for name, o in objects.items()
+        }
         self.health = Answer("health", _json_bytes({"status": "ok", "models": len(listed)}))
         self.models_list = _models_list([objects[name] for name in listed])
         # Unlisted models are named only to a caller who showed a token: anyone else is told
@@ -1520,6 +1577,137 @@ _UNAUTHORIZED = HTTPError(
 _DOT_SEGMENT_ERROR = HTTPError(400, 'the path may not contain "." or ".." segments', "invalid_path")
 
 
+# GET /ui: one page of the router's own, with everything inline (it works offline). It holds no
+# data: it reads /status every two seconds, with the key it asks for once, kept in the tab.
+_STATUS_PAGE = Answer(
+    "ui",
+    rb"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>llmhop</title>
+<style>
+  :root { color-scheme: light dark; --ok: #1a7f37; --wait: #9a6700; --bad: #cf222e;
+          --dim: #6e7781; --line: #d0d7de; }
+  body { font: 15px/1.4 system-ui, sans-serif; margin: 0 auto; padding: 1rem; max-width: 60rem; }
+  h1 { font-size: 1.3rem; margin: 0 0 .2rem; }
+  #meta, .dim { color: var(--dim); font-size: .85rem; }
+  table { border-collapse: collapse; width: 100%; margin-top: 1rem; }
+  th, td { text-align: left; padding: .45rem .5rem; border-bottom: 1px solid var(--line); }
+  th { font-size: .8rem; text-transform: uppercase; color: var(--dim); }
+  td.n { text-align: right; font-variant-numeric: tabular-nums; }
+  .state { display: inline-block; padding: .05rem .5rem; border-radius: 1rem; font-size: .85rem;
+           border: 1px solid currentColor; }
+  .ready { color: var(--ok); } .loading { color: var(--wait); } .unavailable { color: var(--bad); }
+  .idle, .unknown { color: var(--dim); }
+  .replicas .state { font-size: .75rem; margin: 0 .2rem .2rem 0; }
+  form { margin-top: 1rem; display: flex; gap: .5rem; flex-wrap: wrap; }
+  input { flex: 1; min-width: 12rem; padding: .4rem; font: inherit; }
+  button { padding: .4rem .9rem; font: inherit; }
+  #groups { margin-top: .8rem; }
+  @media (max-width: 40rem) {
+    thead { display: none; }
+    tr { display: block; border-bottom: 1px solid var(--line); padding: .4rem 0; }
+    td { display: inline-block; border: 0; padding: .15rem .4rem; }
+    td[data-label]::before { content: attr(data-label) ": "; color: var(--dim); }
+  }
+</style>
+</head>
+<body>
+<h1>llmhop</h1>
+<div id="meta">connecting&hellip;</div>
+<form id="key" hidden>
+  <input id="token" type="password" autocomplete="off"
+         placeholder="API key (kept in this tab only)">
+  <button>Show</button>
+</form>
+<div id="groups"></div>
+<table id="models" hidden>
+  <thead><tr><th>model</th><th>state</th><th>in flight</th><th>queued</th><th>group</th>
+  <th>replicas</th></tr></thead>
+  <tbody></tbody>
+</table>
+<script>
+"use strict";
+const KEY = "llmhop-key";
+const $ = (id) => document.getElementById(id);
+
+function cell(row, text, label, className) {
+  const td = row.insertCell();
+  td.textContent = text;
+  if (label) td.dataset.label = label;
+  if (className) td.className = className;
+  return td;
+}
+
+function badge(state) {
+  const span = document.createElement("span");
+  span.className = "state " + state;
+  span.textContent = state;
+  return span;
+}
+
+function render(status) {
+  $("key").hidden = true;
+  $("models").hidden = false;
+  const body = $("models").tBodies[0];
+  body.replaceChildren();
+  for (const [name, model] of Object.entries(status.models)) {
+    const row = body.insertRow();
+    row.dataset.model = name;
+    cell(row, name);
+    cell(row, "", "state").append(badge(model.status));
+    cell(row, model.in_flight, "in flight", "n");
+    cell(row, model.queued, "queued", "n");
+    cell(row, model.group || "\u2014", "group");
+    const replicas = cell(row, "", "replicas", "replicas");
+    model.replicas.forEach((replica) => {
+      const mark = badge(replica.status);
+      mark.textContent = replica.status + " \u00b7 " + replica.in_flight;
+      replicas.append(mark);
+    });
+  }
+  const groups = Object.entries(status.groups).map(([name, group]) =>
+    name + ": " + (group.active ? "serving " + group.active : "nothing loaded") +
+    (group.queued ? ", " + group.queued + " queued" : ""));
+  $("groups").textContent = groups.join(" \u00b7 ");
+  $("meta").textContent = Object.keys(status.models).length + " model(s) \u00b7 llmhop " +
+    status.version + " \u00b7 up " + Math.round(status.uptime_s) + " s \u00b7 " +
+    new Date().toLocaleTimeString();
+}
+
+async function refresh() {
+  const key = sessionStorage.getItem(KEY);
+  const headers = key ? { Authorization: "Bearer " + key } : {};
+  try {
+    const response = await fetch("status", { headers, cache: "no-store" });
+    if (response.status === 401) {
+      $("meta").textContent = key ? "that key may not see the status" : "a key is needed";
+      $("key").hidden = false;
+      return;
+    }
+    render(await response.json());
+  } catch (error) {
+    $("meta").textContent = "the router does not answer (" + error.message + ")";
+  }
+}
+
+$("key").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(KEY, $("token").value.trim());
+  refresh();
+});
+refresh();
+setInterval(refresh, 2000);
+</script>
+</body>
+</html>
+""",
+    b"text/html; charset=utf-8",
+)
+
+
 def unknown_model(name: str) -> HTTPError:
     return HTTPError(404, f"unknown model {json.dumps(name)}", "model_not_found")
 
@@ -1538,11 +1726,15 @@ def route(request: Request, table: RoutingTable, access: Access | None) -> Route
             return table.health
         error = HTTPError(405, "use GET /health", "method_not_allowed", headers=_ALLOW_READS)
         return Refusal("health", error)
-    if path == b"/metrics" and method in _READS:
-        if access is not None:
-            return access.scrape
-        if not table.config.metrics_auth:
-            return table.listed_scrape
+    if path == b"/ui" and method in _READS:
+        return _STATUS_PAGE  # a page without data: /status, which it reads, asks for a key
+    if path in (b"/metrics", b"/status") and method in _READS:
+        # Both tell what the models are doing, and name them as far as the caller may see.
+        scrape = access.scrape if access is not None else None
+        if scrape is None and not table.config.metrics_auth:
+            scrape = table.listed_scrape
+        if scrape is not None:
+            return scrape if path == b"/metrics" else scrape._replace(kind="status")
     if access is None:
         return Refusal("error", _UNAUTHORIZED)
     if method in _READS:
@@ -2041,6 +2233,7 @@ class Metrics:
         connections_opened: int,
         scrape: Scrape,
         groups: Collection[Group] = (),
+        state_of: Callable[[str], str] = lambda model: UNKNOWN,
     ) -> bytes:
         """The metrics text, naming only the models and keys ``scrape`` may see."""
         shown = scrape.models
@@ -2098,6 +2291,18 @@ class Metrics:
             lines.append(
                 f'llmhop_requests_in_flight{{model="{_label(model)}"}} {self.in_flight[model]}'
             )
+        lines += [
+            "# HELP llmhop_model_status Each model's state, as the router sees it: 1 for the "
+            "state it is in.",
+            "# TYPE llmhop_model_status gauge",
+        ]
+        for model in sorted(filter(named, table.models)):
+            now_in = state_of(model)
+            lines += [
+                f'llmhop_model_status{{model="{_label(model)}",status="{state}"}} '
+                f"{int(state == now_in)}"
+                for state in STATES
+            ]
         for name, help_text, histograms in (
             (
                 "llmhop_request_duration_seconds",
@@ -2281,14 +2486,13 @@ class UpstreamConnection(asyncio.Protocol):
     ``Forward``, or after 101 Switching Protocols its ``Tunnel``.
     """
 
-    __slots__ = ("buffer", "closed", "handler", "idle_since", "idle_until", "readable", "transport")
+    __slots__ = ("buffer", "closed", "handler", "idle_until", "readable", "transport")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()  # received, not yet relayed: a head in the making, say
         self.closed = False
         self.handler: Forward | Tunnel | None = None
-        self.idle_since = 0.0  # while pooled: since when
         self.idle_until = math.inf  # while pooled: when it is closed unless used again
         self.readable = select.poll()  # asks the socket, not the loop, whether it has news
 
@@ -2367,20 +2571,14 @@ class UpstreamPool:
         self._sweep_at = math.inf
 
     def take(self, upstream: Upstream) -> UpstreamConnection | None:
-        """An idle connection to the upstream that is still open, if there is one.
-
-        One idle long enough for a server's keep-alive timer to close it is asked first
-        whether the server did; one used a moment ago was open then.
-        """
+        """An idle connection to the upstream that is still open, if there is one: the
+        socket is asked right before, since a server may close an idle connection any time."""
         idle = self.idle.get(upstream.pool_key)
         while idle:
             connection = idle.pop()
             if connection.closed:
                 continue
-            if (
-                time.monotonic() - connection.idle_since < FRESHLY_USED
-                or not connection.said_something()
-            ):
+            if not connection.said_something():
                 return connection
             connection.close()
         return None
@@ -2394,8 +2592,7 @@ class UpstreamPool:
             assert connection.transport is not None
             connection.transport.resume_reading()  # to notice the upstream closing it
             idle.append(connection)
-            connection.idle_since = now = time.monotonic()
-            connection.idle_until = now + idle_timeout
+            connection.idle_until = time.monotonic() + idle_timeout
             if connection.idle_until < self._sweep_at:
                 self._schedule_sweep(connection.idle_until)
         else:
@@ -3039,11 +3236,17 @@ class ClientConnection(asyncio.Protocol):
             exchange.model = decision.model.name
             self._proxy(decision.model, decision.target, None)
         elif type(decision) is Answer:
-            self._answer(200, decision.body, decision.content_type)
+            body = decision.body
+            if decision.models is not None:
+                body = models_document(decision, self.table, self.router.state_of)
+            self._answer(200, body, decision.content_type)
         elif type(decision) is Scrape:
             router = self.router
+            if decision.kind == "status":
+                self._answer(200, router.status_document(self.table, decision.models), JSON)
+                return
             metrics = router.metrics.render(
-                self.table, router.pool.opened, decision, router.groups.values()
+                self.table, router.pool.opened, decision, router.groups.values(), router.state_of
             )
             self._answer(200, metrics, PROMETHEUS_TEXT)
         else:
@@ -3420,6 +3623,7 @@ class RouterState:
         self.groups: dict[str, Group] = {}  # by name; kept across reloads
         self.head_timeout = HEAD_TIMEOUT
         self.idle_timeout = IDLE_TIMEOUT
+        self.started = time.monotonic()
 
     def new_connection(self) -> ClientConnection:
         """The protocol factory of the listeners: one per client connection."""
@@ -3452,6 +3656,55 @@ class RouterState:
         # A model in a group may have to wait its turn; any other goes at once.
         return Admission(self, model.name, access.name, going=model.group is None)
 
+    def state_of(self, name: str) -> str:
+        """The state of a model of the current table (see ``model_state``)."""
+        model = self.table.models[name]
+        group = self.groups.get(model.group) if model.group is not None else None
+        return model_state(model, group, time.monotonic())
+
+    def status_document(self, table: RoutingTable, shown: frozenset[str] | None) -> bytes:
+        """GET /status: what each model the caller may see is doing, and its group's turn;
+        a group's active model is named only to a caller who may see that model."""
+        now = time.monotonic()
+        waiting = collections.Counter(
+            waiter.model for group in self.groups.values() for waiter in group.waiters
+        )
+        models = {}
+        for name, model in sorted(table.models.items()):
+            if shown is not None and name not in shown:
+                continue
+            group = self.groups.get(model.group) if model.group is not None else None
+            state = model_state(model, group, now)
+            models[name] = {
+                "status": state,
+                "in_flight": self.metrics.in_flight[name],
+                "queued": waiting[name],
+                "group": model.group,
+                "replicas": [
+                    {
+                        "status": IDLE if state == IDLE else replica_state(replica.state, now),
+                        "in_flight": replica.state.in_flight,
+                    }
+                    for replica in model.replicas
+                ],
+            }
+        groups = {}
+        for name in sorted({entry["group"] for entry in models.values() if entry["group"]}):
+            group = self.groups.get(name)
+            active = group.active if group is not None else None
+            seen = active is not None and (shown is None or active in shown)
+            groups[name] = {
+                "active": active if seen else None,
+                "queued": sum(e["queued"] for e in models.values() if e["group"] == name),
+            }
+        document = {
+            "version": VERSION,
+            "uptime_s": round(now - self.started, 3),
+            "models": models,
+            "groups": groups,
+        }
+        return _json_bytes(document)
+
     @property
     def queued(self) -> int:
         return sum(len(group.waiters) for group in self.groups.values())
@@ -3468,6 +3721,11 @@ class RouterState:
         left = self.table.models.get(previous) if previous is not None else None
         if left is not None:
             self.pool.close_idle(replica.upstream for replica in left.replicas)
+        # The model switched to loads (its worker starts) until its first answer.
+        entered = self.table.models.get(model)
+        if entered is not None:
+            for replica in entered.replicas:
+                replica.state.seen = LOADING
 
     def replace_table(self, table: RoutingTable) -> None:
         """A reload: requests in flight keep the table they started with; what is known of
@@ -3868,6 +4126,8 @@ class Forward:
             self._switch_to_tunnel(response)
             return
         exchange.status = response.status
+        assert self.replica is not None
+        self.replica.state.seen = seen_in(response.status)
         # An HTTP/1.0 client cannot read chunked framing: it gets the bare content, ended by
         # the connection closing.
         dechunk = response.length == CHUNKED and self.request.http_minor == 0
