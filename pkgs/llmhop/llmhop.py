@@ -866,6 +866,7 @@ class Config:
     shutdown_timeout: float
     metrics_auth: bool  # whether /metrics needs a token too; by default, when tokens are set
     models: dict[str, Model]
+    server_timing: bool = True  # Server-Timing on every forwarded response
     # (key path, message): what is allowed but likely a mistake, said at start and by --check.
     warnings: tuple[tuple[str, str], ...] = ()
 
@@ -880,6 +881,7 @@ _CONFIG_KEYS = {
     "shutdownTimeout": (int, float),
     "authTokens": list,
     "metricsAuth": bool,
+    "serverTiming": bool,
     "queueTimeout": (int, float),
     "upstreamIdleTimeout": (int, float),
     "models": dict,
@@ -1333,6 +1335,7 @@ def parse_config(text: str | bytes, resolve: Callable[[str, str], str], source: 
         connect_timeout=reader.seconds(fields, "connectTimeout", DEFAULT_CONNECT_TIMEOUT),
         shutdown_timeout=reader.seconds(fields, "shutdownTimeout", DEFAULT_SHUTDOWN_TIMEOUT),
         metrics_auth=fields.get("metricsAuth", reader.checks_tokens),
+        server_timing=fields.get("serverTiming", True),
         models=reader.models(fields.get("models", {})),
     )
     if reader.problems:
@@ -1489,8 +1492,7 @@ def models_document(answer: Answer, table: RoutingTable, states: Callable[[str],
     ignore fields they do not know)."""
     assert answer.models is not None
     objects = [
-        {**table.objects[name], "llmhop": {"status": states(name)}}
-        for name in answer.models
+        {**table.objects[name], "llmhop": {"status": states(name)}} for name in answer.models
     ]
     return _json_bytes(objects[0] if answer.one else {"object": "list", "data": objects})
 
@@ -2078,7 +2080,11 @@ def upstream_request_head(
 
 
 def client_response_head(
-    response: Response, request_id: bytes, keep_alive: bool, dechunk: bool
+    response: Response,
+    request_id: bytes,
+    keep_alive: bool,
+    dechunk: bool,
+    timing: bytes | None = None,
 ) -> bytes:
     """The upstream's response head as the client gets it.
 
@@ -2100,10 +2106,23 @@ def client_response_head(
     elif response.length == 0 and (lengths := response.headers.values(b"content-length")):
         # HEAD and 304 answers describe the body they would have had.
         lines.append(b"Content-Length: " + lengths[0].split(b",")[0].strip())
+    if timing is not None:
+        lines.append(timing)
     if not keep_alive:
         lines.append(b"Connection: close")
     lines += [b"", b""]
     return b"\r\n".join(lines)
+
+
+def server_timing(queued: float | None, connect: float | None, upstream: float) -> bytes:
+    """The router's share of a response's time (W3C Server Timing), in milliseconds: waiting
+    for the model's group, opening the upstream connection, and from the request going out to
+    the upstream's response head."""
+    return b"Server-Timing: queue;dur=%.1f, connect;dur=%.1f, upstream;dur=%.1f" % (
+        (queued or 0.0) * 1000,
+        (connect or 0.0) * 1000,
+        (upstream - (connect or 0.0)) * 1000,
+    )
 
 
 def switching_protocols_head(response: Response) -> bytes:
@@ -2158,6 +2177,7 @@ class Exchange:
     bytes_in: int = 0
     bytes_out: int = 0
     upstream_seconds: float | None = None  # until the upstream's response head
+    connect_seconds: float | None = None  # opening the upstream connection; None when reused
     upstream_failure: str | None = None  # connect, timeout, protocol: the upstream's fault
     request_id: bytes = b"-"
 
@@ -2447,7 +2467,7 @@ class AccessLog:
         upstream = (
             "-" if exchange.upstream_seconds is None else f"{exchange.upstream_seconds * 1000:.1f}"
         )
-        queued = exchange.queued_seconds
+        queued, connect = exchange.queued_seconds, exchange.connect_seconds
         if not self._lines:
             # However many requests end in this pass of the loop, one write takes them all.
             asyncio.get_running_loop().call_soon(self.flush)
@@ -2456,6 +2476,7 @@ class AccessLog:
             f"key={exchange.key} route={exchange.route} status={exchange.status} "
             f"in={exchange.bytes_in} out={exchange.bytes_out} total_ms={total:.1f} "
             f"upstream_ms={upstream} id={exchange.request_id.decode('ascii', 'replace')}"
+            f"{'' if connect is None else f' connect_ms={connect * 1000:.1f}'}"
             f"{'' if exchange.tries == 1 else f' tries={exchange.tries}'}"
             f"{'' if queued is None else f' queued_ms={queued * 1000:.1f}'}\n"
         )
@@ -4011,6 +4032,7 @@ class Forward:
 
     async def _connect(self, replica: Replica) -> None:
         pool = self.client.router.pool
+        started = time.monotonic()
         try:
             connection = await pool.open(replica.upstream, self.config.connect_timeout)
         except UpstreamError as exc:
@@ -4020,6 +4042,7 @@ class Forward:
                 self._connect_failed(exc)
             return
         self.connecting = None
+        self.exchange.connect_seconds = time.monotonic() - started
         replica.state.failures = 0
         replica.state.retry_at = 0.0
         if self.ended:
@@ -4134,7 +4157,14 @@ class Forward:
         keep_alive = self.client.decide_keep_alive(
             response_closes=response.length == UNTIL_CLOSE or dechunk
         )
-        self.client_head = client_response_head(response, exchange.request_id, keep_alive, dechunk)
+        timing = None
+        if self.config.server_timing:
+            waiter = self.admission.waiter
+            queued = None if waiter is None else waiter.waited
+            timing = server_timing(queued, exchange.connect_seconds, exchange.upstream_seconds)
+        self.client_head = client_response_head(
+            response, exchange.request_id, keep_alive, dechunk, timing
+        )
         self.framing = Framing(response.length)
         self.payload = [] if dechunk else None
         self.upstream_keep_alive = response.keep_alive

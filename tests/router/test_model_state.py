@@ -1,0 +1,299 @@
+"""Each model's state as the router sees it, where it shows (/status, the models API, the
+metrics), who may see it, and the router's own time on every forwarded response."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from support import WAIT, FakeUpstream, HeldUpstream, Received, RunningRouter, chat, exchange
+
+from tests.support.wire import SocketReader, http_response, read_reply, request_bytes
+
+Factory = Callable[..., Any]
+
+
+def refused_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def status(router: RunningRouter, token: str | None = None) -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    reply = exchange(router, "GET", "/status", None, headers)
+    assert reply.status == 200, reply.body
+    return reply.json()
+
+
+def states(router: RunningRouter) -> dict[str, str]:
+    return {name: entry["status"] for name, entry in status(router)["models"].items()}
+
+
+def loading_then_ready() -> Callable[[Received, socket.socket], bool]:
+    """An upstream that answers 503 (loading its weights) once, then 200."""
+    answered = []
+
+    def handler(request: Received, conn: socket.socket) -> bool:
+        conn.sendall(http_response(503 if not answered else 200))
+        answered.append(True)
+        return True
+
+    return handler
+
+
+# --- transitions ------------------------------------------------------------------------------
+
+
+def test_a_model_is_unknown_then_loading_then_ready(
+    router_factory: Factory, upstream_factory: Factory
+) -> None:
+    upstream = upstream_factory(loading_then_ready())
+    router = router_factory({"models": {"m": {"url": upstream.url}}})
+    assert states(router) == {"m": "unknown"}
+    assert exchange(router, "POST", "/v1/chat", chat("m")).status == 503
+    assert states(router) == {"m": "loading"}
+    assert exchange(router, "POST", "/v1/chat", chat("m")).status == 200
+    assert states(router) == {"m": "ready"}
+
+
+def test_a_model_whose_replicas_all_back_off_is_unavailable(
+    router_factory: Factory, upstream_factory: Factory
+) -> None:
+    router = router_factory({"models": {"down": {"urls": [refused_url(), refused_url()]}}})
+    assert exchange(router, "POST", "/v1/chat", chat("down")).status == 502
+    entry = status(router)["models"]["down"]
+    assert entry["status"] == "unavailable"
+    assert [r["status"] for r in entry["replicas"]] == ["unavailable", "unavailable"]
+
+
+def test_one_replica_answering_makes_the_model_ready(
+    router_factory: Factory, upstream_factory: Factory
+) -> None:
+    up = upstream_factory()
+    router = router_factory({"models": {"m": {"urls": [refused_url(), up.url]}}})
+    for _ in range(2):  # replicas take turns: each is tried
+        assert exchange(router, "POST", "/v1/chat", chat("m")).status == 200
+    entry = status(router)["models"]["m"]
+    assert entry["status"] == "ready"
+    assert [r["status"] for r in entry["replicas"]] == ["unavailable", "ready"]
+
+
+def test_a_group_switch_makes_the_model_left_idle_and_the_new_one_loading(
+    router_factory: Factory, held_factory: Callable[[], HeldUpstream]
+) -> None:
+    a, b = held_factory(), held_factory()
+    group = {"group": "gpu0"}
+    router = router_factory(
+        {"models": {"a": {"url": a.url, **group}, "b": {"url": b.url, **group}}}
+    )
+    assert states(router) == {"a": "unknown", "b": "unknown"}
+    a.release_all()
+    assert exchange(router, "POST", "/v1/chat", chat("a")).status == 200
+    assert states(router) == {"a": "ready", "b": "idle"}
+    with router.connect() as sock:
+        sock.sendall(request_bytes("POST", "/v1/chat", chat("b")))
+        b.next_arrival()  # the group switched to b, which has not answered yet
+        assert states(router) == {"a": "idle", "b": "loading"}
+        entry = status(router)["models"]["b"]
+        assert (entry["in_flight"], entry["replicas"][0]["in_flight"]) == (1, 1)
+        b.allow()
+        assert read_reply(SocketReader(sock)).status == 200
+    assert states(router) == {"a": "idle", "b": "ready"}
+
+
+def test_status_counts_the_queue_apart(
+    router_factory: Factory, held_factory: Callable[[], HeldUpstream]
+) -> None:
+    a, b = held_factory(), held_factory()
+    group = {"group": "gpu0"}
+    router = router_factory(
+        {"models": {"a": {"url": a.url, **group}, "b": {"url": b.url, **group}}}
+    )
+    with router.connect() as holding, router.connect() as waiting:
+        holding.sendall(request_bytes("POST", "/v1/chat", chat("a")))
+        a.next_arrival()
+        waiting.sendall(request_bytes("POST", "/v1/chat", chat("b")))
+        for _ in range(int(WAIT / 0.01)):
+            if status(router)["models"]["b"]["queued"] == 1:
+                break
+            threading.Event().wait(0.01)
+        document = status(router)
+        assert document["models"]["a"]["in_flight"] == 1
+        assert document["models"]["b"] | {"replicas": None} == {
+            "status": "idle",
+            "in_flight": 0,
+            "queued": 1,
+            "group": "gpu0",
+            "replicas": None,
+        }
+        assert document["groups"] == {"gpu0": {"active": "a", "queued": 1}}
+        a.release_all()
+        b.release_all()
+        assert read_reply(SocketReader(holding)).status == 200
+        assert read_reply(SocketReader(waiting)).status == 200
+
+
+# --- where it shows, and to whom -------------------------------------------------------------
+
+
+def test_the_models_api_carries_each_models_state(
+    router_factory: Factory, upstream: FakeUpstream
+) -> None:
+    router = router_factory({"models": {"m": {"url": upstream.url}, "n": {"url": upstream.url}}})
+    assert exchange(router, "POST", "/v1/chat", chat("m")).status == 200
+    listed = exchange(router, "GET", "/v1/models").json()
+    assert {entry["id"]: entry["llmhop"]["status"] for entry in listed["data"]} == {
+        "m": "ready",
+        "n": "unknown",
+    }
+    one = exchange(router, "GET", "/v1/models/m").json()
+    assert (one["id"], one["object"], one["llmhop"]) == ("m", "model", {"status": "ready"})
+
+
+def test_the_metrics_have_each_models_state(
+    router_factory: Factory, upstream: FakeUpstream
+) -> None:
+    router = router_factory({"models": {"m": {"url": upstream.url}}})
+    assert exchange(router, "POST", "/v1/chat", chat("m")).status == 200
+    text = exchange(router, "GET", "/metrics").body.decode()
+    found = dict(re.findall(r'^llmhop_model_status\{model="m",status="(\w+)"\} (\d)$', text, re.M))
+    assert found == {"ready": "1", "loading": "0", "idle": "0", "unavailable": "0", "unknown": "0"}
+
+
+ADMIN, SCOPED = "admin-token-0123456789", "scoped-token-0123456789"
+
+
+@pytest.fixture
+def keyed(router_factory: Factory, held_factory: Callable[[], HeldUpstream]) -> RunningRouter:
+    secret, public = held_factory(), held_factory()
+    secret.release_all()
+    public.release_all()
+    return router_factory(
+        {
+            "authTokens": [ADMIN, {"name": "scoped", "token": SCOPED, "models": ["public"]}],
+            "models": {
+                "secret": {"url": secret.url, "group": "gpu0"},
+                "public": {"url": public.url, "group": "gpu0"},
+                "hidden": {"url": public.url, "unlisted": True},
+            },
+        }
+    )
+
+
+def test_status_needs_a_key_when_keys_are_set(keyed: RunningRouter) -> None:
+    assert exchange(keyed, "GET", "/status").status == 401
+    assert exchange(keyed, "GET", "/status", None, {"Authorization": "Bearer x"}).status == 401
+
+
+def test_a_full_key_sees_every_model_and_the_active_one(keyed: RunningRouter) -> None:
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    assert exchange(keyed, "POST", "/v1/chat", chat("secret"), headers).status == 200
+    document = status(keyed, ADMIN)
+    assert sorted(document["models"]) == ["hidden", "public", "secret"]
+    assert document["groups"] == {"gpu0": {"active": "secret", "queued": 0}}
+    assert document["version"] and document["uptime_s"] >= 0
+
+
+def test_a_scoped_key_sees_its_models_and_never_the_one_it_may_not(keyed: RunningRouter) -> None:
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    assert exchange(keyed, "POST", "/v1/chat", chat("secret"), headers).status == 200
+    document = status(keyed, SCOPED)
+    assert sorted(document["models"]) == ["public"]
+    assert document["models"]["public"]["status"] == "idle"
+    assert document["groups"] == {"gpu0": {"active": None, "queued": 0}}
+    assert (
+        "secret"
+        not in exchange(
+            keyed, "GET", "/status", None, {"Authorization": f"Bearer {SCOPED}"}
+        ).body.decode()
+    )
+
+
+def test_anonymous_status_with_metrics_opened_names_listed_models_only(
+    router_factory: Factory, upstream: FakeUpstream
+) -> None:
+    router = router_factory(
+        {
+            "authTokens": [ADMIN],
+            "metricsAuth": False,
+            "models": {
+                "m": {"url": upstream.url},
+                "hidden": {"url": upstream.url, "unlisted": True},
+            },
+        }
+    )
+    assert sorted(status(router)["models"]) == ["m"]
+
+
+def test_the_page_is_one_offline_document(router_factory: Factory, upstream: FakeUpstream) -> None:
+    router = router_factory({"authTokens": [ADMIN], "models": {"m": {"url": upstream.url}}})
+    reply = exchange(router, "GET", "/ui")  # no key: the page holds no data
+    assert reply.status == 200
+    assert reply.headers["content-type"] == "text/html; charset=utf-8"
+    page = reply.body.decode()
+    assert "<script>" in page and "<style>" in page
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing fetched elsewhere
+
+
+# --- Server-Timing ----------------------------------------------------------------------------
+
+TIMING = re.compile(r"^queue;dur=([\d.]+), connect;dur=([\d.]+), upstream;dur=([\d.]+)$")
+
+
+def timings(reply: Any) -> tuple[float, float, float]:
+    match = TIMING.match(reply.headers["server-timing"])
+    assert match, reply.headers["server-timing"]
+    queued, connect, upstream = map(float, match.groups())
+    return queued, connect, upstream
+
+
+def test_server_timing_tells_connect_and_upstream_time(router_factory: Factory) -> None:
+    def slow(request: Received, conn: socket.socket) -> bool:
+        threading.Event().wait(0.2)
+        conn.sendall(http_response())
+        return True
+
+    upstream = FakeUpstream(slow)
+    try:
+        router = router_factory({"models": {"m": {"url": upstream.url}}})
+        with router.connect() as sock:
+            reader = SocketReader(sock)
+            sock.sendall(request_bytes("POST", "/v1/chat", chat("m")))
+            queued, connect, waited = timings(read_reply(reader))
+            assert queued == 0 and connect > 0 and waited >= 200
+            sock.sendall(request_bytes("POST", "/v1/chat", chat("m")))
+            queued, connect, waited = timings(read_reply(reader))
+            assert connect == 0 and waited >= 200  # the pooled connection
+    finally:
+        upstream.close()
+
+
+def test_server_timing_tells_the_time_queued(
+    router_factory: Factory, held_factory: Callable[[], HeldUpstream]
+) -> None:
+    a, b = held_factory(), held_factory()
+    group = {"group": "gpu0"}
+    router = router_factory(
+        {"models": {"a": {"url": a.url, **group}, "b": {"url": b.url, **group}}}
+    )
+    with router.connect() as holding, router.connect() as waiting:
+        holding.sendall(request_bytes("POST", "/v1/chat", chat("a")))
+        a.next_arrival()
+        waiting.sendall(request_bytes("POST", "/v1/chat", chat("b")))
+        threading.Event().wait(0.15)  # the time b spends in the queue, which it must report
+        a.release_all()
+        b.release_all()
+        assert read_reply(SocketReader(holding)).status == 200
+        queued, _, _ = timings(read_reply(SocketReader(waiting)))
+    assert queued >= 100  # at least most of the wait, however late b reached the queue
+
+
+def test_server_timing_can_be_turned_off(router_factory: Factory, upstream: FakeUpstream) -> None:
+    router = router_factory({"serverTiming": False, "models": {"m": {"url": upstream.url}}})
+    reply = exchange(router, "POST", "/v1/chat", chat("m"))
+    assert reply.status == 200 and "server-timing" not in reply.headers
