@@ -765,7 +765,9 @@ class ReplicaState:
         self.failures = 0  # connection attempts failed in a row; 0 once one succeeds
         self.failed_at = 0.0  # monotonic time of the last failed attempt
         self.retry_at = 0.0  # left out of the choice until then
-        self.seen = UNKNOWN  # what its last response head (or probe) said: READY or LOADING
+        # What the router last learnt of it: READY or LOADING from a response head (or a
+        # probe), UNAVAILABLE from a failed connect, UNKNOWN before either.
+        self.seen = UNKNOWN
 
 
 # A model's state, as the router sees it (``model_state``).
@@ -773,19 +775,14 @@ READY, LOADING, IDLE, UNAVAILABLE, UNKNOWN = "ready", "loading", "idle", "unavai
 STATES = (READY, LOADING, IDLE, UNAVAILABLE, UNKNOWN)
 
 
-def replica_state(state: ReplicaState, now: float) -> str:
-    """``unavailable`` while it backs off after failed connects; else what it last said."""
-    return UNAVAILABLE if state.retry_at > now else state.seen
-
-
-def model_state(model: Model, group: Group | None, now: float) -> str:
-    """A model's state: ``idle`` while another model of its group is active; else
-    ``unavailable`` while every replica backs off; else ``ready`` if any replica answered,
-    ``loading`` if any is loading (its group switched to it, or it answered 503), ``unknown``
-    before the router has heard from any."""
+def model_state(model: Model, group: Group | None) -> str:
+    """A model's state: ``idle`` while another model of its group is active; else ``ready``
+    if any replica answered, ``loading`` if any is loading (its group switched to it, or it
+    answered 503), ``unknown`` before the router has heard from one, and ``unavailable`` when
+    connecting to every replica failed last."""
     if group is not None and group.active is not None and group.active != model.name:
         return IDLE
-    states = [replica_state(replica.state, now) for replica in model.replicas]
+    states = [replica.state.seen for replica in model.replicas]
     for state in (READY, LOADING, UNKNOWN):
         if state in states:
             return state
@@ -1604,6 +1601,7 @@ _STATUS_PAGE = Answer(
   .ready { color: var(--ok); } .loading { color: var(--wait); } .unavailable { color: var(--bad); }
   .idle, .unknown { color: var(--dim); }
   .replicas .state { font-size: .75rem; margin: 0 .2rem .2rem 0; }
+  [hidden] { display: none !important; }
   form { margin-top: 1rem; display: flex; gap: .5rem; flex-wrap: wrap; }
   input { flex: 1; min-width: 12rem; padding: .4rem; font: inherit; }
   button { padding: .4rem .9rem; font: inherit; }
@@ -3681,7 +3679,7 @@ class RouterState:
         """The state of a model of the current table (see ``model_state``)."""
         model = self.table.models[name]
         group = self.groups.get(model.group) if model.group is not None else None
-        return model_state(model, group, time.monotonic())
+        return model_state(model, group)
 
     def status_document(self, table: RoutingTable, shown: frozenset[str] | None) -> bytes:
         """GET /status: what each model the caller may see is doing, and its group's turn;
@@ -3695,7 +3693,7 @@ class RouterState:
             if shown is not None and name not in shown:
                 continue
             group = self.groups.get(model.group) if model.group is not None else None
-            state = model_state(model, group, now)
+            state = model_state(model, group)
             models[name] = {
                 "status": state,
                 "in_flight": self.metrics.in_flight[name],
@@ -3703,7 +3701,7 @@ class RouterState:
                 "group": model.group,
                 "replicas": [
                     {
-                        "status": IDLE if state == IDLE else replica_state(replica.state, now),
+                        "status": IDLE if state == IDLE else replica.state.seen,
                         "in_flight": replica.state.in_flight,
                     }
                     for replica in model.replicas
@@ -3815,6 +3813,7 @@ def replica_failed(state: ReplicaState, now: float) -> None:
     state.connect_failures += 1
     state.failures += 1
     state.failed_at = now
+    state.seen = UNAVAILABLE
     # The exponent is capped: a float overflows past 2 ** 1023, and the back-off is capped
     # long before.
     doublings = min(state.failures - 1, _BACKOFF_DOUBLINGS)
@@ -4043,6 +4042,8 @@ class Forward:
             return
         self.connecting = None
         self.exchange.connect_seconds = time.monotonic() - started
+        if replica.state.seen == UNAVAILABLE:
+            replica.state.seen = UNKNOWN  # reached again; its answer will tell more
         replica.state.failures = 0
         replica.state.retry_at = 0.0
         if self.ended:
