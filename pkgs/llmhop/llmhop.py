@@ -65,6 +65,7 @@ DEFAULT_QUEUE_TIMEOUT = 600.0  # a cold start (loading weights) can take minutes
 # Below the keep-alive of the servers behind (uvicorn's and llama.cpp's are 5 s), so the
 # router lets go of an idle connection before the server may close it under a request.
 DEFAULT_UPSTREAM_IDLE_TIMEOUT = 4.0
+DEFAULT_HEALTH_INTERVAL = 15.0
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADER_FIELDS = 256
@@ -826,6 +827,9 @@ class Model:
     upstream_idle_timeout: float  # pooled connections to it close after this
     # The provider's name for it, JSON-encoded: it replaces the body's top-level "model".
     upstream_model: bytes | None = None
+    health_path: str | None = None  # probed every health_interval seconds, when set
+    health_interval: float = DEFAULT_HEALTH_INTERVAL
+    metrics_path: str | None = None  # the upstream's own metrics, merged into /metrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -894,6 +898,9 @@ _MODEL_KEYS = {
     "queueTimeout": (int, float),
     "upstreamIdleTimeout": (int, float),
     "upstreamModel": str,
+    "healthPath": str,
+    "healthInterval": (int, float),
+    "metricsPath": str,
 }
 _REPLICA_KEYS = {"url": str, "headers": dict}
 _API_KEY_KEYS = {
@@ -1210,6 +1217,16 @@ class _ConfigReader:
         upstream_model = fields.get("upstreamModel")
         if upstream_model is not None and not upstream_model:
             self.problem(f"{path}.upstreamModel", "must not be empty")
+        for key in ("healthPath", "metricsPath"):
+            value = fields.get(key)
+            if value is not None and (not value.startswith("/") or not value.isprintable()):
+                self.problem(f"{path}.{key}", 'must be a path starting with "/"')
+        if "healthPath" in fields and group is not None:
+            # A probe is a request: it would wake a model that waits for its turn.
+            self.problem(f"{path}.healthPath", "cannot be probed in a group: it would wake it")
+        health_interval = self.seconds(
+            fields, "healthInterval", DEFAULT_HEALTH_INTERVAL, f"{path}."
+        )
         if len(self.problems) > problems or None in replicas:
             return None
         return Model(
@@ -1221,6 +1238,9 @@ class _ConfigReader:
             queue_timeout,
             idle_timeout,
             None if upstream_model is None else json.dumps(upstream_model).encode(),
+            fields.get("healthPath"),
+            health_interval,
+            fields.get("metricsPath"),
         )
 
     def replica_entry(
