@@ -48,7 +48,7 @@ import ssl
 import sys
 import time
 import zlib
-from collections.abc import Callable, Collection, Iterable, MutableMapping
+from collections.abc import Callable, Collection, Coroutine, Iterable, MutableMapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, NamedTuple
@@ -2225,6 +2225,70 @@ class Histogram:
         return result
 
 
+_SAMPLE_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_THEIR_MODEL_LABEL = re.compile(r"(^|,)\s*model=")
+
+
+def _labelled(sample: str, labels: str) -> str | None:
+    """A sample line with ``labels`` first in its label set (a ``model`` label of its own
+    becomes ``upstream_model``); None for a line that is no sample."""
+    name = _SAMPLE_NAME.match(sample)
+    if name is None:
+        return None
+    rest = sample[name.end() :]
+    if rest.startswith("{"):
+        theirs = _THEIR_MODEL_LABEL.sub(r"\1upstream_model=", rest[1:], count=1)
+        joined = labels if theirs.lstrip().startswith("}") else f"{labels},"
+        return f"{name[0]}{{{joined}{theirs}"
+    return f"{name[0]}{{{labels}}}{rest}"
+
+
+def merge_metrics(sources: list[tuple[str, str]]) -> str:
+    """Upstreams' Prometheus texts as one, each sample given its source's labels (``model``,
+    and ``replica`` of a model with several): a family's HELP and TYPE once, and all its
+    samples together, as the format wants."""
+    heads: dict[str, list[str]] = {}
+    samples: dict[str, list[str]] = {}
+    for labels, text in sources:
+        family = ""
+        for line in text.splitlines():
+            if line.startswith(("# HELP ", "# TYPE ")):
+                family = line.split(" ", 3)[2] if line.count(" ") >= 2 else ""
+                heads.setdefault(family, [])
+                samples.setdefault(family, [])
+                kind = line[:6]
+                if not any(head.startswith(kind) for head in heads[family]):
+                    heads[family].append(line)
+            elif line and not line.startswith("#"):
+                labelled = _labelled(line, labels)
+                if labelled is None:
+                    continue
+                # Histogram and summary samples carry suffixes; anything else is its own.
+                name = labelled.partition("{")[0]
+                owner = family if family and name.startswith(family) else name
+                heads.setdefault(owner, [])
+                samples.setdefault(owner, []).append(labelled)
+    lines = [line for family in heads for line in (*heads[family], *samples[family])]
+    return "".join(line + "\n" for line in lines)
+
+
+UPSTREAM_METRICS_TIMEOUT = 1.0  # a scrape waits this long for the upstreams' own metrics
+
+
+async def with_upstream_metrics(own: bytes, sources: list[tuple[str, Replica, str]]) -> bytes:
+    """The router's metrics and, after them, the upstreams' (``sources``: labels, replica,
+    path) that answered within the deadline; one that did not is left out, never the scrape."""
+    answers = await asyncio.gather(
+        *(ask_upstream(replica, path, UPSTREAM_METRICS_TIMEOUT) for _, replica, path in sources)
+    )
+    texts = [
+        (labels, answer[1].decode("utf-8", "replace"))
+        for (labels, _, _), answer in zip(sources, answers, strict=True)
+        if answer is not None and answer[0] == 200
+    ]
+    return own + merge_metrics(texts).encode()
+
+
 def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -2593,6 +2657,51 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno).lower()  # asyncio's own wording names the address
     return "connection failed"
+
+
+ASIDE_LIMIT = 4 * 1024 * 1024  # what a probe or a metrics fetch reads of an answer, at most
+
+
+async def ask_upstream(replica: Replica, path: str, timeout: float) -> tuple[int, bytes] | None:
+    """GET ``path`` of a replica on a connection of its own, outside the pool and the
+    requests' slots: (status, body), or None when it cannot be reached in time or answers
+    out of HTTP. Asked as HTTP/1.0, so the body is framed by its length or the connection's
+    end, never chunked."""
+    upstream = replica.upstream
+    head = b"GET %s%s HTTP/1.0\r\nHost: %s\r\nUser-Agent: llmhop/%s\r\n" % (
+        upstream.base_path.encode(),
+        path.encode(),
+        replica.host_header,
+        VERSION.encode(),
+    )
+    head += b"".join(line + b"\r\n" for line in replica.header_lines) + b"\r\n"
+    writer = None
+    try:
+        async with asyncio.timeout(timeout):
+            if upstream.scheme == "unix":
+                reader, writer = await asyncio.open_unix_connection(upstream.host)
+            else:
+                context = ssl.create_default_context() if upstream.scheme == "https" else None
+                reader, writer = await asyncio.open_connection(
+                    upstream.host, upstream.port, ssl=context
+                )
+            writer.write(head)
+            answered = await reader.readuntil(b"\r\n\r\n")
+            response = parse_response_head(answered[:-4], b"GET")
+            if response.length == CHUNKED or response.length > ASIDE_LIMIT:
+                return None
+            if response.length == UNTIL_CLOSE:
+                body = b""
+                while len(body) < ASIDE_LIMIT and (more := await reader.read(ASIDE_LIMIT)):
+                    body += more
+            else:
+                body = await reader.readexactly(response.length)
+            return response.status, body
+    except Exception:  # unreachable, slow or broken: all the same here
+        return None
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 class UpstreamPool:
@@ -3056,6 +3165,7 @@ class ClientConnection(asyncio.Protocol):
         self.forward: Forward | None = None
         self.tunnel: Tunnel | None = None
         self.admission: Admission | None = None  # of a proxied request
+        self.aside: asyncio.Task[bytes] | None = None  # an answer being made on the side
         self._answer_after_body: Callable[[], None] | None = None
         self._dispatching = False
         self._leaving: asyncio.TimerHandle | None = None
@@ -3287,7 +3397,11 @@ class ClientConnection(asyncio.Protocol):
             metrics = router.metrics.render(
                 self.table, router.pool.opened, decision, router.groups.values(), router.state_of
             )
-            self._answer(200, metrics, PROMETHEUS_TEXT)
+            sources = router.metrics_sources(self.table, decision.models)
+            if sources:
+                self._answer_later(with_upstream_metrics(metrics, sources), PROMETHEUS_TEXT)
+            else:
+                self._answer(200, metrics, PROMETHEUS_TEXT)
         else:
             assert type(decision) is Refusal
             exchange.model = decision.model
@@ -3611,6 +3725,23 @@ class ClientConnection(asyncio.Protocol):
         body.skip(skipped)
         self._start_body()
 
+    def _answer_later(self, body: Coroutine[Any, Any, bytes], content_type: bytes) -> None:
+        """Answer once ``body`` is made (upstreams asked on the side), if the exchange is
+        still on by then."""
+        exchange = self.exchange
+
+        def made(task: asyncio.Task[bytes]) -> None:
+            self.aside = None
+            if self.exchange is not exchange or self.closed:
+                return  # the client left meanwhile
+            try:
+                self._answer(200, task.result(), content_type)
+            except Exception as exc:
+                self.internal_error(exc)
+
+        self.aside = self.loop.create_task(body)
+        self.aside.add_done_callback(made)
+
     def _refuse(self, error: HTTPError) -> None:
         body = error_body(error.status, str(error), error.code)
         self._answer(error.status, body, JSON, error.headers)
@@ -3663,6 +3794,7 @@ class RouterState:
         self.head_timeout = HEAD_TIMEOUT
         self.idle_timeout = IDLE_TIMEOUT
         self.started = time.monotonic()
+        self.probes = HealthProbes()
 
     def new_connection(self) -> ClientConnection:
         """The protocol factory of the listeners: one per client connection."""
@@ -3694,6 +3826,25 @@ class RouterState:
         key_in_flight[access.name] += 1
         # A model in a group may have to wait its turn; any other goes at once.
         return Admission(self, model.name, access.name, going=model.group is None)
+
+    def metrics_sources(
+        self, table: RoutingTable, shown: frozenset[str] | None
+    ) -> list[tuple[str, Replica, str]]:
+        """The replicas whose own metrics a scrape merges: of the models it may name that
+        have a ``metricsPath`` and are ready or loading. Asking an idle model of a group, or
+        one nobody has used yet, would wake it: its samples are left out instead."""
+        sources = []
+        for name, model in table.models.items():
+            if model.metrics_path is None or (shown is not None and name not in shown):
+                continue
+            if self.state_of(name) not in (READY, LOADING):
+                continue
+            for replica in model.replicas:
+                labels = f'model="{_label(name)}"'
+                if len(model.replicas) > 1:
+                    labels += f',replica="{replica.index}"'
+                sources.append((labels, replica, model.metrics_path))
+        return sources
 
     def state_of(self, name: str) -> str:
         """The state of a model of the current table (see ``model_state``)."""
@@ -3774,6 +3925,8 @@ class RouterState:
         for name, group in self.groups.items():
             if name not in table.groups:
                 group.disband()
+        if self.probes.tasks or any(m.health_path for m in table.models.values()):
+            self.probes.start(table)
 
     def record(self, exchange: Exchange, access: Access | None) -> None:
         # A model the key may not see is counted as an unknown one: a scoped key reading the
@@ -3896,6 +4049,42 @@ class Tunnel:
     def _finish(self) -> None:
         self.close()
         self.client.tunnel_closed()
+
+
+class HealthProbes:
+    """Asks each replica of the models that name a ``healthPath`` how it is, every
+    ``healthInterval`` seconds: a GET, never a billed completion. An answer says ready (or
+    loading, for a 503) and ends a back-off; no answer is a failed connect."""
+
+    def __init__(self) -> None:
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self, table: RoutingTable) -> None:
+        self.stop()
+        loop = asyncio.get_running_loop()
+        timeout = table.config.connect_timeout
+        for model in table.models.values():
+            if model.health_path is not None:
+                for replica in model.replicas:
+                    probing = self._probe(model, replica, min(timeout, model.health_interval))
+                    self.tasks.append(loop.create_task(probing))
+
+    def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        self.tasks.clear()
+
+    async def _probe(self, model: Model, replica: Replica, timeout: float) -> None:
+        assert model.health_path is not None
+        while True:
+            answer = await ask_upstream(replica, model.health_path, timeout)
+            state = replica.state
+            if answer is None:
+                replica_failed(state, time.monotonic())
+            else:
+                state.seen = seen_in(answer[0])
+                state.failures, state.retry_at = 0, 0.0
+            await asyncio.sleep(model.health_interval)
 
 
 _IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
@@ -4425,6 +4614,7 @@ class Server:
 
     async def start(self) -> None:
         await self._listen()
+        self.router.probes.start(self.router.table)
         config = self.router.table.config
         hosts = [
             sock.getsockname()[0]
@@ -4549,6 +4739,7 @@ class Server:
             log(f"drain timeout ({timeout:g}s): cutting {busy} request(s) still in flight")
         for connection in list(router.connections):
             connection.close()
+        router.probes.stop()
         router.pool.close()
         # Let the connection tasks see their closed transports and end by themselves: at exit,
         # asyncio would cancel them and log each one.

@@ -297,3 +297,102 @@ def test_server_timing_can_be_turned_off(router_factory: Factory, upstream: Fake
     router = router_factory({"serverTiming": False, "models": {"m": {"url": upstream.url}}})
     reply = exchange(router, "POST", "/v1/chat", chat("m"))
     assert reply.status == 200 and "server-timing" not in reply.headers
+
+
+# --- probes -----------------------------------------------------------------------------------
+
+
+def until(condition: Callable[[], bool]) -> None:
+    for _ in range(int(WAIT / 0.01)):
+        if condition():
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError("not reached in time")
+
+
+def test_a_probe_tells_the_state_before_any_request(
+    router_factory: Factory, upstream_factory: Factory
+) -> None:
+    upstream = upstream_factory(loading_then_ready())
+    model = {"url": upstream.url, "healthPath": "/health", "healthInterval": 0.05}
+    router = router_factory({"models": {"m": model}})
+    until(lambda: states(router) == {"m": "loading"})  # the first probe got 503
+    until(lambda: states(router) == {"m": "ready"})
+    probe = upstream.next_request()
+    assert probe.request_line == "GET /health HTTP/1.0"  # never a completion
+    assert probe.body == b""
+
+
+def test_a_probe_that_cannot_connect_makes_the_model_unavailable(router_factory: Factory) -> None:
+    model = {"url": refused_url(), "healthPath": "/health", "healthInterval": 0.05}
+    router = router_factory({"models": {"m": model}})
+    until(lambda: states(router) == {"m": "unavailable"})
+    (replica,) = router.router.table.models["m"].replicas
+    assert replica.state.connect_failures >= 1
+
+
+# --- the upstreams' own metrics ---------------------------------------------------------------
+
+UPSTREAM_METRICS = (
+    "# HELP llamacpp:requests_processing Requests processing.\n"
+    "# TYPE llamacpp:requests_processing gauge\n"
+    "llamacpp:requests_processing 2\n"
+    "# TYPE llamacpp:tokens_total counter\n"
+    'llamacpp:tokens_total{kind="prompt"} 7\n'
+)
+
+
+def metrics_upstream(request: Received, conn: socket.socket) -> bool:
+    body = UPSTREAM_METRICS.encode() if "/metrics" in request.request_line else b"{}"
+    conn.sendall(http_response(body=body, headers={"Content-Type": "text/plain"}))
+    return True
+
+
+def test_a_scrape_merges_each_upstreams_metrics_with_its_model(
+    router_factory: Factory, upstream_factory: Factory
+) -> None:
+    one, two = upstream_factory(metrics_upstream), upstream_factory(metrics_upstream)
+    models = {
+        "a": {"url": one.url, "metricsPath": "/metrics"},
+        "b": {"urls": [one.url, two.url], "metricsPath": "/metrics"},
+    }
+    router = router_factory({"models": models})
+    for name in ("a", "b", "b"):
+        assert exchange(router, "POST", "/v1/chat", chat(name)).status == 200
+    text = exchange(router, "GET", "/metrics").body.decode()
+    assert text.count("# TYPE llamacpp:requests_processing gauge") == 1  # one family
+    assert 'llamacpp:requests_processing{model="a"} 2' in text
+    assert 'llamacpp:requests_processing{model="b",replica="0"} 2' in text
+    assert 'llamacpp:requests_processing{model="b",replica="1"} 2' in text
+    assert 'llamacpp:tokens_total{model="a",kind="prompt"} 7' in text
+    samples = [line for line in text.splitlines() if line.startswith("llamacpp:")]
+    block = text[text.index("# HELP llamacpp:requests_processing") :]
+    assert all(sample in block for sample in samples)  # a family's samples together
+
+
+def test_an_idle_model_is_not_asked_and_a_slow_one_fails_no_scrape(
+    router_factory: Factory, upstream_factory: Factory, held_factory: Callable[[], HeldUpstream]
+) -> None:
+    a, b = upstream_factory(metrics_upstream), upstream_factory(metrics_upstream)
+    silent = held_factory()  # answers nothing in time
+    group = {"group": "gpu0", "metricsPath": "/metrics"}
+    models = {
+        "a": {"url": a.url, **group},
+        "b": {"url": b.url, **group},
+        "slow": {"url": silent.url, "metricsPath": "/metrics"},
+    }
+    router = router_factory({"models": models})
+    assert exchange(router, "POST", "/v1/chat", chat("a")).status == 200
+    assert exchange(router, "POST", "/v1/chat", chat("b")).status == 200  # a is idle now
+    router.router.table.models["slow"].replicas[0].state.seen = "ready"
+    while not b.received.empty():
+        b.received.get_nowait()
+    a_seen = a.received.qsize()
+    reply = exchange(router, "GET", "/metrics")
+    assert reply.status == 200
+    text = reply.body.decode()
+    assert 'llamacpp:requests_processing{model="b"} 2' in text
+    assert 'llamacpp:requests_processing{model="a"' not in text
+    assert 'llamacpp:requests_processing{model="slow"' not in text
+    assert a.received.qsize() == a_seen  # the idle model was not woken
+    assert "llmhop_requests_total" in text
