@@ -3490,7 +3490,7 @@ class ClientConnection(asyncio.Protocol):
             # Small bodies usually arrive with their head: take them as they are.
             raw = bytes(self.buffer[:length])
             del self.buffer[:length]
-            body.feed(raw)
+            self.body = None  # taken whole with its head: nothing of it is left unread
             exchange.bytes_in += length
             self._proxy_by_body(BufferedBody(raw, raw, chunked=False))
             return
