@@ -1,6 +1,6 @@
 """The fake servers of the VM checks (tests/support/fake_engine.py) and their openai client
 (checks/vm/client.py), run here for real: loading then ready, flag and credential checks,
-streaming, auth, the gateway's forwarding, and the real router in front of them."""
+streaming, auth, metrics, the gateway's forwarding, and the real router in front of them."""
 
 from __future__ import annotations
 
@@ -239,11 +239,79 @@ def test_held_stream_waits_for_its_release(fake: Callable[..., Process]) -> None
     assert b'"content": "fake "' in first
     engine.wait_for_line("holding a stream", WAIT)
     assert as_json(port, "/fake/info")["holding"] == 1
+    assert 'vllm:num_requests_running{model_name="m"} 1\n' in metrics_text(port)
     assert as_json(port, "/fake/release", {})["released"] == 1
     rest = response.read()
     assert sse_events(rest)[-1] == "[DONE]"
     assert as_json(port, "/fake/info")["holding"] == 0
+    assert 'vllm:num_requests_running{model_name="m"} 0\n' in metrics_text(port)
     connection.close()
+
+
+def metrics_text(address: str | int, **kwargs: Any) -> str:
+    code, headers, body = request(address, "/metrics", **kwargs)
+    assert code == 200, body
+    assert headers["Content-Type"].startswith("text/plain")
+    return body.decode()
+
+
+# Each engine on a loopback port without its metrics flag, the flag (None: always on), and the
+# sample it then serves.
+ENGINES_METRICS = [
+    (
+        "llama-server",
+        ["--alias", "m", "--host", LOOPBACK],
+        "--metrics",
+        "llamacpp:requests_processing 0",
+    ),
+    (
+        "vllm",
+        ["serve", "org/m", "--served-model-name", "m", "--host", LOOPBACK],
+        None,
+        'vllm:num_requests_running{model_name="m"} 0',
+    ),
+    (
+        "sglang",
+        ["serve", "--model-path", "org/s", "--served-model-name", "s", "--host", LOOPBACK],
+        "--enable-metrics",
+        'sglang:num_running_reqs{model_name="s"} 0',
+    ),
+]
+
+
+@pytest.mark.parametrize(("mode", "args", "flag", "sample"), ENGINES_METRICS)
+def test_metrics_where_the_real_server_serves_them(
+    fake: Callable[..., Process], mode: str, args: list[str], flag: str | None, sample: str
+) -> None:
+    if flag is not None:
+        port = free_port()
+        fake(mode, *args, f"--port={port}")
+        assert status(port, "/metrics") == 404
+    port = free_port()
+    fake(mode, *args, f"--port={port}", *([flag] if flag else []))
+    gauge = sample.split("{")[0].split(" ")[0]
+    help_and_type = f"# HELP {gauge} Number of requests processing.\n# TYPE {gauge} gauge\n"
+    assert metrics_text(port) == f"{help_and_type}{sample}\n"
+    assert as_json(port, "/fake/info")["scrapes"] == 1
+
+
+def test_metrics_behind_the_api_key_of_llama_server_only(
+    fake: Callable[..., Process], credentials: Path
+) -> None:
+    llama = str(credentials.parent / "llama.sock")
+    key_file = f"--api-key-file={credentials}/api-keys"
+    env = {"CREDENTIALS_DIRECTORY": str(credentials)}
+    fake("llama-server", f"--host={llama}", "--alias=a", "--metrics", key_file, env=env)
+    assert status(llama, "/metrics") == 401
+    assert "llamacpp:requests_processing 0" in metrics_text(llama, token="worker-secret")
+    # vLLM guards only /v1, SGLang leaves /metrics open.
+    vllm_port, sglang_port = free_port(), free_port()
+    fake("vllm", *vllm_serve(vllm_port), "--api-key=k")
+    sglang = ["serve", "--model-path=org/s", "--served-model-name=s", f"--host={LOOPBACK}"]
+    fake("sglang", *sglang, f"--port={sglang_port}", "--enable-metrics", "--api-key=k")
+    for port in (vllm_port, sglang_port):
+        assert status(port, "/v1/models") == 401
+        assert "num_" in metrics_text(port)
 
 
 def test_gateway_forwards_by_model(fake: Callable[..., Process]) -> None:

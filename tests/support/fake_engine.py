@@ -14,7 +14,10 @@ Engines answer `GET /health` (or `--fake-health-path`) with 503 ("loading") for 
 `--fake-loading-probes` probes (default 1), or until `--fake-ready-file` exists, then 200 (or
 `--fake-health-status`); `--fake-die-while-loading` exits 3 at the first probe,
 `--fake-exit-after-ready CODE` exits CODE after its first healthy answer, and
-`--fake-probe-log FILE` appends `<path> <status>` per probe. A first SIGINT or SIGTERM stops an
+`--fake-probe-log FILE` appends `<path> <status>` per probe. `GET /metrics` answers a few
+Prometheus samples in the engine's own names (its streams in progress) where the real server
+serves them: llama-server with `--metrics` (behind its API key), vLLM always, SGLang with
+`--enable-metrics`. A first SIGINT or SIGTERM stops an
 engine cleanly, a second one exits 1 at once, as the real servers do; with
 `--fake-plain-signals` it dies of the signal instead. Every other route needs the API key when
 one is configured:
@@ -24,7 +27,7 @@ one is configured:
                                 first token until POST /fake/release
     POST /v1/completions
     GET  /fake/info             parsed flags, identity, credentials, environment, devices,
-                                health probes and when the first one answered 200
+                                health probes and when the first one answered 200, scrapes
     POST /fake/release          ends every held stream
 
 The gateway forwards each request to the worker of `--worker-urls` that serves the body's
@@ -69,6 +72,12 @@ REPORTED_ENVIRONMENT = (
 )
 # The device node the VM check's CDI spec maps nvidia.com/gpu=all to.
 FAKE_GPU = Path("/dev/nvidia-fake")
+# Each engine's gauge of the requests it is generating for, as the real one names it.
+RUNNING_GAUGE = {
+    "llama-server": "llamacpp:requests_processing",
+    "vllm": "vllm:num_requests_running",
+    "sglang": "sglang:num_running_reqs",
+}
 
 JSON = dict[str, Any]
 Address = str | tuple[str, int]
@@ -110,6 +119,7 @@ def llama_server_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hf-repo")
     parser.add_argument("--ctx-size", type=int)
     parser.add_argument("--jinja", action="store_true")
+    parser.add_argument("--metrics", action="store_true")
     add_loading_flags(parser)
     return parser
 
@@ -136,6 +146,7 @@ def sglang_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--mem-fraction-static", type=float)
     parser.add_argument("--api-key")
+    parser.add_argument("--enable-metrics", action="store_true")
     add_loading_flags(parser)
     return parser
 
@@ -203,6 +214,10 @@ class App:
     health_path = "/health"
     plain_signals = False
 
+    def public(self, route: str) -> bool:
+        """Whether a route other than the health path needs no API key."""
+        return False
+
     def health(self, request: Request) -> None:
         request.send_json(200, {"status": "ok"})
 
@@ -229,6 +244,8 @@ class Engine(App):
         self.exit_after_ready: int | None = options.fake_exit_after_ready
         self.probe_log: Path | None = options.fake_probe_log
         self.plain_signals: bool = options.fake_plain_signals
+        self.metrics = False  # set by the mode from its flags
+        self.scrapes = 0
         self.credentials: dict[str, JSON] = {}
         self.lock = threading.Lock()
         self.probes = 0
@@ -269,6 +286,10 @@ class Engine(App):
             log(f"exiting with {self.exit_after_ready} after the first healthy answer")
             os._exit(self.exit_after_ready)
 
+    def public(self, route: str) -> bool:
+        # vLLM guards only /v1 and SGLang leaves /metrics open; llama-server guards it.
+        return route == "/metrics" and self.mode != "llama-server"
+
     def answer_probe(self, request: Request, status: int, body: JSON) -> None:
         if self.probe_log is not None:
             with self.probe_log.open("a") as probes:
@@ -298,6 +319,7 @@ class Engine(App):
             "probes": self.probes,
             "ready_at_us": self.ready_at_us,
             "holding": holding,
+            "scrapes": self.scrapes,
         }
 
     def respond(self, request: Request) -> bool:
@@ -308,11 +330,27 @@ class Engine(App):
             request.send_json(200, self.info())
         elif (method, path) == ("POST", "/fake/release"):
             request.send_json(200, {"released": self.release()})
+        elif (method, path) == ("GET", "/metrics") and self.metrics:
+            self.send_metrics(request)
         elif method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
             self.complete(request, chat=path == "/v1/chat/completions")
         else:
             return False
         return True
+
+    def send_metrics(self, request: Request) -> None:
+        with self.lock:
+            self.scrapes += 1
+            running = len(self.holds)
+        gauge = RUNNING_GAUGE[self.mode]
+        # vLLM and SGLang label their samples with the served model; llama-server does not.
+        labels = "" if self.mode == "llama-server" else f'{{model_name="{self.name}"}}'
+        text = (
+            f"# HELP {gauge} Number of requests processing.\n"
+            f"# TYPE {gauge} gauge\n"
+            f"{gauge}{labels} {running}\n"
+        )
+        request.send_body(200, "text/plain; version=0.0.4", text.encode())
 
     def release(self) -> int:
         with self.lock:
@@ -611,7 +649,8 @@ class Request(BaseHTTPRequestHandler):
         if self.command in ("GET", "HEAD") and self.route == app.health_path:
             app.health(self)
             return
-        if app.api_key is not None and self.headers.get("Authorization") != f"Bearer {app.api_key}":
+        authorized = self.headers.get("Authorization") == f"Bearer {app.api_key}"
+        if app.api_key is not None and not authorized and not app.public(self.route):
             self.send_json(401, {"error": {"message": "Invalid API Key", "code": 401}})
             return
         if not app.respond(self):
@@ -658,6 +697,7 @@ def describe(address: Address) -> str:
 def llama_server(argv: list[str]) -> tuple[App, list[Address]]:
     options = llama_server_parser().parse_args(argv)
     engine = Engine("llama-server", options.alias, options, argv)
+    engine.metrics = options.metrics
     if options.model is not None:
         # As llama-server, which reads the file's GGUF header before it listens.
         try:
@@ -679,6 +719,7 @@ def llama_server(argv: list[str]) -> tuple[App, list[Address]]:
 def vllm(argv: list[str]) -> tuple[App, list[Address]]:
     options = vllm_parser().parse_args(argv)
     engine = Engine("vllm", options.served_model_name, options, argv)
+    engine.metrics = True
     engine.api_key = options.api_key or os.environ.get("VLLM_API_KEY")
     if options.uds is not None:
         if options.host is not None or options.port is not None:
@@ -692,6 +733,7 @@ def vllm(argv: list[str]) -> tuple[App, list[Address]]:
 def sglang(argv: list[str]) -> tuple[App, list[Address]]:
     options = sglang_parser().parse_args(strip_sglang_launcher(argv))
     engine = Engine("sglang", options.served_model_name, options, argv)
+    engine.metrics = options.enable_metrics
     engine.api_key = options.api_key
     return engine, [(options.host, options.port)]
 
