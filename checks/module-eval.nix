@@ -57,7 +57,7 @@ let
           exec = result.services.llama-cpp-qwen3-8b.serviceConfig.ExecStart;
         in
         {
-          flags = lib.hasSuffix ''"--alias" "qwen3-8b" "--hf-repo" "unsloth/Qwen3-8B-GGUF:UD-Q4_K_XL" "--host" "127.0.0.1" "--port" "18001"'' exec;
+          flags = lib.hasSuffix ''"--alias" "qwen3-8b" "--hf-repo" "unsloth/Qwen3-8B-GGUF:UD-Q4_K_XL" "--host" "127.0.0.1" "--metrics" "--port" "18001"'' exec;
           notify = lib.hasInfix ''"-url" "http://127.0.0.1:18001" "-health-path" "/health" "--"'' exec;
           ports = result.registries.portsRegistry;
         };

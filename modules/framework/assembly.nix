@@ -31,6 +31,12 @@ rec {
       socketCapable ? true,
       # Whether the server loads its weights from one file (`weights.huggingface.files`' first).
       singleFileWeights ? false,
+      # Where the server answers 200 once it has loaded: its units wait for it, the router
+      # probes it.
+      healthPath ? "/health",
+      # Where it serves Prometheus metrics, and the flag that turns them on (null: always on).
+      metricsPath ? "/metrics",
+      metricsFlag ? null,
       pkgs,
       ...
     }@args:
@@ -50,6 +56,9 @@ rec {
           "movingTags"
           "extraConfig"
           "singleFileWeights"
+          "healthPath"
+          "metricsPath"
+          "metricsFlag"
           "pkgs"
         ]
         // {
@@ -78,6 +87,9 @@ rec {
               movingTags
               socketCapable
               singleFileWeights
+              healthPath
+              metricsPath
+              metricsFlag
               ;
             socketGroup = cfg.group;
             nativeSystem = lib.optionalAttrs namedUser (nativeRuntime.namedUserConfig backend cfg);
@@ -186,6 +198,9 @@ rec {
       cfg,
       routerCfg,
       singleFileWeights,
+      healthPath,
+      metricsPath,
+      metricsFlag,
     }:
     let
       all = map (instance: rec {
@@ -196,7 +211,7 @@ rec {
           unit
           upstream
           ;
-        inherit backend;
+        inherit backend healthPath;
         # The model's own owner: its route is registered under it, once for all replicas.
         modelOwner = "${backend}.models.${attr}";
         owner = modelOwner + lib.optionalString (replica != null) ".replicas.${toString replica}";
@@ -250,7 +265,21 @@ rec {
             singleFile = singleFileWeights;
           };
         # The server's flags as the user wrote them: the model's over the backend's.
-        settings = cfg.modelSettings // model.settings;
+        written = cfg.modelSettings // model.settings;
+        # Metrics are on unless the user writes their flag false or null.
+        metrics = metricsFlag == null || (written.${metricsFlag} or true) == true;
+        # Its flags: the written ones with the metrics flag. Not `false` when off, which
+        # llama-server would reject (it has no `--no-metrics`).
+        settings =
+          written
+          // lib.optionalAttrs (metricsFlag != null) {
+            ${metricsFlag} = if metrics then true else null;
+          };
+        # What the router probes and scrapes: nothing on demand, where every probe and scrape
+        # would start the model, or keep it loaded past its idle timeout.
+        watched = lib.optionalAttrs (!onDemand) (
+          { inherit healthPath; } // lib.optionalAttrs metrics { inherit metricsPath; }
+        );
         # The same with `${cred:NAME}` as the path of the credential in `directory` (an
         # unknown NAME fails an assertion of backendConfig rather than a throw).
         settingsIn =
@@ -306,6 +335,9 @@ rec {
       # False for servers without unix sockets: on demand they need onDemand.workerPort.
       socketCapable ? true,
       singleFileWeights ? false,
+      healthPath ? "/health",
+      metricsPath ? "/metrics",
+      metricsFlag ? null,
       # An assertion that the native runtime cannot work (a missing package), or null.
       nativeUnavailable ? null,
       # Whether the container runtime is needed without container models (the gateway).
@@ -322,6 +354,9 @@ rec {
           cfg
           routerCfg
           singleFileWeights
+          healthPath
+          metricsPath
+          metricsFlag
           ;
       };
       onDemandWorkloads = lib.filter (wl: wl.onDemand) w.all;
@@ -457,6 +492,13 @@ rec {
               optionPath = optionPath workload;
               inherit (workload) model;
             }
+            ++ lib.optionals workload.onDemand (
+              onDemand.watchWarnings {
+                optionPath = optionPath workload;
+                inherit (workload) model;
+                inherit routerCfg;
+              }
+            )
             ++ weightsLib.warnings {
               optionPath = optionPath workload;
               inherit (workload) model;
@@ -483,7 +525,8 @@ rec {
                 route =
                   wl.upstream
                 // lib.optionalAttrs (wl.model.group != null) { inherit (wl.model) group; }
-                // lib.optionalAttrs wl.onDemand { upstreamIdleTimeout = onDemand.upstreamIdleTimeout wl.model; };
+                // lib.optionalAttrs wl.onDemand { upstreamIdleTimeout = onDemand.upstreamIdleTimeout wl.model; }
+                // wl.watched;
               }
             ) w.all
           );

@@ -267,10 +267,12 @@ rec {
         if onSocket then
           healthCheck {
             unixSocket = "${socketMount}/http.sock";
-            url = "http://localhost/health";
+            url = "http://localhost${workload.healthPath}";
           }
         else
-          healthCheck { url = "http://localhost:${toString containerPort}/health"; };
+          healthCheck {
+            url = "http://localhost:${toString containerPort}${workload.healthPath}";
+          };
     in
     quadletContainer {
       inherit (cfg.quadlet) user;

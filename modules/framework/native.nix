@@ -49,7 +49,7 @@
             "-url"
             workload.serverUrl
             "-health-path"
-            "/health"
+            workload.healthPath
             "--"
           ]
           ++ argv

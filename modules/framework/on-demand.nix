@@ -103,6 +103,28 @@ rec {
       onDemand.trustLocalUsers = true.
     '';
 
+  # A probe or scrape the user gave the route of an on-demand model reaches its socket like a
+  # request: it starts the model, and keeps it loaded while it comes more often than the idle
+  # timeout (the router cannot tell that the worker stopped).
+  watchWarnings =
+    {
+      optionPath,
+      model,
+      routerCfg,
+    }:
+    let
+      route = routerCfg.settings.models.${model.name} or { };
+      asked = {
+        healthPath = "probes it every healthInterval seconds";
+        metricsPath = "asks it for its metrics at every scrape of its /metrics";
+      };
+    in
+    lib.mapAttrsToList (key: what: ''
+      ${optionPath} is on demand, but the router ${what}
+      (services.llmhop.settings.models.${model.name}.${key}): each time starts it, and keeps
+      it loaded past onDemand.idleTimeout. Leave ${key} unset for it.
+    '') (lib.filterAttrs (key: _: route.${key} or null != null) asked);
+
   # The socket and proxy of a workload, as systemd.{sockets,services} (or systemd.user.*)
   # entries. `serviceConfig` is who the proxy runs as and its sandbox, `socketConfig` the
   # owner of a unix socket, `unitConfig` the conditions of both (a user unit's ConditionUser=).

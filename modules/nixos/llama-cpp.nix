@@ -21,6 +21,8 @@ framework.backendModule {
   inherit config pkgs;
   backend = "llama-cpp";
   singleFileWeights = true;
+  # Off by default in llama-server.
+  metricsFlag = "metrics";
   displayName = "llama.cpp";
   image = "ghcr.io/ggml-org/llama.cpp";
   tag = if config.hardware.nvidia-container-toolkit.enable then "server-cuda" else "server";

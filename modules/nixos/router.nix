@@ -57,16 +57,24 @@ let
     // lib.optionalAttrs (key.maxConcurrentRequests != 0) { inherit (key) maxConcurrentRequests; }
   ) cfg.apiKeys;
 
+  # The keys of a route declared as options, each null while unset.
+  nullableRouteKeys = [
+    "url"
+    "urls"
+    "healthPath"
+    "metricsPath"
+  ];
+
   configFile = pkgs.writeTextFile {
     name = "llmhop.json";
     text = builtins.toJSON (
       cfg.settings
       // {
         authTokens = cfg.settings.authTokens ++ apiKeyEntries;
-        # The one of url and urls a route has.
+        # The router reads an absent key, never a null: the one of url and urls a route has,
+        # and the paths it sets.
         models = lib.mapAttrs (
-          _: route:
-          removeAttrs route (lib.optional (route.url == null) "url" ++ lib.optional (route.urls == null) "urls")
+          _: lib.filterAttrs (key: value: value != null || !lib.elem key nullableRouteKeys)
         ) cfg.settings.models;
       }
     );
@@ -345,6 +353,29 @@ in
                   description = ''
                     Several upstreams (replicas) of the model instead of `url`, each a URL or
                     `{ url; headers; }`; the router sends each request to the least busy one.
+                  '';
+                };
+                options.healthPath = mkOption {
+                  type = types.nullOr types.str;
+                  default = null;
+                  example = "/health";
+                  description = ''
+                    A path the router asks with a GET every `healthInterval` seconds (15 by
+                    default) to know the model's state before anyone uses it; `null` asks
+                    nothing. A backend worker that is always on gets its server's health
+                    path; one on demand none, since every probe would start it or keep it
+                    loaded.
+                  '';
+                };
+                options.metricsPath = mkOption {
+                  type = types.nullOr types.str;
+                  default = null;
+                  example = "/metrics";
+                  description = ''
+                    The upstream's Prometheus metrics, which the router's {file}`/metrics`
+                    includes with a `model` label; `null` for none. A backend worker that is
+                    always on gets its server's (turned on where it is a flag); one on demand
+                    none, since every scrape would start it or keep it loaded.
                   '';
                 };
               }

@@ -26,6 +26,7 @@ framework.backendModule (
     displayName = "SGLang";
     image = "docker.io/lmsysorg/sglang";
     socketCapable = false;
+    metricsFlag = "enable-metrics";
     parallelFlags = [
       "tp-size"
       "tensor-parallel-size"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from nix_harness import FailedAssertions, evaluate
+from nix_harness import REPO, FailedAssertions, evaluate
 
 
 def llmhop(**options: Any) -> dict[str, Any]:
@@ -33,6 +35,19 @@ def config_file(result: dict[str, Any]) -> dict[str, Any]:
     return json.loads(Path(result["etc"]["llmhop/llmhop.json"]["source"]).read_text())
 
 
+def router_check(result: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    """The config file's build-time check, `llmhop --check`, by the real router."""
+    path = result["etc"]["llmhop/llmhop.json"]["source"]
+    router = REPO / "pkgs" / "llmhop" / "llmhop.py"
+    return subprocess.run(
+        [sys.executable, "-I", str(router), "--check", "--config", path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def assertions(config: dict[str, Any]) -> list[str]:
     with pytest.raises(FailedAssertions) as info:
         evaluate(config)
@@ -40,6 +55,10 @@ def assertions(config: dict[str, Any]) -> list[str]:
 
 
 DIGEST = "sha256:" + "ab" * 32
+
+# What a route of a worker that is always on gets besides its upstream: the paths the router
+# probes and scrapes.
+WATCHED = {"healthPath": "/health", "metricsPath": "/metrics"}
 
 
 def quadlet(text: str) -> dict[str, dict[str, list[str]]]:

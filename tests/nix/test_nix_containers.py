@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from module_configs import (
     DIGEST,
+    WATCHED,
     acl_settings,
     assertions,
     config_file,
@@ -45,8 +46,8 @@ def test_the_quickstart_example() -> None:
     assert "d /var/cache/vllm 0700 vllm vllm - -" in result["tmpfiles"]["rules"]
     # Both routed.
     assert config_file(result)["models"] == {
-        "qwen3-8b": {"url": "http://127.0.0.1:18001"},
-        "llama-3-8b": {"url": "http://127.0.0.1:20001"},
+        "qwen3-8b": {"url": "http://127.0.0.1:18001", **WATCHED},
+        "llama-3-8b": {"url": "http://127.0.0.1:20001", **WATCHED},
     }
     # It evaluates, and says what a production machine needs: a GPU for vLLM, a pinned image.
     found = [" ".join(w.split()) for w in result["warnings"]]
@@ -154,7 +155,8 @@ def test_tag_digest_and_image() -> None:
     # Every SGLang image has the module; `sglang serve` only releases after 0.5.1.
     assert image["a"]["Entrypoint"] == ['["python3","-m","sglang.launch_server"]']
     assert image["a"]["Exec"] == [
-        "'--host=0.0.0.0' '--model-path=org/a' '--port=30000' '--served-model-name=a'"
+        "--enable-metrics '--host=0.0.0.0' '--model-path=org/a' '--port=30000'"
+        " '--served-model-name=a'"
     ]
     assert image["a"]["PublishPort"] == ["127.0.0.1:30001:30000"]
 
@@ -282,7 +284,10 @@ def test_rootless_socket() -> None:
     assert "d /run/llmhop/vllm-s 0710 vllm vllm - -" in rules
     acl = {"/run/llmhop": {"a+": {"argument": "default:user:llmhop:-wx"}}}
     assert acl_settings(result) == acl
-    assert config_file(result)["models"]["s"] == {"url": "unix:///run/llmhop/vllm-s/http.sock"}
+    assert config_file(result)["models"]["s"] == {
+        "url": "unix:///run/llmhop/vllm-s/http.sock",
+        **WATCHED,
+    }
     assert result["registries"]["portsRegistry"] == {"llmhop.listen.default": 8080}
     # No group to join: the ACL lets the router in.
     assert not result["services"]["llmhop"]["serviceConfig"].get("SupplementaryGroups")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from module_configs import WATCHED
 from nix_harness import REPO, evaluate
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
@@ -54,17 +55,19 @@ def test_the_complete_example() -> None:
         "gemma": {
             "url": "unix:///run/llmhop/llama-cpp-gemma/http.sock",
             "headers": {"Authorization": "Bearer ${cred:llmhop.worker-key}"},
+            **WATCHED,
         },
         "openai-gpt-4o": {
             "url": "https://api.openai.com",
             "headers": {"Authorization": "Bearer ${cred:llmhop.openai-key}"},
         },
-        "qwen3-8b": {"url": "http://127.0.0.1:18001"},
-        "llama-3-8b": {"url": "http://127.0.0.1:20001"},
-        "qwen3-32b": {"url": "unix:///run/llmhop/vllm-qwen3-32b/http.sock"},
-        "llama-3-70b": {"url": "unix:///run/llmhop/vllm-llama-3-70b/http.sock"},
-        "gemma-3-27b": {"url": "http://127.0.0.1:30001"},
-        "mistral-small": {"url": "http://127.0.0.1:30002"},
+        "qwen3-8b": {"url": "http://127.0.0.1:18001", **WATCHED},
+        "llama-3-8b": {"url": "http://127.0.0.1:20001", **WATCHED},
+        "qwen3-32b": {"url": "unix:///run/llmhop/vllm-qwen3-32b/http.sock", **WATCHED},
+        "llama-3-70b": {"url": "unix:///run/llmhop/vllm-llama-3-70b/http.sock", **WATCHED},
+        "gemma-3-27b": {"url": "http://127.0.0.1:30001", **WATCHED},
+        "mistral-small": {"url": "http://127.0.0.1:30002", **WATCHED},
+        # The gateway's: neither (its metrics have a listener of their own).
         "sglang": {"url": "http://127.0.0.1:30000"},
     }
     router = result["services"]["llmhop"]["serviceConfig"]
@@ -114,7 +117,7 @@ def test_the_native_vllm_example() -> None:
     assert unit["environment"]["CUDA_VISIBLE_DEVICES"] == "0"
     config = json.loads(Path(result["etc"]["llmhop/llmhop.json"]["source"]).read_text())
     assert config["models"] == {
-        "llama-3-8b": {"url": "unix:///run/llmhop/vllm-llama-3-8b/http.sock"}
+        "llama-3-8b": {"url": "unix:///run/llmhop/vllm-llama-3-8b/http.sock", **WATCHED}
     }
 
 

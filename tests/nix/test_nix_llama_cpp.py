@@ -5,7 +5,16 @@ switch, users and refusals."""
 from __future__ import annotations
 
 import pytest
-from module_configs import QUICKSTART, argv, assertions, config_file, llama, llmhop, service
+from module_configs import (
+    QUICKSTART,
+    WATCHED,
+    argv,
+    assertions,
+    config_file,
+    llama,
+    llmhop,
+    service,
+)
 from nix_harness import NixEvalError, evaluate
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
@@ -24,6 +33,7 @@ def test_the_quickstart_llama_model() -> None:
         "unsloth/Qwen3-8B-GGUF:UD-Q4_K_XL",
         "--host",
         "127.0.0.1",
+        "--metrics",
         "--port",
         "18001",
     ]
@@ -31,7 +41,9 @@ def test_the_quickstart_llama_model() -> None:
     assert config["SocketBindAllow"] == "tcp:18001"
     assert config["UMask"] == "0077"
     assert "RuntimeDirectory" not in config
-    assert config_file(result)["models"] == {"qwen3-8b": {"url": "http://127.0.0.1:18001"}}
+    assert config_file(result)["models"] == {
+        "qwen3-8b": {"url": "http://127.0.0.1:18001", **WATCHED}
+    }
     assert result["registries"]["portsRegistry"]["llama-cpp.models.qwen3-8b"] == 18001
     assert result["registries"]["unitsRegistry"]["llama-cpp.models.qwen3-8b"] == (
         "llama-cpp-qwen3-8b.service"
@@ -76,8 +88,11 @@ def test_worker_unit() -> None:
     assert config["User"] == "llama-cpp-m"  # the dynamic user, named after the model
     args = argv(result, "llama-cpp-m")
     assert args[1:3] == ["-url", "unix:///run/llmhop/llama-cpp-m/http.sock"]
-    assert args[-4:] == ["--alias", "m", "--host", "/run/llmhop/llama-cpp-m/http.sock"]
-    assert config_file(result)["models"]["m"] == {"url": "unix:///run/llmhop/llama-cpp-m/http.sock"}
+    assert args[-5:] == ["--alias", "m", "--host", "/run/llmhop/llama-cpp-m/http.sock", "--metrics"]
+    assert config_file(result)["models"]["m"] == {
+        "url": "unix:///run/llmhop/llama-cpp-m/http.sock",
+        **WATCHED,
+    }
     # The router joins the group owning the sockets; the group is declared.
     assert service(result)["SupplementaryGroups"] == ["llama-cpp"]
     assert "llama-cpp" in result["groups"]
@@ -122,12 +137,13 @@ def test_flag_precedence_managed_over_settings_over_model_settings() -> None:
         "127.0.0.1",
         "--lora",
         "a",
+        "--metrics",
         "--port",
         "18002",
         "--threads",
         "4",
     ]
-    assert config_file(result)["models"] == {"served": {"url": "http://127.0.0.1:18002"}}
+    assert config_file(result)["models"] == {"served": {"url": "http://127.0.0.1:18002", **WATCHED}}
 
 
 def test_credential_references_become_paths() -> None:

@@ -109,6 +109,13 @@ def test_router_and_llama_cpp_worker(ns: SystemdNamespace, scratch: Path) -> Non
     status, body = chat(ns, MODEL, token=CLIENT_TOKEN, unix_socket="/run/llmhop/local.sock")
     assert status == 200, body
 
+    # The module turned the worker's metrics on and told the router where they are: the
+    # router's own /metrics carries them, labelled with the model, fetched with its key.
+    client = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
+    status, body = ns.http("http://127.0.0.1:8080/metrics", headers=client)
+    assert status == 200, body
+    assert 'llamacpp:requests_processing{model="fake-model"} 0' in body.splitlines(), body
+
     # A SIGKILLed worker restarts although its last socket was never unlinked.
     pid = ns.show(WORKER, "MainPID")["MainPID"]
     assert ns.systemctl("kill", "--signal=SIGKILL", WORKER).returncode == 0

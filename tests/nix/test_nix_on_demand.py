@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from module_configs import argv, assertions, config_file, container, service, warnings
+from module_configs import WATCHED, argv, assertions, config_file, container, service, warnings
 from nix_harness import REPO, FailedAssertions, analyze_verify, evaluate, render_units, stand_in
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
@@ -461,7 +461,7 @@ def test_the_docs_show_the_example_and_it_evaluates() -> None:
         "upstreamIdleTimeout": 30,
     }
     assert routes["gemma-3-27b"]["group"] == "gpu0"
-    assert routes["embed"] == {"url": "unix:///run/llmhop/llama-cpp-embed/http.sock"}
+    assert routes["embed"] == {"url": "unix:///run/llmhop/llama-cpp-embed/http.sock", **WATCHED}
     services = result["services"]
     assert services["llama-cpp-embed"]["wantedBy"] == ["multi-user.target"]
     assert services["llama-cpp-gemma-3-27b"]["conflicts"] == ["llama-cpp-qwen3-coder.service"]

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from module_configs import assertions, config_file, container, llmhop
+from module_configs import WATCHED, assertions, config_file, container, llmhop
 from nix_harness import NixEvalError, analyze_verify, evaluate, render_units, stand_in
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
@@ -89,8 +89,8 @@ def test_native_sglang_needs_a_package() -> None:
     config["services"]["llmhop"]["sglang"]["package"] = "/opt/sglang-env"
     unit = evaluate(config)["services"]["sglang-m"]["serviceConfig"]
     assert unit["ExecStart"].endswith(
-        '"/opt/sglang-env/bin/python" "-m" "sglang.launch_server" "--host" "127.0.0.1"'
-        ' "--model-path" "org/m" "--port" "30001" "--served-model-name" "m"'
+        '"/opt/sglang-env/bin/python" "-m" "sglang.launch_server" "--enable-metrics"'
+        ' "--host" "127.0.0.1" "--model-path" "org/m" "--port" "30001" "--served-model-name" "m"'
     )
     assert unit["SocketBindAllow"] == "tcp:30001"
     assert unit["Restart"] == "always"
@@ -146,9 +146,9 @@ def test_per_model_runtime() -> None:
     assert (native["User"], native["RuntimeDirectory"]) == ("vllm", "llmhop/vllm-native")
     assert result["services"]["llmhop"]["serviceConfig"]["SupplementaryGroups"] == ["vllm"]
     assert config_file(result)["models"] == {
-        "a-container": {"url": "http://127.0.0.1:20001"},
-        "b-container": {"url": "http://127.0.0.1:20002"},
-        "native": {"url": "unix:///run/llmhop/vllm-native/http.sock"},
+        "a-container": {"url": "http://127.0.0.1:20001", **WATCHED},
+        "b-container": {"url": "http://127.0.0.1:20002", **WATCHED},
+        "native": {"url": "unix:///run/llmhop/vllm-native/http.sock", **WATCHED},
     }
 
 

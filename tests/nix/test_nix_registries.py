@@ -4,7 +4,7 @@ twice fail naming every owner; hand-written routes claim or extend a worker's.""
 from __future__ import annotations
 
 import pytest
-from module_configs import QUICKSTART, assertions, config_file, llama, llmhop, service
+from module_configs import QUICKSTART, WATCHED, assertions, config_file, llama, llmhop, service
 from nix_harness import evaluate
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
@@ -61,6 +61,7 @@ def test_hand_written_headers_extend_a_worker_route() -> None:
             "url": "http://127.0.0.1:18001",
             "headers": {"Authorization": "Bearer ${cred:k}"},
             "unlisted": True,
+            **WATCHED,
         },
     }
 

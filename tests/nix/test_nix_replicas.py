@@ -4,30 +4,25 @@ written as `settings.models.<name>.urls`."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from typing import Any
 
 import pytest
-from module_configs import argv, assertions, config_file, container, llama, llmhop, service
+from module_configs import (
+    WATCHED,
+    argv,
+    assertions,
+    config_file,
+    container,
+    llama,
+    llmhop,
+    router_check,
+    service,
+)
 from nix_harness import REPO, evaluate
 
 pytestmark = [pytest.mark.nix, pytest.mark.usefixtures("nix_inputs")]
 
 TWO_GPUS = [{"gpus": ["0"]}, {"gpus": ["1"]}]
-
-
-def router_check(result: dict[str, Any]) -> subprocess.CompletedProcess[str]:
-    """The config file's build-time check, `llmhop --check`, by the real router."""
-    path = result["etc"]["llmhop/llmhop.json"]["source"]
-    router = REPO / "pkgs" / "llmhop" / "llmhop.py"
-    return subprocess.run(
-        [sys.executable, "-I", str(router), "--check", "--config", path],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def backend(name: str, models: dict[str, Any], **options: Any) -> dict[str, Any]:
@@ -47,13 +42,13 @@ def test_two_gpus_two_native_units_behind_one_route() -> None:
         assert environment["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
         args = argv(result, unit)
         assert args[1:3] == ["-url", f"http://127.0.0.1:{port}"]
-        assert args[-4:] == ["--host", "127.0.0.1", "--port", str(port)]
+        assert args[-5:] == ["--host", "127.0.0.1", "--metrics", "--port", str(port)]
         # One model: the same served name and cache for every replica.
         assert args[args.index("--alias") + 1] == "q"
         assert service(result, unit)["SocketBindAllow"] == f"tcp:{port}"
         assert service(result, unit)["CacheDirectory"] == "llama-cpp/q"
     assert config_file(result)["models"] == {
-        "q": {"urls": ["http://127.0.0.1:18001", "http://127.0.0.1:18002"]}
+        "q": {"urls": ["http://127.0.0.1:18001", "http://127.0.0.1:18002"], **WATCHED}
     }
     registries = result["registries"]
     assert registries["portsRegistry"] == {
@@ -63,7 +58,8 @@ def test_two_gpus_two_native_units_behind_one_route() -> None:
     }
     assert registries["unitsRegistry"]["llama-cpp.models.q.replicas.1"] == "llama-cpp-q-1.service"
     assert registries["modelsRegistry"]["llama-cpp.models.q"]["route"] == {
-        "urls": ["http://127.0.0.1:18001", "http://127.0.0.1:18002"]
+        "urls": ["http://127.0.0.1:18001", "http://127.0.0.1:18002"],
+        **WATCHED,
     }
     check = router_check(result)
     assert check.returncode == 0, check.stderr
@@ -74,13 +70,14 @@ def test_socket_replicas_and_their_own_ports() -> None:
     result = evaluate(llama({"s": {"replicas": replicas}}))
     first = service(result, "llama-cpp-s-0")
     assert first["RuntimeDirectory"] == "llmhop/llama-cpp-s-0"
-    assert argv(result, "llama-cpp-s-0")[-2:] == ["--host", "/run/llmhop/llama-cpp-s-0/http.sock"]
+    assert argv(result, "llama-cpp-s-0")[-3:-1] == ["--host", "/run/llmhop/llama-cpp-s-0/http.sock"]
     second = service(result, "llama-cpp-s-1")
     assert "RuntimeDirectory" not in second
     assert second["SocketBindAllow"] == "tcp:18050"
     assert result["services"]["llama-cpp-s-1"]["environment"]["HIP_VISIBLE_DEVICES"] == "1"
     assert config_file(result)["models"]["s"] == {
-        "urls": ["unix:///run/llmhop/llama-cpp-s-0/http.sock", "http://127.0.0.1:18050"]
+        "urls": ["unix:///run/llmhop/llama-cpp-s-0/http.sock", "http://127.0.0.1:18050"],
+        **WATCHED,
     }
     # The router joins the group owning the replica's socket directory.
     assert service(result)["SupplementaryGroups"] == ["llama-cpp"]
@@ -109,12 +106,13 @@ def test_container_replicas_get_their_cdi_devices(rootless: bool) -> None:
     else:
         assert container(result, "vllm-s-1")["Service"]["RuntimeDirectory"] == ["llmhop/vllm-s-1"]
     assert config_file(result)["models"] == {
-        "v": {"urls": ["http://127.0.0.1:20001", "http://127.0.0.1:20002"]},
+        "v": {"urls": ["http://127.0.0.1:20001", "http://127.0.0.1:20002"], **WATCHED},
         "s": {
             "urls": [
                 "unix:///run/llmhop/vllm-s-0/http.sock",
                 "unix:///run/llmhop/vllm-s-1/http.sock",
-            ]
+            ],
+            **WATCHED,
         },
     }
     # Started one after another, replicas included (vLLM's startupOrdering).
@@ -228,7 +226,7 @@ def test_remote_urls_are_written_as_given() -> None:
     }
     result = evaluate(config)
     assert config_file(result)["models"] == {
-        "local": {"url": "http://127.0.0.1:18001"},
+        "local": {"url": "http://127.0.0.1:18001", **WATCHED},
         "q": {"urls": urls, "affinity": "header:x-conversation"},
     }
     assert router_check(result).returncode == 0
@@ -246,6 +244,7 @@ def test_hand_written_upstreams_claim_a_replicated_route() -> None:
     assert config_file(evaluate(config))["models"]["q"] == {
         "urls": ["http://127.0.0.1:18001", "http://127.0.0.1:18002"],
         "headers": {"X-A": "1"},
+        **WATCHED,
     }
 
 
@@ -255,7 +254,7 @@ def test_the_two_host_example() -> None:
     examples = REPO / "examples" / "nixos"
     front = evaluate(module=examples / "two-hosts-front.nix")
     assert config_file(front)["models"] == {
-        "qwen3-32b": {"urls": ["http://127.0.0.1:20001", "http://127.0.0.1:20002"]},
+        "qwen3-32b": {"urls": ["http://127.0.0.1:20001", "http://127.0.0.1:20002"], **WATCHED},
         "llama-3-70b": {
             "urls": [
                 {
@@ -274,7 +273,7 @@ def test_the_two_host_example() -> None:
 
     gpu = evaluate(module=examples / "two-hosts-gpu.nix")
     assert config_file(gpu)["models"] == {
-        "llama-3-70b": {"urls": ["http://127.0.0.1:20001", "http://127.0.0.1:20002"]}
+        "llama-3-70b": {"urls": ["http://127.0.0.1:20001", "http://127.0.0.1:20002"], **WATCHED}
     }
     assert gpu["sockets"]["llmhop-default"]["listenStreams"] == ["8080"]
     assert gpu["firewall"]["allowedTCPPorts"] == [8080]
