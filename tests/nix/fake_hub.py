@@ -4,7 +4,8 @@
 
 ROOT/repos.json describes the repositories: {"org/name": {"commit": "<40 hex>", "branches":
 {"main": "<40 hex>"}, "token": "<token of a gated repository>", "cut": {"file": NAME,
-"after": BYTES}}}; a repository's files are ROOT/org/name/<path>, the same at every revision.
+"after": BYTES}, "revisions": {"<40 hex>": FOLDER}}}; a repository's files are
+ROOT/org/name/<path> at `commit`, ROOT/FOLDER/<path> at each other commit of `revisions`.
 Served, as the hub does:
 
     GET  /api/models/{repo}/revision/{revision}   repository info with `sha` and `siblings`
@@ -69,7 +70,7 @@ class Hub(BaseHTTPRequestHandler):
                 raise Refusal(404, "RepoNotFound", "Repository not found")
             repo = match["api_repo"] or match["repo"]
             info, commit = self.resolve(repo, match["api_rev"] or match["rev"])
-            files = self.files(repo)
+            files = self.files(info.get("revisions", {}).get(commit, repo))
             if match["kind"] == "revision":
                 siblings = [{"rfilename": path} for path in files]
                 self.json({"id": repo, "modelId": repo, "sha": commit, "siblings": siblings})
@@ -93,12 +94,12 @@ class Hub(BaseHTTPRequestHandler):
         if token and self.headers.get("Authorization") != f"Bearer {token}":
             raise Refusal(401, "GatedRepo", f"Access to model {repo} is restricted.")
         commit = info["branches"].get(revision, revision)
-        if commit != info["commit"]:
+        if commit != info["commit"] and commit not in info.get("revisions", {}):
             raise Refusal(404, "RevisionNotFound", "Invalid rev id: " + revision)
         return info, commit
 
-    def files(self, repo: str) -> dict[str, bytes]:
-        base = self.root / repo
+    def files(self, folder: str) -> dict[str, bytes]:
+        base = self.root / folder
         return {
             str(path.relative_to(base)): path.read_bytes()
             for path in sorted(base.rglob("*"))

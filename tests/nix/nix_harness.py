@@ -275,12 +275,14 @@ def package_phases(python: str) -> dict[str, str]:
 def llmhop_package(root: Path) -> Path:
     """pkgs.llmhop as package.nix's own install and install-check phases build it from
     pkgs/llmhop/llmhop.py, with the host's python3."""
+    out = root / "llmhop"
+    if out.exists():  # built for an earlier evaluation of the same scenario
+        return out
     python = shutil.which("python3", path="/usr/bin:/bin") or "/usr/bin/python3"
     # Built inside `root`: the checkout may sit below /tmp, which PrivateTmp= hides from units.
     source = root / "llmhop-source"
     (source / "pkgs" / "llmhop").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(REPO / "pkgs" / "llmhop" / "llmhop.py", source / "pkgs/llmhop/llmhop.py")
-    out = root / "llmhop"
     phases = package_phases(python)
     script = "runHook() { :; }\n" + phases["installPhase"] + phases["installCheckPhase"]
     subprocess.run(
@@ -426,9 +428,10 @@ def _distribution_closure(name: str) -> list[Any]:
 def python_with(root: Path, distribution: str) -> Path:
     """A stand-in for `python3.withPackages (ps: [ ps.<distribution> ])` in root/<name>:
     bin/python3 runs the host's interpreter with `distribution` and what it requires, copied
-    from this venv (a unit under PrivateTmp= would not see a venv below /tmp)."""
+    from this venv (a unit under PrivateTmp= would not see a venv below /tmp). Made once: a
+    second call gives the same one."""
     site = root / f"python-{distribution}" / "site-packages"
-    site.mkdir(parents=True)
+    site.mkdir(parents=True, exist_ok=True)
     for installed in _distribution_closure(distribution):
         for top in {Path(f).parts[0] for f in installed.files or []} - {"..", "__pycache__"}:
             source = Path(installed.locate_file(top)).resolve()

@@ -448,6 +448,16 @@ exec env -i {env_args} {systemd} --system --log-target=journal --show-status=no
             "systemctl", "--no-pager", "--no-ask-password", *args, timeout=timeout, check=check
         )
 
+    def install_units(self, units: dict[str, Any]) -> None:
+        """Put another evaluation's unit files in place of the booted ones and reload, as a
+        switch to another configuration does; which units restart is the caller's to say."""
+        assert self.work is not None, "systemd is not running"
+        for name, text in units["files"].items():
+            path = self.work / "units" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        self.systemctl("daemon-reload", check=True)
+
     def show(self, unit: str, *props: str) -> dict[str, str]:
         out = self.systemctl("show", unit, *[f"--property={p}" for p in props], check=True)
         return dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)

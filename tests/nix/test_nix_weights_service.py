@@ -3,7 +3,8 @@
 units download the pinned files at boot and their llama.cpp workers (the fake engine) start
 after them on the local file, offline; a second run fetches nothing; a download cut in the
 middle resumes; a wrong revision and a gated repository without a token fail the fetch unit
-with a clear message, and their workers never start."""
+with a clear message, and their workers never start; with `prune`, a switch to another
+commit leaves only that commit's files in the cache."""
 
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ GGUF = "tiny-Q4_K_M.gguf"
 BIG = b"GGUF" + hashlib.sha256(b"weights").digest() * (12 * 2**20 // 32)
 CUT_AFTER = 11 * 2**20
 SMALL = b"GGUF" + b"\0" * 4096
+# The commit a pruned model is switched to, with other contents.
+NEXT_COMMIT = "beef" * 10
+NEXT = b"GGUF" + b"\1" * 4096
 
 MODELS = {
     # model: (repository, revision)
@@ -38,7 +42,9 @@ MODELS = {
     "cut": ("llmhop-test/cut-GGUF", COMMIT),
     "wrong-revision": ("llmhop-test/tiny-GGUF", OTHER_COMMIT),
     "gated": ("llmhop-test/gated-GGUF", COMMIT),
+    "pruned": ("llmhop-test/pruned-GGUF", COMMIT),
 }
+PRUNED = {"pruned"}
 
 
 def hub_root(scratch: Path) -> Path:
@@ -48,6 +54,7 @@ def hub_root(scratch: Path) -> Path:
         ("llmhop-test/tiny-GGUF", SMALL),
         ("llmhop-test/cut-GGUF", BIG),
         ("llmhop-test/gated-GGUF", SMALL),
+        ("llmhop-test/pruned-GGUF", SMALL),
     ):
         (root / repo).mkdir(parents=True)
         (root / repo / GGUF).write_bytes(data)
@@ -56,6 +63,9 @@ def hub_root(scratch: Path) -> Path:
         repos[repo] = {"commit": COMMIT, "branches": {"main": COMMIT}}
     repos["llmhop-test/cut-GGUF"]["cut"] = {"file": GGUF, "after": CUT_AFTER}
     repos["llmhop-test/gated-GGUF"]["token"] = "accepted-token"
+    (root / "next" / GGUF).parent.mkdir()
+    (root / "next" / GGUF).write_bytes(NEXT)
+    repos["llmhop-test/pruned-GGUF"]["revisions"] = {NEXT_COMMIT: "next"}
     (root / "repos.json").write_text(json.dumps(repos))
     (root / "requests.log").write_text("")
     root.chmod(0o777)
@@ -64,16 +74,30 @@ def hub_root(scratch: Path) -> Path:
 
 
 def scenario(scratch: Path) -> dict[str, Any]:
-    root = hub_root(scratch)
-    hub = shutil.copy(HERE / "fake_hub.py", scratch)
+    hub_root(scratch)
+    shutil.copy(HERE / "fake_hub.py", scratch)
+    return system(scratch)
+
+
+def system(scratch: Path, revisions: dict[str, str] | None = None) -> dict[str, Any]:
+    """The scenario's system, with `revisions` declared instead of MODELS' (a switch)."""
     models = {
         name: {
-            "weights": {"huggingface": {"repo": repo, "revision": revision, "files": [GGUF]}},
+            "weights": {
+                "huggingface": {
+                    "repo": repo,
+                    "revision": (revisions or {}).get(name, revision),
+                    "files": [GGUF],
+                },
+                "prune": name in PRUNED,
+            },
             "environment": {"HF_ENDPOINT": f"http://127.0.0.1:{HUB_PORT}"},
         }
         for name, (repo, revision) in MODELS.items()
     }
     failing = ("llama-cpp-wrong-revision.service", "llama-cpp-gated.service")
+    hub = scratch / "fake_hub.py"
+    root = scratch / "hub"
     config = llama_cpp_scenario(
         scratch,
         models,
@@ -109,10 +133,14 @@ def info(ns: SystemdNamespace, model: str) -> dict[str, Any]:
     return json.loads(body)
 
 
+def storage(model: str) -> str:
+    """The hub cache's folder of the model's repository."""
+    folder = "models--" + MODELS[model][0].replace("/", "--")
+    return f"/var/cache/llama-cpp/{model}/hub/{folder}"
+
+
 def snapshot(model: str) -> str:
-    repo, revision = MODELS[model]
-    folder = "models--" + repo.replace("/", "--")
-    return f"/var/cache/llama-cpp/{model}/hub/{folder}/snapshots/{revision}"
+    return f"{storage(model)}/snapshots/{MODELS[model][1]}"
 
 
 def test_weights_are_fetched_before_the_worker_which_runs_offline(
@@ -188,3 +216,30 @@ def test_a_refused_fetch_fails_and_its_worker_never_starts(
     assert (
         ns.show(worker, "ExecMainStartTimestampMonotonic")["ExecMainStartTimestampMonotonic"] == "0"
     )
+
+
+def test_prune_leaves_only_the_declared_commit(ns: SystemdNamespace, scratch: Path) -> None:
+    fetch, worker = "llmhop-fetch-pruned.service", "llama-cpp-pruned.service"
+    assert ns.state(worker) == "active", ns.journal(fetch) + ns.journal(worker)
+    assert ns.run("ls", f"{storage('pruned')}/snapshots").stdout.split() == [COMMIT]
+    # The declaration moves on to the next commit; switching restarts the fetch, then the
+    # worker, under the new units.
+    ns.install_units(system(scratch, {"pruned": NEXT_COMMIT})["units"]["system"])
+    assert ns.systemctl("restart", fetch, timeout=60).returncode == 0, ns.journal(fetch)
+    assert ns.systemctl("restart", worker, timeout=60).returncode == 0, ns.journal(worker)
+
+    fetched = [line for line in requests(scratch) if "/pruned-GGUF/resolve/" in line]
+    assert any(f"/resolve/{NEXT_COMMIT}/{GGUF}" in line for line in fetched), fetched
+    # The commit no longer declared is gone with its file; the declared one stays.
+    assert ns.run("ls", f"{storage('pruned')}/snapshots").stdout.split() == [NEXT_COMMIT]
+    blobs = ns.run("ls", f"{storage('pruned')}/blobs").stdout.split()
+    assert blobs == [hashlib.sha256(NEXT).hexdigest()]
+    journal = ns.journal(fetch)
+    assert f"pruning revision {COMMIT}" in journal
+    assert f"pruning blob {hashlib.sha256(SMALL).hexdigest()}" in journal
+    loaded = f"{storage('pruned')}/snapshots/{NEXT_COMMIT}/{GGUF}"
+    argv = info(ns, "pruned")["argv"]
+    assert argv[argv.index("--model") + 1] == loaded
+    digest = ns.run("sha256sum", loaded).stdout.split()[0]
+    assert digest == hashlib.sha256(NEXT).hexdigest()
+    assert chat(ns, "pruned")[0] == 200
