@@ -3,7 +3,8 @@
 Exits 0 when the files are there (without a request when a pinned commit was fetched whole
 before), 2 when the hub refuses for good (no such repository or revision, a gated repository
 without a valid token, no file matching), 1 otherwise (the network, the hub): systemd retries.
-The hub client resumes an interrupted download from its `.incomplete` file.
+The hub client picks up a download whose connection broke within one run; a run that is
+stopped starts the file again, and may leave its `.incomplete` file behind.
 """
 
 from __future__ import annotations
