@@ -2136,11 +2136,16 @@ def server_timing(queued: float | None, connect: float | None, upstream: float) 
     """The router's share of a response's time (W3C Server Timing), in milliseconds: waiting
     for the model's group, opening the upstream connection, and from the request going out to
     the upstream's response head."""
+    if not queued and connect is None:  # the usual: no queue, a pooled connection
+        return _NO_WAIT_TIMING % (upstream * 1000)
     return b"Server-Timing: queue;dur=%.1f, connect;dur=%.1f, upstream;dur=%.1f" % (
         (queued or 0.0) * 1000,
         (connect or 0.0) * 1000,
         (upstream - (connect or 0.0)) * 1000,
     )
+
+
+_NO_WAIT_TIMING = b"Server-Timing: queue;dur=0.0, connect;dur=0.0, upstream;dur=%.1f"
 
 
 def switching_protocols_head(response: Response) -> bytes:
