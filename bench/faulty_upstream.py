@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import signal
 import sys
+
+# Run as a script from bench/, like its sibling whose serving loop it shares.
+from sse_upstream import serve_until_stopped
 
 OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
 BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
@@ -79,26 +81,14 @@ class FaultyProtocol(asyncio.Protocol):
             self.transport.write(response)
 
 
-async def serve(host: str, port: int, seed: int) -> None:
-    loop = asyncio.get_running_loop()
-    chooser = random.Random(seed)
-    server = await loop.create_server(lambda: FaultyProtocol(chooser), host, port, backlog=4096)
-    bound_host, bound_port = server.sockets[0].getsockname()[:2]
-    print(f"listening on {bound_host}:{bound_port}", flush=True)
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    async with server:
-        await stop.wait()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.host, args.port, args.seed))
+    chooser = random.Random(args.seed)
+    asyncio.run(serve_until_stopped(lambda: FaultyProtocol(chooser), args.host, args.port))
     return 0
 
 

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import signal
 import sys
 import time
+from collections.abc import Callable
 from urllib.parse import parse_qs
 
 DEFAULT_CHUNKS = 200
@@ -144,11 +146,13 @@ class StreamingProtocol(asyncio.Protocol):
             self._next_request()
 
 
-async def serve(host: str, port: int, chunks: int, interval_ms: float) -> None:
+async def serve_until_stopped(
+    protocol: Callable[[], asyncio.Protocol], host: str, port: int
+) -> None:
+    """Serve on ``host:port``, say where on stdout (the harness waits for that line), and stop
+    at SIGTERM or SIGINT. The benchmark's other upstream scripts serve with it too."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: StreamingProtocol(chunks, interval_ms), host, port, backlog=4096
-    )
+    server = await loop.create_server(protocol, host, port, backlog=4096)
     bound_host, bound_port = server.sockets[0].getsockname()[:2]
     print(f"listening on {bound_host}:{bound_port}", flush=True)
     stop = asyncio.Event()
@@ -165,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS)
     parser.add_argument("--interval-ms", type=float, default=DEFAULT_INTERVAL_MS)
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.host, args.port, args.chunks, args.interval_ms))
+    protocol = functools.partial(StreamingProtocol, args.chunks, args.interval_ms)
+    asyncio.run(serve_until_stopped(protocol, args.host, args.port))
     return 0
 
 

@@ -3,10 +3,11 @@ metrics), who may see it, and the router's own time on every forwarded response.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -44,6 +45,28 @@ def loading_then_ready() -> Callable[[Received, socket.socket], bool]:
         return True
 
     return handler
+
+
+def grouped(
+    router_factory: Factory, held_factory: Callable[[], HeldUpstream]
+) -> tuple[RunningRouter, HeldUpstream, HeldUpstream]:
+    """Models a and b of one group, on upstreams that answer when the test lets them."""
+    a, b = held_factory(), held_factory()
+    group = {"group": "gpu0"}
+    router = router_factory(
+        {"models": {"a": {"url": a.url, **group}, "b": {"url": b.url, **group}}}
+    )
+    return router, a, b
+
+
+@contextlib.contextmanager
+def b_behind_a(router: RunningRouter, a: HeldUpstream) -> Iterator[tuple[Any, Any]]:
+    """A request for a, held at its upstream, and one for b sent after it, which queues."""
+    with router.connect() as holding, router.connect() as waiting:
+        holding.sendall(request_bytes("POST", "/v1/chat", chat("a")))
+        a.next_arrival()
+        waiting.sendall(request_bytes("POST", "/v1/chat", chat("b")))
+        yield holding, waiting
 
 
 # --- transitions ------------------------------------------------------------------------------
@@ -86,11 +109,7 @@ def test_one_replica_answering_makes_the_model_ready(
 def test_a_group_switch_makes_the_model_left_idle_and_the_new_one_loading(
     router_factory: Factory, held_factory: Callable[[], HeldUpstream]
 ) -> None:
-    a, b = held_factory(), held_factory()
-    group = {"group": "gpu0"}
-    router = router_factory(
-        {"models": {"a": {"url": a.url, **group}, "b": {"url": b.url, **group}}}
-    )
+    router, a, b = grouped(router_factory, held_factory)
     assert states(router) == {"a": "unknown", "b": "unknown"}
     a.release_all()
     assert exchange(router, "POST", "/v1/chat", chat("a")).status == 200
@@ -109,15 +128,8 @@ def test_a_group_switch_makes_the_model_left_idle_and_the_new_one_loading(
 def test_status_counts_the_queue_apart(
     router_factory: Factory, held_factory: Callable[[], HeldUpstream]
 ) -> None:
-    a, b = held_factory(), held_factory()
-    group = {"group": "gpu0"}
-    router = router_factory(
-        {"models": {"a": {"url": a.url, **group}, "b": {"url": b.url, **group}}}
-    )
-    with router.connect() as holding, router.connect() as waiting:
-        holding.sendall(request_bytes("POST", "/v1/chat", chat("a")))
-        a.next_arrival()
-        waiting.sendall(request_bytes("POST", "/v1/chat", chat("b")))
+    router, a, b = grouped(router_factory, held_factory)
+    with b_behind_a(router, a) as (holding, waiting):
         for _ in range(int(WAIT / 0.01)):
             if status(router)["models"]["b"]["queued"] == 1:
                 break
@@ -276,15 +288,8 @@ def test_server_timing_tells_connect_and_upstream_time(router_factory: Factory) 
 def test_server_timing_tells_the_time_queued(
     router_factory: Factory, held_factory: Callable[[], HeldUpstream]
 ) -> None:
-    a, b = held_factory(), held_factory()
-    group = {"group": "gpu0"}
-    router = router_factory(
-        {"models": {"a": {"url": a.url, **group}, "b": {"url": b.url, **group}}}
-    )
-    with router.connect() as holding, router.connect() as waiting:
-        holding.sendall(request_bytes("POST", "/v1/chat", chat("a")))
-        a.next_arrival()
-        waiting.sendall(request_bytes("POST", "/v1/chat", chat("b")))
+    router, a, b = grouped(router_factory, held_factory)
+    with b_behind_a(router, a) as (holding, waiting):
         threading.Event().wait(0.15)  # the time b spends in the queue, which it must report
         a.release_all()
         b.release_all()
