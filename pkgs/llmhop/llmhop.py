@@ -35,6 +35,7 @@ import asyncio
 import bisect
 import collections
 import contextlib
+import functools
 import dataclasses
 import itertools
 import json
@@ -2027,6 +2028,7 @@ def _quoted(value: bytes) -> bytes:
     return b'"%s"' % value.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
 
 
+@functools.lru_cache(maxsize=256)  # a client sends the same Host request after request
 def forwarded_value(client_ip: str | None, host: bytes | None) -> bytes:
     """The RFC 7239 Forwarded element for a request the router received over plain HTTP."""
     elements = []
