@@ -35,8 +35,8 @@ import asyncio
 import bisect
 import collections
 import contextlib
-import functools
 import dataclasses
+import functools
 import itertools
 import json
 import math
