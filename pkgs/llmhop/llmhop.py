@@ -332,7 +332,7 @@ def parse_request_head(head: bytes) -> Request:
     expectations = header_tokens(headers, b"expect")
     if expectations and expectations != [b"100-continue"]:
         raise ProtocolError(417, "only Expect: 100-continue is supported")
-    upgrade = headers.values(b"upgrade")
+    upgrade = headers.values(b"upgrade") if b"upgrade" in connection else None
     return Request(
         method,
         target if target[:1] == b"/" else path + query,
@@ -345,7 +345,7 @@ def parse_request_head(head: bytes) -> Request:
         # connections alive (RFC 9112 §9.3).
         http_minor == 1 and b"close" not in connection,
         bool(expectations) and http_minor == 1,
-        upgrade[0] if upgrade and b"upgrade" in connection else None,
+        upgrade[0] if upgrade else None,
         tuple(connection),
     )
 
@@ -671,10 +671,10 @@ class Upstream:
     base_path: str  # "" or "/prefix" without a trailing slash
     query: str  # raw, forwarded byte for byte
     host_header: bytes  # the upstream's own authority, as a Host header value
+    pool_key: tuple[str, str, int] = ("", "", 0)  # what its pooled connections are kept by
 
-    @property
-    def pool_key(self) -> tuple[str, str, int]:
-        return (self.scheme, self.host, self.port)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pool_key", (self.scheme, self.host, self.port))
 
     def __str__(self) -> str:
         if self.scheme == "unix":
@@ -2117,7 +2117,7 @@ def client_response_head(
         dropped = dropped.union(response.connection)
     lines = [b"HTTP/1.1 %d %s" % (response.status, response.reason)]
     lines += response.headers.without(dropped)
-    if not response.headers.values(b"x-request-id"):
+    if b"x-request-id" not in response.headers.lowered:
         lines.append(b"X-Request-Id: " + request_id)
     if response.length == CHUNKED and not dechunk:
         lines.append(b"Transfer-Encoding: chunked")
