@@ -5,7 +5,6 @@ learns nothing of the upstream's address."""
 from __future__ import annotations
 
 import json
-import re
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -15,15 +14,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from support import FakeUpstream, Received, RunningRouter, chat, exchange, llmhop
 
+from tests.support.processes import refused_url
 from tests.support.wire import SocketReader, http_response, read_reply, request_bytes
 
 Factory = Callable[..., Any]
-
-
-def refused_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 # --- back-off ---------------------------------------------------------------------------------
@@ -155,48 +149,37 @@ def test_an_idempotent_request_is_replayed_once(
         upstream.close()
 
 
-def test_a_pooled_connection_the_upstream_closed_is_not_used(router_factory: Factory) -> None:
+def test_a_pooled_connection_the_upstream_closed_is_not_used(
+    router_factory: Factory, upstream_factory: Factory
+) -> None:
     def answer_then_close(request: Received, conn: socket.socket) -> bool:
         conn.sendall(http_response(headers={"Connection": None}))
         return False  # closes while the router keeps the connection in its pool
 
-    upstream = FakeUpstream(answer_then_close)
-    try:
-        router = router_factory({"models": {"m": {"url": upstream.url}}})
-        with router.connect() as sock:
-            reader = SocketReader(sock)
-            sock.sendall(request_bytes("POST", "/v1/chat", chat("m")))
-            assert read_reply(reader).status == 200
-            assert upstream.connection_closed.wait(5)
-            sock.sendall(request_bytes("POST", "/v1/chat", chat("m")))
-            assert read_reply(reader).status == 200
-        assert upstream.connections == 2
-    finally:
-        upstream.close()
+    upstream = upstream_factory(answer_then_close)
+    router = router_factory({"models": {"m": {"url": upstream.url}}})
+    with router.connect() as sock:
+        reader = SocketReader(sock)
+        sock.sendall(request_bytes("POST", "/v1/chat", chat("m")))
+        assert read_reply(reader).status == 200
+        assert upstream.connection_closed.wait(5)
+        sock.sendall(request_bytes("POST", "/v1/chat", chat("m")))
+        assert read_reply(reader).status == 200
+    assert upstream.connections == 2
 
 
 # --- protocol switches ------------------------------------------------------------------------
 
 
-def test_an_unsolicited_switch_of_protocols_is_a_502(router_factory: Factory) -> None:
+def test_an_unsolicited_switch_of_protocols_is_a_502(
+    router_factory: Factory, upstream_factory: Factory
+) -> None:
     switch = (
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
     )
-    upstream = FakeUpstream(lambda request, conn: conn.sendall(switch + b"raw bytes"))
-    try:
-        router = router_factory({"models": {"m": {"url": upstream.url}}})
-        reply = exchange(router, "POST", "/v1/chat", chat("m"))
-        assert (reply.status, reply.json()["error"]["code"]) == (502, "upstream_error")
-        assert b"raw bytes" not in reply.body
-        router.assert_idle()
-    finally:
-        upstream.close()
-
-
-def metric(router: RunningRouter, name: str, token: str | None = None) -> dict[str, float]:
-    headers = {"Authorization": f"Bearer {token}"} if token else None
-    text = exchange(router, "GET", "/metrics", None, headers).body.decode()
-    return {
-        labels: float(value)
-        for labels, value in re.findall(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.M)
-    }
+    upstream = upstream_factory(lambda request, conn: conn.sendall(switch + b"raw bytes"))
+    router = router_factory({"models": {"m": {"url": upstream.url}}})
+    reply = exchange(router, "POST", "/v1/chat", chat("m"))
+    assert (reply.status, reply.json()["error"]["code"]) == (502, "upstream_error")
+    assert b"raw bytes" not in reply.body
+    router.assert_idle()

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from support import WAIT, FakeUpstream, Received, chat
 
+from tests.support.processes import refused_url
 from tests.support.wire import SocketReader, http_response, read_reply, read_request, request_bytes
 
 Factory = Callable[..., Any]
@@ -106,12 +107,6 @@ class FaultyUpstream:
         self.listener.close()
 
 
-def refused_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-
 def pinned_to_first(replicas: int) -> str:
     """An affinity value that maps to replica 0."""
     return next(f"c{i}" for i in itertools.count() if zlib.crc32(f"c{i}".encode()) % replicas == 0)
@@ -135,10 +130,15 @@ CASES = [
 
 @pytest.mark.parametrize(("step", "reset", "reused", "replicas", "method"), CASES)
 def test_a_failing_upstream_costs_one_answer_and_nothing_more(
-    router_factory: Factory, step: str, reset: bool, reused: bool, replicas: int, method: str
+    router_factory: Factory,
+    upstream: FakeUpstream,
+    step: str,
+    reset: bool,
+    reused: bool,
+    replicas: int,
+    method: str,
 ) -> None:
-    faulty = FaultyUpstream(step, reset, reused)
-    healthy = FakeUpstream()
+    faulty, healthy = FaultyUpstream(step, reset, reused), upstream
     try:
         urls = [faulty.url, healthy.url][:replicas]
         model = {"urls": urls, "affinity": "header:x-conv"}
@@ -165,7 +165,6 @@ def test_a_failing_upstream_costs_one_answer_and_nothing_more(
         assert sent <= (1 if method == "POST" else 2)
     finally:
         faulty.close()
-        healthy.close()
 
 
 def drain(upstream: FakeUpstream) -> list[Received]:
@@ -178,16 +177,12 @@ def drain(upstream: FakeUpstream) -> list[Received]:
 @pytest.mark.parametrize("method", ["POST", "GET"])
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_a_refused_connection_fails_over_or_is_a_502(
-    router_factory: Factory, method: str, replicas: int
+    router_factory: Factory, upstream: FakeUpstream, method: str, replicas: int
 ) -> None:
-    healthy = FakeUpstream()
-    try:
-        urls = [refused_url(), healthy.url][:replicas]
-        router = router_factory({"models": {"m": {"urls": urls, "affinity": "header:x-conv"}}})
-        with router.connect() as sock:
-            sock.sendall(request(method, 1, pinned_to_first(replicas)))
-            reply = read_reply(SocketReader(sock), method)
-        assert reply.status == (200 if replicas == 2 else 502)
-        router.assert_idle()
-    finally:
-        healthy.close()
+    urls = [refused_url(), upstream.url][:replicas]
+    router = router_factory({"models": {"m": {"urls": urls, "affinity": "header:x-conv"}}})
+    with router.connect() as sock:
+        sock.sendall(request(method, 1, pinned_to_first(replicas)))
+        reply = read_reply(SocketReader(sock), method)
+    assert reply.status == (200 if replicas == 2 else 502)
+    router.assert_idle()

@@ -13,15 +13,10 @@ from typing import Any
 import pytest
 from support import WAIT, FakeUpstream, HeldUpstream, Received, RunningRouter, chat, exchange
 
+from tests.support.processes import refused_url, wait_until
 from tests.support.wire import SocketReader, http_response, read_reply, request_bytes
 
 Factory = Callable[..., Any]
-
-
-def refused_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def status(router: RunningRouter, token: str | None = None) -> Any:
@@ -264,25 +259,24 @@ def timings(reply: Any) -> tuple[float, float, float]:
     return queued, connect, upstream
 
 
-def test_server_timing_tells_connect_and_upstream_time(router_factory: Factory) -> None:
+def test_server_timing_tells_connect_and_upstream_time(
+    router_factory: Factory, upstream_factory: Factory
+) -> None:
     def slow(request: Received, conn: socket.socket) -> bool:
         threading.Event().wait(0.2)
         conn.sendall(http_response())
         return True
 
-    upstream = FakeUpstream(slow)
-    try:
-        router = router_factory({"models": {"m": {"url": upstream.url}}})
-        with router.connect() as sock:
-            reader = SocketReader(sock)
-            sock.sendall(request_bytes("POST", "/v1/chat", chat("m")))
-            queued, connect, waited = timings(read_reply(reader))
-            assert queued == 0 and connect > 0 and waited >= 200
-            sock.sendall(request_bytes("POST", "/v1/chat", chat("m")))
-            queued, connect, waited = timings(read_reply(reader))
-            assert connect == 0 and waited >= 200  # the pooled connection
-    finally:
-        upstream.close()
+    upstream = upstream_factory(slow)
+    router = router_factory({"models": {"m": {"url": upstream.url}}})
+    with router.connect() as sock:
+        reader = SocketReader(sock)
+        sock.sendall(request_bytes("POST", "/v1/chat", chat("m")))
+        queued, connect, waited = timings(read_reply(reader))
+        assert queued == 0 and connect > 0 and waited >= 200
+        sock.sendall(request_bytes("POST", "/v1/chat", chat("m")))
+        queued, connect, waited = timings(read_reply(reader))
+        assert connect == 0 and waited >= 200  # the pooled connection
 
 
 def test_server_timing_tells_the_time_queued(
@@ -307,22 +301,14 @@ def test_server_timing_can_be_turned_off(router_factory: Factory, upstream: Fake
 # --- probes -----------------------------------------------------------------------------------
 
 
-def until(condition: Callable[[], bool]) -> None:
-    for _ in range(int(WAIT / 0.01)):
-        if condition():
-            return
-        threading.Event().wait(0.01)
-    raise AssertionError("not reached in time")
-
-
 def test_a_probe_tells_the_state_before_any_request(
     router_factory: Factory, upstream_factory: Factory
 ) -> None:
     upstream = upstream_factory(loading_then_ready())
     model = {"url": upstream.url, "healthPath": "/health", "healthInterval": 0.05}
     router = router_factory({"models": {"m": model}})
-    until(lambda: states(router) == {"m": "loading"})  # the first probe got 503
-    until(lambda: states(router) == {"m": "ready"})
+    wait_until(lambda: states(router) == {"m": "loading"}, WAIT, "the first probe (503)")
+    wait_until(lambda: states(router) == {"m": "ready"}, WAIT, "the next probe (200)")
     probe = upstream.next_request()
     assert probe.request_line == "GET /health HTTP/1.0"  # never a completion
     assert probe.body == b""
@@ -331,7 +317,7 @@ def test_a_probe_tells_the_state_before_any_request(
 def test_a_probe_that_cannot_connect_makes_the_model_unavailable(router_factory: Factory) -> None:
     model = {"url": refused_url(), "healthPath": "/health", "healthInterval": 0.05}
     router = router_factory({"models": {"m": model}})
-    until(lambda: states(router) == {"m": "unavailable"})
+    wait_until(lambda: states(router) == {"m": "unavailable"}, WAIT, "a refused probe")
     (replica,) = router.router.table.models["m"].replicas
     assert replica.state.connect_failures >= 1
 

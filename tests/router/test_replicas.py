@@ -13,17 +13,11 @@ from typing import Any
 import pytest
 from support import FakeUpstream, HeldUpstream, Received, RunningRouter, chat, exchange, llmhop
 
+from tests.support.processes import refused_url
 from tests.support.router import RouterProcess
 from tests.support.wire import SocketReader, http_response, read_reply, request_bytes
 
 Factory = Callable[..., Any]
-
-
-def refused_url() -> str:
-    """A loopback port nothing listens on: connecting is refused at once."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def served(upstream: FakeUpstream) -> int:

@@ -27,6 +27,11 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def refused_url() -> str:
+    """A loopback URL nothing listens on: connecting to it is refused at once."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
 def wait_until(
     condition: Callable[[], bool], timeout: float, what: str, interval: float = POLL_INTERVAL
 ) -> None:
