@@ -2666,6 +2666,13 @@ def _reason(exc: Exception) -> str:
     return "connection failed"
 
 
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """The one TLS client context of every upstream connection, pooled or on the side: making
+    one loads the system's CA certificates."""
+    return ssl.create_default_context()
+
+
 ASIDE_LIMIT = 4 * 1024 * 1024  # what a probe or a metrics fetch reads of an answer, at most
 
 
@@ -2688,7 +2695,7 @@ async def ask_upstream(replica: Replica, path: str, timeout: float) -> tuple[int
             if upstream.scheme == "unix":
                 reader, writer = await asyncio.open_unix_connection(upstream.host)
             else:
-                context = ssl.create_default_context() if upstream.scheme == "https" else None
+                context = tls_context() if upstream.scheme == "https" else None
                 reader, writer = await asyncio.open_connection(
                     upstream.host, upstream.port, ssl=context
                 )
@@ -2721,7 +2728,6 @@ class UpstreamPool:
     def __init__(self) -> None:
         self.idle: dict[tuple[str, str, int], list[UpstreamConnection]] = {}
         self.opened = 0  # connections opened since start, for metrics and benchmarks
-        self._ssl: ssl.SSLContext | None = None
         self._sweep: asyncio.TimerHandle | None = None  # closes idle connections when due
         self._sweep_at = math.inf
 
@@ -2802,7 +2808,7 @@ class UpstreamPool:
                         UpstreamConnection,
                         upstream.host,
                         upstream.port,
-                        ssl=self._ssl_context() if upstream.scheme == "https" else None,
+                        ssl=tls_context() if upstream.scheme == "https" else None,
                     )
         except TimeoutError:
             raise UpstreamError(504, f"connecting to the upstream took over {timeout:g}s") from None
@@ -2812,11 +2818,6 @@ class UpstreamPool:
             raise UpstreamError(502, f"cannot connect to the upstream: {_reason(exc)}") from None
         self.opened += 1
         return connection
-
-    def _ssl_context(self) -> ssl.SSLContext:
-        if self._ssl is None:
-            self._ssl = ssl.create_default_context()
-        return self._ssl
 
 
 # ---------------------------------------------------------------------------------------------
