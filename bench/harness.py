@@ -236,6 +236,18 @@ def start_llmhop(
     return Service(managed, host, port, startup)
 
 
+def start_reference(binary: Path, models: dict[str, str], work_dir: Path, cores: str) -> Service:
+    """The Go reference on a free loopback port, from its own config format."""
+    port = free_port()
+    config_path = work_dir / "reference.json"
+    config = {"listen": f"{LOOPBACK}:{port}", "models": {m: {"url": u} for m, u in models.items()}}
+    config_path.write_text(json.dumps(config))
+    command = Pinning.command(cores, [str(binary), "--config", str(config_path)])
+    started = time.monotonic()
+    managed = _spawn("reference", command, work_dir / "reference.log")
+    return Service(managed, LOOPBACK, port, _wait_for_port(managed, port, started))
+
+
 def llmhop_config(models: dict[str, str]) -> dict[str, object]:
     """A benchmark config: loopback, ephemeral port, no concurrency cap, model → upstream URL."""
     return {

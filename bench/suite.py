@@ -32,7 +32,18 @@ from bench import harness, sse_client
 from bench.harness import Pinning, Service, WrkResult
 from bench.report import Results, Target, markdown, svg_plot, text_table, write_document
 
-PHASES = ("small", "large", "models", "replicas", "sse", "streams", "llama", "baseline", "soak")
+PHASES = (
+    "small",
+    "large",
+    "models",
+    "replicas",
+    "sse",
+    "streams",
+    "llama",
+    "baseline",
+    "reference",
+    "soak",
+)
 SMALL_CONCURRENCIES = (1, 16, 64)
 LARGE_BODY_BYTES = 1024 * 1024
 LARGE_CONCURRENCY = 4
@@ -80,6 +91,7 @@ LARGE_SECTION = f"1 MiB POST, concurrency {LARGE_CONCURRENCY}"
 MODELS_SECTION = f"{MANY_MODELS:,} models in the config (concurrency {MODELS_CONCURRENCY})"
 REPLICAS_SECTION = f"A model with 2 upstreams against 1 (concurrency {MODELS_CONCURRENCY})"
 BASELINE_SECTION = "This router against another revision of it (medians of alternating runs)"
+REFERENCE_SECTION = "Beside the Go reference and nginx (medians of alternating runs)"
 SOAK_SECTION = (
     f"Soak: {SOAK_REQUESTS:,} requests to an upstream that fails one in ten at random, "
     "beside a replica that refuses"
@@ -103,6 +115,7 @@ class Options:
     write: bool
     work_dir: Path
     baseline: Path | None = None  # another revision's router, for the baseline phase
+    reference: Path | None = None  # the Go reference's binary, for the reference phase
     soak_requests: int = SOAK_REQUESTS
 
 
@@ -407,23 +420,85 @@ class Bench:
         self.raw["replicas"] = cpu
 
     def phase_baseline(self) -> None:
-        """The router against another revision of itself (``--baseline``), run after run on
-        the same cores: CPU per request at concurrency 16 and added p50 latency at 1."""
+        """The router against another revision of itself (``--baseline``)."""
         baseline = self.options.baseline
         if baseline is None:
             self.results.notes.append("baseline phase skipped: no --baseline router given")
             return
+        self._alternate(
+            BASELINE_SECTION,
+            "baseline",
+            {
+                "before": self._router_endpoint("before", baseline),
+                "now": self._router_endpoint("now"),
+            },
+        )
+
+    def phase_reference(self) -> None:
+        """The router beside the Go reference (``--reference``) and nginx."""
+        reference = self.options.reference
+        if reference is None:
+            self.results.notes.append("reference phase skipped: no --reference binary given")
+            return
+        assert self.nginx is not None
+        nginx = self.endpoints["nginx"]
+        self._alternate(
+            REFERENCE_SECTION,
+            "reference",
+            {
+                "nginx": lambda: contextlib.nullcontext(nginx),
+                "Go reference": self._reference_endpoint(reference),
+                "llmhop": self._router_endpoint("llmhop"),
+            },
+        )
+
+    def _router_endpoint(
+        self, label: str, script: Path = harness.ROUTER_SCRIPT
+    ) -> Callable[[], contextlib.AbstractContextManager[Endpoint]]:
         assert self.fast is not None
         config = harness.llmhop_config({"fast": self.fast.url})
-        scripts = [("before", baseline), ("now", harness.ROUTER_SCRIPT)]
+
+        @contextlib.contextmanager
+        def started() -> Iterator[Endpoint]:
+            with self.router_for_one_run(f"llmhop-{label}", config, script) as router:
+                yield Endpoint(label, router.host, {"fast": router.port}, router.pid)
+
+        return started
+
+    def _reference_endpoint(
+        self, binary: Path
+    ) -> Callable[[], contextlib.AbstractContextManager[Endpoint]]:
+        assert self.fast is not None
+        work, cores, upstream = self.options.work_dir, self.pinning.proxy_cores, self.fast.url
+
+        @contextlib.contextmanager
+        def started() -> Iterator[Endpoint]:
+            service = harness.start_reference(binary, {"fast": upstream}, work, cores)
+            try:
+                yield Endpoint("reference", service.host, {"fast": service.port}, service.pid)
+            finally:
+                service.stop()
+
+        return started
+
+    def _alternate(
+        self,
+        section: str,
+        key: str,
+        contenders: dict[str, Callable[[], contextlib.AbstractContextManager[Endpoint]]],
+    ) -> None:
+        """Each contender measured in turn on the same cores, round after round, each round
+        starting one further along: CPU per request at concurrency 16 and p50 latency at 1.
+        Drift on a shared machine then falls on every contender alike."""
+        labels = list(contenders)
         figures: dict[str, dict[str, list[float]]] = {
-            label: {"cpu": [], "p50": []} for label, _ in scripts
+            label: {"cpu": [], "p50": []} for label in labels
         }
         for round_number in range(BASELINE_ROUNDS):
-            for label, script in scripts if round_number % 2 == 0 else scripts[::-1]:
-                self.log(f"baseline: {label}, round {round_number + 1}")
-                with self.router_for_one_run(f"llmhop-{label}", config, script) as router:
-                    endpoint = Endpoint(label, router.host, {"fast": router.port}, router.pid)
+            shift = round_number % len(labels)
+            for label in labels[shift:] + labels[:shift]:
+                self.log(f"{key}: {label}, round {round_number + 1}")
+                with contenders[label]() as endpoint:
                     harness.run_wrk(
                         endpoint.url("fast"), 16, WARMUP_SECONDS, self.pinning.load_cores
                     )
@@ -432,17 +507,15 @@ class Bench:
                     figures[label]["p50"].append(float(self.load(endpoint, 1).wrk.p50_us))
         direct = self.results.find(small_section(1), "latency p50")
         direct_p50 = direct.value("direct") if direct is not None else None
+        add = self.results.add
         for label, measured in figures.items():
             cpu = _median(measured["cpu"])
             p50 = _median(measured["p50"])
             added = None if p50 is None or direct_p50 is None else p50 - direct_p50
-            add = self.results.add
-            add(
-                BASELINE_SECTION, f"proxy CPU per request (c=16), {label}", "µs", {"llmhop": cpu}, 1
-            )
-            add(BASELINE_SECTION, f"latency p50 (c=1), {label}", "µs", {"llmhop": p50}, 0)
-            add(BASELINE_SECTION, f"added latency p50 (c=1), {label}", "µs", {"llmhop": added}, 0)
-        self.raw["baseline"] = figures
+            add(section, f"proxy CPU per request (c=16), {label}", "µs", {"llmhop": cpu}, 1)
+            add(section, f"latency p50 (c=1), {label}", "µs", {"llmhop": p50}, 0)
+            add(section, f"added latency p50 (c=1), {label}", "µs", {"llmhop": added}, 0)
+        self.raw[key] = figures
 
     def phase_soak(self) -> None:
         """Many requests against random faults: memory stays flat, every gauge ends at 0, and
@@ -742,6 +815,7 @@ class Bench:
         )
         self._check_many_models()
         self._check_replicas()
+        self._check_reference()
         check(
             "10,000 models: startup <= 0.5 s",
             MODELS_SECTION,
@@ -777,6 +851,36 @@ class Bench:
         change = many_rate / one_rate - 1
         measured = f"{many_rate:,.0f} vs {one_rate:,.0f} req/s ({change:+.1%})"
         self.results.targets.append(Target(goal, measured, abs(change) <= 0.05))
+
+    def _check_reference(self) -> None:
+        """Measured side by side, in alternating runs: the issue's two goals for the hot path."""
+        if self.options.reference is None:
+            return
+        for goal, name, rival, limit in (
+            (
+                "CPU per request at concurrency 16 <= 0.8x the Go reference's (alternating)",
+                "proxy CPU per request (c=16)",
+                "Go reference",
+                0.8,
+            ),
+            (
+                "added p50 at concurrency 1 <= 1.5x nginx's (alternating)",
+                "added latency p50 (c=1)",
+                "nginx",
+                1.5,
+            ),
+        ):
+            ours, theirs = (
+                self.results.find(REFERENCE_SECTION, f"{name}, {label}")
+                for label in ("llmhop", rival)
+            )
+            mine = None if ours is None else ours.value("llmhop")
+            other = None if theirs is None else theirs.value("llmhop")
+            if mine is None or not other:
+                self.results.targets.append(Target(goal, "not measured", None))
+                continue
+            measured = f"{mine:.1f} vs {other:.1f} µs = {mine / other:.2f}x"
+            self.results.targets.append(Target(goal, measured, mine / other <= limit))
 
     def _check_replicas(self) -> None:
         goal = "2 replicas: CPU per request within 5 % of one upstream's"
@@ -971,6 +1075,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         help="another revision's router script, measured against this one "
         "(e.g. git show REV:pkgs/llmhop/llmhop.py > before.py)",
     )
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        help="the Go reference's binary (go build ./cmd/llmhop in mirkolenz/llmhop), measured "
+        "beside this router and nginx",
+    )
     arguments = parser.parse_args(argv)
     unknown = set(arguments.phases.split(",")) - set(PHASES)
     if unknown:
@@ -1007,6 +1117,7 @@ def main(argv: list[str] | None = None) -> int:
             not arguments.no_write,
             work_dir,
             arguments.baseline.resolve() if arguments.baseline else None,
+            reference=arguments.reference.resolve() if arguments.reference else None,
         )
         bench = Bench(options, pinning)
         try:
