@@ -12,6 +12,8 @@ import random
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import llmhop
 
 SEED = 20261125
@@ -165,3 +167,47 @@ def test_a_long_prompt_is_left_out_of_the_parse() -> None:
     shortened = llmhop._without_long_strings(payload.encode())
     assert shortened is not None and len(shortened) < 200
     assert llmhop.model_of_body(payload.encode()) == "m"
+
+
+# --- the parser itself: json_document against json.loads ----------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+# What a client may put around or in place of a document: whitespace, other encodings,
+# a byte order mark, trailing bytes, a cut, bytes that are not UTF-8.
+ENCODINGS = st.sampled_from(["utf-8", "utf-8-sig", "utf-16-le", "utf-16-be", "utf-32-le"])
+NOISE = st.sampled_from([b"", b" ", b"\n\t", b"\r\n", b"x", b"}", b"\x00", b"\xff", b"\xc3"])
+
+
+def loads_outcome(parse: Any, payload: bytes) -> tuple[str, Any]:
+    try:
+        return ("document", parse(payload))
+    except (ValueError, RecursionError):
+        return ("error", None)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    value=JSON_VALUES,
+    as_object=st.booleans(),
+    encoding=ENCODINGS,
+    before=NOISE,
+    after=NOISE,
+    cut=st.integers(min_value=0, max_value=8),
+)
+def test_json_document_is_json_loads(
+    value: Any, as_object: bool, encoding: str, before: bytes, after: bytes, cut: int
+) -> None:
+    document = {"model": "m", "v": value} if as_object else value
+    text = json.dumps(document, ensure_ascii=False, allow_nan=True)
+    payload = before + text.encode(encoding, "surrogatepass") + after
+    payload = payload[: len(payload) - cut] if cut % 3 == 0 and cut else payload
+    ours, theirs = loads_outcome(llmhop.json_document, payload), loads_outcome(json.loads, payload)
+    # NaN is not equal to itself: compare what json.dumps makes of both documents.
+    assert json.dumps(ours) == json.dumps(theirs), payload
