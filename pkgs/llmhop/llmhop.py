@@ -204,14 +204,15 @@ def _field_error(block: bytes) -> ProtocolError:
 
 def parse_fields(block: bytes) -> Fields:
     """The fields of a block of field lines, each line ending with CRLF."""
-    lines = block.count(b"\r\n")
+    lines = block.count(b"\n")
     if lines > MAX_HEADER_FIELDS:
         raise ProtocolError(431, f"more than {MAX_HEADER_FIELDS} header fields")
     # One pass in C instead of one in Python over the lines. A match starts at a line's start
-    # and takes its CRLF, so as many matches as lines (and no bare LF) means every line
-    # matched whole; the lines are walked only to tell what is wrong.
+    # and ends with the line's CRLF, the only LF it can hold: as many matches as LFs means
+    # every line matched whole (a bare LF ends a line no match takes). The lines are walked
+    # only to tell what is wrong.
     fields = _FIELD_LINE.findall(block)
-    if len(fields) != lines or block.count(b"\n") != lines:
+    if len(fields) != lines:
         raise _field_error(block)
     return Fields(fields)
 
@@ -322,10 +323,9 @@ def parse_request_head(head: bytes) -> Request:
     http_minor = version[-1] - ord("0")
     path, query = split_target(target)
     headers = parse_fields(fields + b"\r\n" if fields else b"")
-    hosts = headers.values(b"host")
-    if http_minor == 1 and len(hosts) != 1:
+    if http_minor == 1 and headers.lowered.count(b"host") != 1:
         raise ProtocolError(400, "an HTTP/1.1 request needs exactly one Host header")
-    if http_minor == 0 and headers.values(b"transfer-encoding"):
+    if http_minor == 0 and b"transfer-encoding" in headers.lowered:
         raise ProtocolError(400, "Transfer-Encoding is not defined for HTTP/1.0")
     length = body_length(headers)
     connection = header_tokens(headers, b"connection")
@@ -373,7 +373,7 @@ def parse_response_head(head: bytes, request_method: bytes) -> Response:
         length = 0
     else:
         length = body_length(headers)
-        if length == 0 and not headers.values(b"content-length"):
+        if length == 0 and b"content-length" not in headers.lowered:
             length, keep_alive = UNTIL_CLOSE, False
     return Response(status, match[3] or b"", headers, length, keep_alive, tuple(connection))
 
