@@ -672,9 +672,11 @@ class Upstream:
     query: str  # raw, forwarded byte for byte
     host_header: bytes  # the upstream's own authority, as a Host header value
     pool_key: tuple[str, str, int] = ("", "", 0)  # what its pooled connections are kept by
+    path_prefix: bytes = b""  # base_path, as the request line carries it
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pool_key", (self.scheme, self.host, self.port))
+        object.__setattr__(self, "path_prefix", self.base_path.encode())
 
     def __str__(self) -> str:
         if self.scheme == "unix":
@@ -2090,18 +2092,14 @@ def upstream_request_head(
     itself, the model's own and (when the router checks tokens) the credentials are replaced.
     """
     upstream = replica.upstream
-    path, question, query = target.partition(b"?")
+    if upstream.query:
+        path, question, query = target.partition(b"?")
+        target = path + join_query(upstream.query, question + query)
     dropped = replica.forwarding_drops
     if not dropped.issuperset(request.connection):
         dropped = dropped.union(request.connection)
     lines = [
-        b"%s %s%s%s HTTP/1.1"
-        % (
-            request.method,
-            upstream.base_path.encode(),
-            path,
-            join_query(upstream.query, question + query),
-        ),
+        b"%s %s%s HTTP/1.1" % (request.method, upstream.path_prefix, target),
         b"Host: " + replica.host_header,
     ]
     lines += request.headers.without(dropped)
@@ -2709,7 +2707,7 @@ async def ask_upstream(replica: Replica, path: str, timeout: float) -> tuple[int
     end, never chunked."""
     upstream = replica.upstream
     head = b"GET %s%s HTTP/1.0\r\nHost: %s\r\nUser-Agent: llmhop/%s\r\n" % (
-        upstream.base_path.encode(),
+        upstream.path_prefix,
         path.encode(),
         replica.host_header,
         VERSION.encode(),
@@ -3821,8 +3819,7 @@ class RouterState:
         self.no_connections = asyncio.Event()
         self.no_connections.set()
         self.busy_connections = 0
-        self.all_idle = asyncio.Event()  # set whenever no request is being served
-        self.all_idle.set()
+        self.drained = asyncio.Event()  # set once draining and no request is being served
         self.draining = False
         self.groups: dict[str, Group] = {}  # by name; kept across reloads
         self.head_timeout = HEAD_TIMEOUT
@@ -3836,12 +3833,11 @@ class RouterState:
 
     def exchange_started(self) -> None:
         self.busy_connections += 1
-        self.all_idle.clear()
 
     def exchange_finished(self) -> None:
         self.busy_connections -= 1
-        if not self.busy_connections:
-            self.all_idle.set()
+        if not self.busy_connections and self.draining:
+            self.drained.set()
 
     def admit(self, model: Model, access: Access, limit: int) -> Admission | HTTPError:
         """Admit a proxied request, or say why not: its key's own limit first (429), then the
@@ -4767,7 +4763,8 @@ class Server:
         timeout = router.table.config.shutdown_timeout
         try:
             async with asyncio.timeout(timeout):
-                await router.all_idle.wait()
+                if router.busy_connections:
+                    await router.drained.wait()
         except TimeoutError:
             busy = sum(c.busy for c in router.connections)
             log(f"drain timeout ({timeout:g}s): cutting {busy} request(s) still in flight")
@@ -4842,7 +4839,7 @@ def parse_notify_arguments(argv: list[str]) -> tuple[Upstream, str, list[str]]:
 def is_healthy(upstream: Upstream, health_path: str, timeout: float = HEALTH_PROBE_TIMEOUT) -> bool:
     """Whether GET health_path answers 200; redirects are not followed."""
     request = b"GET %s%s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (
-        upstream.base_path.encode(),
+        upstream.path_prefix,
         health_path.encode(),
         upstream.host_header,
     )
