@@ -492,7 +492,7 @@ class Bench:
         Drift on a shared machine then falls on every contender alike."""
         labels = list(contenders)
         figures: dict[str, dict[str, list[float]]] = {
-            label: {"cpu": [], "p50": []} for label in labels
+            label: {"cpu": [], "p50": [], "rss": []} for label in labels
         }
         for round_number in range(BASELINE_ROUNDS):
             shift = round_number % len(labels)
@@ -505,6 +505,8 @@ class Bench:
                     if (cpu := self.load(endpoint, 16).cpu_us_per_request()) is not None:
                         figures[label]["cpu"].append(cpu)
                     figures[label]["p50"].append(float(self.load(endpoint, 1).wrk.p50_us))
+                    if (rss := _mib(endpoint.rss_bytes())) is not None:
+                        figures[label]["rss"].append(rss)
         direct = self.results.find(small_section(1), "latency p50")
         direct_p50 = direct.value("direct") if direct is not None else None
         add = self.results.add
@@ -515,6 +517,8 @@ class Bench:
             add(section, f"proxy CPU per request (c=16), {label}", "µs", {"llmhop": cpu}, 1)
             add(section, f"latency p50 (c=1), {label}", "µs", {"llmhop": p50}, 0)
             add(section, f"added latency p50 (c=1), {label}", "µs", {"llmhop": added}, 0)
+            rss = _median(measured["rss"])
+            add(section, f"proxy RSS after the runs, {label}", "MiB", {"llmhop": rss}, 1)
         self.raw[key] = figures
 
     def phase_soak(self) -> None:
