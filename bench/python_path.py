@@ -22,6 +22,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -80,7 +81,13 @@ def load(path: Path, name: str) -> ModuleType:
     return module
 
 
-async def microseconds_per_request(router: ModuleType, requests: int, replicas: int) -> float:
+@contextlib.asynccontextmanager
+async def wired(
+    router: ModuleType, replicas: int = 1
+) -> AsyncIterator[tuple[Any, Any, Callable[[], None]]]:
+    """A client connection and a pooled upstream connection of a router for model ``m``:
+    (client, upstream, flush), flush writing out the access log. The client's connection
+    must have answered every request, and still be open, when the block ends."""
     url = "http://127.0.0.1:9"
     model = {"url": url} if replicas == 1 else {"urls": [url] * replicas}
     text = json.dumps({"models": {"m": model}})
@@ -99,18 +106,26 @@ async def microseconds_per_request(router: ModuleType, requests: int, replicas: 
     model = config.models["m"]
     address = model.replicas[0].upstream if hasattr(model, "replicas") else model.upstream
     state.pool.idle[address.pool_key] = [upstream]
-    with open("/dev/null", "w") as null, contextlib.redirect_stderr(null):
-        gc.collect()
-        gc.disable()
-        started = time.perf_counter()
-        for _ in range(requests):
-            client.data_received(REQUEST)
-            upstream.data_received(RESPONSE)
-        elapsed = time.perf_counter() - started
-        gc.enable()
-        flush()
-    if client_side.writes != requests or client_side.closing:
-        raise SystemExit(f"{router.__name__}: the connection did not answer every request")
+    yield client, upstream, flush
+    if client_side.closing:
+        raise SystemExit(f"{router.__name__}: the client connection closed")
+
+
+async def microseconds_per_request(router: ModuleType, requests: int, replicas: int) -> float:
+    async with wired(router, replicas) as (client, upstream, flush):
+        writes_before = client.transport.writes
+        with open("/dev/null", "w") as null, contextlib.redirect_stderr(null):
+            gc.collect()
+            gc.disable()
+            started = time.perf_counter()
+            for _ in range(requests):
+                client.data_received(REQUEST)
+                upstream.data_received(RESPONSE)
+            elapsed = time.perf_counter() - started
+            gc.enable()
+            flush()
+        if client.transport.writes - writes_before != requests:
+            raise SystemExit(f"{router.__name__}: the connection did not answer every request")
     return elapsed / requests * 1e6
 
 

@@ -116,6 +116,7 @@ class Options:
     work_dir: Path
     baseline: Path | None = None  # another revision's router, for the baseline phase
     reference: Path | None = None  # the Go reference's binary, for the reference phase
+    rounds: int = BASELINE_ROUNDS  # of the baseline and reference phases
     soak_requests: int = SOAK_REQUESTS
 
 
@@ -494,7 +495,7 @@ class Bench:
         figures: dict[str, dict[str, list[float]]] = {
             label: {"cpu": [], "p50": [], "rss": []} for label in labels
         }
-        for round_number in range(BASELINE_ROUNDS):
+        for round_number in range(self.options.rounds):
             shift = round_number % len(labels)
             for label in labels[shift:] + labels[:shift]:
                 self.log(f"{key}: {label}, round {round_number + 1}")
@@ -1085,6 +1086,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         help="the Go reference's binary (go build ./cmd/llmhop in mirkolenz/llmhop), measured "
         "beside this router and nginx",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=BASELINE_ROUNDS,
+        help=f"rounds of the baseline and reference phases (default {BASELINE_ROUNDS})",
+    )
     arguments = parser.parse_args(argv)
     unknown = set(arguments.phases.split(",")) - set(PHASES)
     if unknown:
@@ -1122,6 +1129,7 @@ def main(argv: list[str] | None = None) -> int:
             work_dir,
             arguments.baseline.resolve() if arguments.baseline else None,
             reference=arguments.reference.resolve() if arguments.reference else None,
+            rounds=arguments.rounds,
         )
         bench = Bench(options, pinning)
         try:
