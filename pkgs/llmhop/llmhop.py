@@ -2566,12 +2566,20 @@ def _loggable(text: str, limit: int = 200) -> str:
     return json.dumps(text[:limit] + ("..." if len(text) > limit else ""))
 
 
+ACCESS_LOG_DELAY = 0.05  # seconds a line may wait for others to share its write
+ACCESS_LOG_BATCH = 64  # lines written at once, however soon
+
+
 class AccessLog:
-    """One line per request on stderr, written once per pass of the event loop."""
+    """One line per request on stderr, written in batches: at most ACCESS_LOG_DELAY after it
+    was recorded, at once when ACCESS_LOG_BATCH lines wait, and whatever waits at shutdown.
+    A write per pass of the event loop cost more than all the router's metrics (as nginx's
+    ``access_log ... buffer= flush=`` does, lines share writes)."""
 
     def __init__(self) -> None:
         self.enabled = True
         self._lines: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
 
     def record(self, exchange: Exchange) -> None:
         if not self.enabled:
@@ -2581,10 +2589,10 @@ class AccessLog:
             "-" if exchange.upstream_seconds is None else f"{exchange.upstream_seconds * 1000:.1f}"
         )
         queued, connect = exchange.queued_seconds, exchange.connect_seconds
-        if not self._lines:
-            # However many requests end in this pass of the loop, one write takes them all.
-            asyncio.get_running_loop().call_soon(self.flush)
-        self._lines.append(
+        lines = self._lines
+        if not lines:
+            self._timer = asyncio.get_running_loop().call_later(ACCESS_LOG_DELAY, self.flush)
+        lines.append(
             f'access: "{exchange.method} {exchange.path}" model={_loggable(exchange.model)} '
             f"key={exchange.key} route={exchange.route} status={exchange.status} "
             f"in={exchange.bytes_in} out={exchange.bytes_out} total_ms={total:.1f} "
@@ -2593,8 +2601,13 @@ class AccessLog:
             f"{'' if exchange.tries == 1 else f' tries={exchange.tries}'}"
             f"{'' if queued is None else f' queued_ms={queued * 1000:.1f}'}\n"
         )
+        if len(lines) >= ACCESS_LOG_BATCH:
+            self.flush()
 
     def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._lines:
             sys.stderr.write("".join(self._lines))
             self._lines.clear()

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import re
+import sys
+import time
 from pathlib import Path
 
-from support import FakeUpstream, chat
+import pytest
+from support import FakeUpstream, chat, llmhop
 
 from tests.support.router import RouterProcess
 from tests.support.wire import SocketReader, read_reply, request_bytes
@@ -64,3 +69,68 @@ def test_access_log_lines_and_no_secrets(tmp_path: Path, upstream: FakeUpstream)
     assert proxied["id"] == "trace-1"
     for secret in ("client-secret-42", "upstream-secret-77", "query-secret-9", "wrong-secret-5"):
         assert secret not in log
+
+
+# --- when lines are written: in batches, never lost ------------------------------------------
+
+
+class Writes(io.StringIO):
+    """stderr as the access log sees it, counting its writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def write(self, text: str) -> int:
+        self.count += 1
+        return super().write(text)
+
+
+def exchange(number: int) -> llmhop.Exchange:
+    recorded = llmhop.Exchange(time.monotonic(), method="POST", path="/v1/x", model="m")
+    recorded.status = 200 + number % 2
+    return recorded
+
+
+def test_lines_recorded_together_share_one_write_soon_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stderr = Writes()
+    monkeypatch.setattr(sys, "stderr", stderr)
+
+    async def record_three() -> None:
+        access_log = llmhop.AccessLog()
+        for number in range(3):
+            access_log.record(exchange(number))
+        assert stderr.count == 0  # not yet: later lines may share the write
+        deadline = time.monotonic() + 5
+        while stderr.count == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(llmhop.ACCESS_LOG_DELAY / 4)
+
+    asyncio.run(record_three())
+    assert stderr.count == 1
+    assert [line.split()[6] for line in stderr.getvalue().splitlines()] == [
+        "status=200",
+        "status=201",
+        "status=200",
+    ]
+
+
+def test_a_full_batch_is_written_at_once_and_the_rest_at_flush(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stderr = Writes()
+    monkeypatch.setattr(sys, "stderr", stderr)
+
+    async def record_a_batch_and_one() -> None:
+        access_log = llmhop.AccessLog()
+        for number in range(llmhop.ACCESS_LOG_BATCH + 1):
+            access_log.record(exchange(number))
+        assert stderr.count == 1  # the full batch, without waiting for the loop
+        access_log.flush()  # as at shutdown: whatever waits goes out now
+        assert stderr.count == 2
+        access_log.flush()  # nothing left, nothing written
+        assert stderr.count == 2
+
+    asyncio.run(record_a_batch_and_one())
+    assert len(stderr.getvalue().splitlines()) == llmhop.ACCESS_LOG_BATCH + 1
