@@ -1027,7 +1027,18 @@ def machine_description(others_load: list[float]) -> list[tuple[str, str]]:
 
 
 def setup_description(options: Options, pinning: Pinning) -> list[str]:
+    reference = []
+    if options.reference is not None and "reference" in options.phases:
+        reference.append(
+            f"Go reference: the binary given with `--reference` ({options.reference.name}), "
+            f"pinned to core {pinning.proxy_cores} like the others (Go's scheduler then runs "
+            "one thread of Go code), from a config of its own with the same upstream. It "
+            "writes no access log; llmhop and nginx write one line per request. Each contender "
+            f"of the alternating phases runs {options.rounds} rounds, each round in a turned "
+            "order, and the medians are shown."
+        )
     return [
+        *reference,
         f"Pinned with `taskset`: wrk (one thread), the SSE client, this harness and all upstreams "
         f"on core {pinning.load_cores}; the proxy under test (nginx or llmhop, one process "
         f"each) alone on core {pinning.proxy_cores}. Direct runs leave core "
