@@ -149,11 +149,16 @@ class Fields(list[tuple[bytes, bytes]]):
 
     __slots__ = ("lowered",)
 
-    def __init__(self, fields: list[tuple[bytes, bytes]]) -> None:
-        super().__init__(fields)
-        # A message has a handful of fields: a search of this list, in C, beats building an
-        # index of them for every message.
-        self.lowered = [name.lower() for name, _ in fields]
+    # A message has a handful of fields: a search of this list, in C, beats building an index
+    # of them for every message.
+    lowered: list[bytes]
+
+    @classmethod
+    def of(cls, fields: list[tuple[bytes, bytes]]) -> Fields:
+        # list's own constructor, without a Python __init__ around it: this runs twice a request
+        made = cls(fields)
+        made.lowered = [name.lower() for name, _ in fields]
+        return made
 
     def values(self, lower_name: bytes) -> list[bytes]:
         """The values of every field of that name, in order."""
@@ -214,16 +219,21 @@ def parse_fields(block: bytes) -> Fields:
     fields = _FIELD_LINE.findall(block)
     if len(fields) != lines:
         raise _field_error(block)
-    return Fields(fields)
+    return Fields.of(fields)
 
 
 def header_tokens(headers: Fields, lower_name: bytes) -> list[bytes]:
     """The comma-separated elements of every field of that name, lower-cased."""
     if lower_name not in headers.lowered:
         return []  # the usual answer, without building a list from nothing
+    values = headers.values(lower_name)
+    if len(values) == 1 and b"," not in values[0]:
+        # One element, the next most usual (Connection: keep-alive): a field value has no
+        # surrounding whitespace left, and an empty one has no element.
+        return [values[0].lower()] if values[0] else []
     return [
         element.strip(b" \t").lower()
-        for value in headers.values(lower_name)
+        for value in values
         for element in value.split(b",")
         if element.strip(b" \t")
     ]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from support import llmhop
 
 ProtocolError = llmhop.ProtocolError
@@ -180,3 +182,30 @@ def test_error_body_is_openai_shaped() -> None:
             "code": "model_not_found",
         }
     }
+
+
+_OWS = st.sampled_from([b"", b" ", b"\t", b"  "])
+_ELEMENT = st.sampled_from([b"", b"close", b"Keep-Alive", b"UPGRADE", b"te", b"x-custom"])
+
+
+@given(
+    st.lists(
+        st.lists(st.tuples(_OWS, _ELEMENT, _OWS), min_size=1, max_size=3),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_header_tokens_are_every_fields_comma_separated_elements(
+    fields: list[list[tuple[bytes, bytes, bytes]]],
+) -> None:
+    # Whatever shortcut header_tokens takes for one field of one element, it answers what
+    # splitting every field's value on commas answers (RFC 9110 §5.6.1).
+    values = [b",".join(b"".join(element) for element in field) for field in fields]
+    block = b"".join(b"Connection: %s\r\n" % value for value in values)
+    headers = llmhop.parse_fields(block)
+    elements = [
+        element.strip(b" \t").lower()
+        for value in headers.values(b"connection")
+        for element in value.split(b",")
+    ]
+    assert llmhop.header_tokens(headers, b"connection") == [e for e in elements if e]
