@@ -482,6 +482,15 @@ class Bench:
 
         return started
 
+    def _direct_p50(self) -> float | None:
+        """The direct connection's p50 at concurrency 1, what "added" latency is counted
+        from: the small phase's, or measured now when that phase did not run."""
+        small = self.results.find(small_section(1), "latency p50")
+        if small is not None and small.value("direct") is not None:
+            return small.value("direct")
+        self.log("direct, concurrency 1, for the added latency")
+        return float(self.load(self.endpoints["direct"], 1).wrk.p50_us)
+
     def _alternate(
         self,
         section: str,
@@ -508,8 +517,7 @@ class Bench:
                     figures[label]["p50"].append(float(self.load(endpoint, 1).wrk.p50_us))
                     if (rss := _mib(endpoint.rss_bytes())) is not None:
                         figures[label]["rss"].append(rss)
-        direct = self.results.find(small_section(1), "latency p50")
-        direct_p50 = direct.value("direct") if direct is not None else None
+        direct_p50 = self._direct_p50()
         add = self.results.add
         for label, measured in figures.items():
             cpu = _median(measured["cpu"])

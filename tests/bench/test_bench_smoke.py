@@ -220,3 +220,5 @@ def test_baseline_phase_measures_both_revisions(
     for label in ("before", "now"):
         assert f"proxy CPU per request (c=16), {label}" in names
         assert f"latency p50 (c=1), {label}" in names
+        # Without the small phase, the direct p50 that "added" counts from is measured too.
+        assert f"added latency p50 (c=1), {label}" in names
