@@ -2600,8 +2600,12 @@ class AccessLog:
         )
         queued, connect = exchange.queued_seconds, exchange.connect_seconds
         lines = self._lines
-        if not lines:
-            self._timer = asyncio.get_running_loop().call_later(ACCESS_LOG_DELAY, self.flush)
+        if self._timer is None:
+            # One timer at a time: a line recorded after a full batch went out is written
+            # when the running timer passes, which is sooner than a timer of its own.
+            self._timer = asyncio.get_running_loop().call_later(
+                ACCESS_LOG_DELAY, self._timer_passed
+            )
         lines.append(
             f'access: "{exchange.method} {exchange.path}" model={_loggable(exchange.model)} '
             f"key={exchange.key} route={exchange.route} status={exchange.status} "
@@ -2612,12 +2616,20 @@ class AccessLog:
             f"{'' if queued is None else f' queued_ms={queued * 1000:.1f}'}\n"
         )
         if len(lines) >= ACCESS_LOG_BATCH:
-            self.flush()
+            self._write()
 
     def flush(self) -> None:
+        """Write whatever waits, now (at shutdown)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._write()
+
+    def _timer_passed(self) -> None:
+        self._timer = None
+        self._write()
+
+    def _write(self) -> None:
         if self._lines:
             sys.stderr.write("".join(self._lines))
             self._lines.clear()

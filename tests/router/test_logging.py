@@ -8,6 +8,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import FakeUpstream, chat, llmhop
@@ -133,4 +134,36 @@ def test_a_full_batch_is_written_at_once_and_the_rest_at_flush(
         assert stderr.count == 2
 
     asyncio.run(record_a_batch_and_one())
+    assert len(stderr.getvalue().splitlines()) == llmhop.ACCESS_LOG_BATCH + 1
+
+
+def test_the_line_after_a_full_batch_goes_out_with_the_running_timer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stderr = Writes()
+    monkeypatch.setattr(sys, "stderr", stderr)
+
+    async def record_past_a_batch() -> int:
+        loop = asyncio.get_running_loop()
+        timers = []
+        schedule = loop.call_later
+
+        def counted(delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+            timers.append(delay)
+            return schedule(delay, callback, *args)
+
+        monkeypatch.setattr(loop, "call_later", counted)
+        access_log = llmhop.AccessLog()
+        for number in range(llmhop.ACCESS_LOG_BATCH + 1):
+            access_log.record(exchange(number))
+        scheduled_while_recording = len(timers)
+        assert stderr.count == 1
+        deadline = time.monotonic() + 5
+        while stderr.count == 1 and time.monotonic() < deadline:
+            await asyncio.sleep(llmhop.ACCESS_LOG_DELAY / 4)
+        return scheduled_while_recording
+
+    # One timer served both the batch and the line after it, which it wrote without a flush.
+    assert asyncio.run(record_past_a_batch()) == 1
+    assert stderr.count == 2
     assert len(stderr.getvalue().splitlines()) == llmhop.ACCESS_LOG_BATCH + 1
