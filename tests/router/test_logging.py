@@ -87,26 +87,43 @@ class Writes(io.StringIO):
         return super().write(text)
 
 
+def stderr_counted(monkeypatch: pytest.MonkeyPatch) -> Writes:
+    """sys.stderr replaced for the test's call (a fixture's would be pytest's capture's)."""
+    writes = Writes()
+    monkeypatch.setattr(sys, "stderr", writes)
+    return writes
+
+
+async def written(stderr: Writes, count: int) -> None:
+    """Until stderr has had ``count`` writes, within 5 s."""
+    deadline = time.monotonic() + 5
+    while stderr.count < count and time.monotonic() < deadline:
+        await asyncio.sleep(llmhop.ACCESS_LOG_DELAY / 4)
+
+
 def exchange(number: int) -> llmhop.Exchange:
     recorded = llmhop.Exchange(time.monotonic(), method="POST", path="/v1/x", model="m")
     recorded.status = 200 + number % 2
     return recorded
 
 
+def log_of(count: int) -> llmhop.AccessLog:
+    """An access log that recorded ``count`` exchanges (in a running loop: it sets a timer)."""
+    access_log = llmhop.AccessLog()
+    for number in range(count):
+        access_log.record(exchange(number))
+    return access_log
+
+
 def test_lines_recorded_together_share_one_write_soon_after(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    stderr = Writes()
-    monkeypatch.setattr(sys, "stderr", stderr)
+    stderr = stderr_counted(monkeypatch)
 
     async def record_three() -> None:
-        access_log = llmhop.AccessLog()
-        for number in range(3):
-            access_log.record(exchange(number))
+        log_of(3)
         assert stderr.count == 0  # not yet: later lines may share the write
-        deadline = time.monotonic() + 5
-        while stderr.count == 0 and time.monotonic() < deadline:
-            await asyncio.sleep(llmhop.ACCESS_LOG_DELAY / 4)
+        await written(stderr, 1)
 
     asyncio.run(record_three())
     assert stderr.count == 1
@@ -120,13 +137,10 @@ def test_lines_recorded_together_share_one_write_soon_after(
 def test_a_full_batch_is_written_at_once_and_the_rest_at_flush(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    stderr = Writes()
-    monkeypatch.setattr(sys, "stderr", stderr)
+    stderr = stderr_counted(monkeypatch)
 
     async def record_a_batch_and_one() -> None:
-        access_log = llmhop.AccessLog()
-        for number in range(llmhop.ACCESS_LOG_BATCH + 1):
-            access_log.record(exchange(number))
+        access_log = log_of(llmhop.ACCESS_LOG_BATCH + 1)
         assert stderr.count == 1  # the full batch, without waiting for the loop
         access_log.flush()  # as at shutdown: whatever waits goes out now
         assert stderr.count == 2
@@ -140,8 +154,7 @@ def test_a_full_batch_is_written_at_once_and_the_rest_at_flush(
 def test_the_line_after_a_full_batch_goes_out_with_the_running_timer(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    stderr = Writes()
-    monkeypatch.setattr(sys, "stderr", stderr)
+    stderr = stderr_counted(monkeypatch)
 
     async def record_past_a_batch() -> int:
         loop = asyncio.get_running_loop()
@@ -153,14 +166,10 @@ def test_the_line_after_a_full_batch_goes_out_with_the_running_timer(
             return schedule(delay, callback, *args)
 
         monkeypatch.setattr(loop, "call_later", counted)
-        access_log = llmhop.AccessLog()
-        for number in range(llmhop.ACCESS_LOG_BATCH + 1):
-            access_log.record(exchange(number))
+        log_of(llmhop.ACCESS_LOG_BATCH + 1)
         scheduled_while_recording = len(timers)
         assert stderr.count == 1
-        deadline = time.monotonic() + 5
-        while stderr.count == 1 and time.monotonic() < deadline:
-            await asyncio.sleep(llmhop.ACCESS_LOG_DELAY / 4)
+        await written(stderr, 2)
         return scheduled_while_recording
 
     # One timer served both the batch and the line after it, which it wrote without a flush.
