@@ -2640,6 +2640,57 @@ class AccessLog:
 # ---------------------------------------------------------------------------------------------
 
 
+class WriteBatch:
+    """When bytes go to the sockets: at once while one exchange is in progress, and at the end
+    of the event loop's pass while several are (``defer``, which the router keeps).
+
+    A peer asleep in its own event loop is woken by every write that reaches it; the writes of
+    a pass, sent one after another, wake it once. Under load that halves the kernel's time per
+    request (for the router and its peers alike), while a lone request, which nothing would
+    share a wake with, is not delayed. A transport's bytes keep their order: once some wait,
+    every later write waits behind them, and ``flush`` sends them before the transport closes.
+    """
+
+    __slots__ = ("_pending", "defer")
+
+    def __init__(self) -> None:
+        self.defer = False
+        self._pending: dict[asyncio.Transport, list[bytes]] = {}
+
+    def write(self, transport: asyncio.Transport, data: bytes) -> None:
+        waiting = self._pending.get(transport)
+        if waiting is not None:
+            waiting.append(data)
+        elif self.defer:
+            if not self._pending:
+                asyncio.get_running_loop().call_soon(self._end_of_pass)
+            self._pending[transport] = [data]
+        else:
+            transport.write(data)
+
+    def flush(self, transport: asyncio.Transport) -> None:
+        """Send what waits for ``transport`` now: before it closes or ends its stream."""
+        waiting = self._pending.pop(transport, None)
+        if waiting is not None:
+            _send_waiting(transport, waiting)
+
+    def _end_of_pass(self) -> None:
+        pending, self._pending = self._pending, {}
+        for transport, waiting in pending.items():
+            _send_waiting(transport, waiting)
+
+
+def _send_waiting(transport: asyncio.Transport, waiting: list[bytes]) -> None:
+    if transport.is_closing():
+        return  # the peer went away meanwhile: nothing can reach it
+    try:
+        for data in waiting:  # as written: a large body is not copied to be joined
+            transport.write(data)
+    except Exception as exc:  # a bug must cost one connection, never the others' writes
+        log(f"internal error writing to a connection: {exc!r}")
+        transport.abort()
+
+
 class UpstreamError(Exception):
     """The upstream could not be reached, or broke HTTP; the request gets a 502 or 504."""
 
@@ -3212,6 +3263,7 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, router: RouterState) -> None:
         self.router = router
+        self.writes = router.writes  # this connection's and its forwards' writes go through it
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # until connected
         self.buffer = bytearray()
@@ -3324,7 +3376,7 @@ class ClientConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if not self.closed:
-            self.transport.write(data)
+            self.writes.write(self.transport, data)
 
     def resume_reading(self) -> None:
         if not self.closed:
@@ -3333,10 +3385,12 @@ class ClientConnection(asyncio.Protocol):
     def close_gracefully(self) -> None:
         """Close once what was written has gone out."""
         if self.transport is not None:
+            self.writes.flush(self.transport)
             self.transport.close()
 
     def close(self) -> None:
         if self.transport is not None:
+            self.writes.flush(self.transport)
             self.transport.abort()
 
     def internal_error(self, exc: Exception) -> None:
@@ -3849,6 +3903,7 @@ class RouterState:
         self.pool = UpstreamPool()
         self.metrics = metrics or Metrics()
         self.access_log = AccessLog()
+        self.writes = WriteBatch()
         self.in_flight = 0  # proxied requests holding a slot
         self.connections: set[ClientConnection] = set()
         self.no_connections = asyncio.Event()
@@ -3868,9 +3923,11 @@ class RouterState:
 
     def exchange_started(self) -> None:
         self.busy_connections += 1
+        self.writes.defer = self.busy_connections > 1
 
     def exchange_finished(self) -> None:
         self.busy_connections -= 1
+        self.writes.defer = self.busy_connections > 1
         if not self.busy_connections and self.draining:
             self.drained.set()
 
@@ -4078,7 +4135,7 @@ class Tunnel:
     def client_data(self, data: bytes) -> None:
         if not self.upstream.closed:
             assert self.upstream.transport is not None
-            self.upstream.transport.write(data)
+            self.client.writes.write(self.upstream.transport, data)
 
     def client_eof(self) -> None:
         assert self.upstream.transport is not None
@@ -4106,6 +4163,7 @@ class Tunnel:
         if self.closed:
             return
         if target.can_write_eof() and not target.is_closing():
+            self.client.writes.flush(target)  # what came before the end goes first
             target.write_eof()
         self.ends += 1
         if self.ends == 2:
@@ -4359,17 +4417,18 @@ class Forward:
         self.reused = reused
         transport = connection.transport
         assert transport is not None
+        write = self.client.writes.write
         if self.body is not None:
             raw = self.body.raw
             # One system call for a small request; a large body is not copied to be joined.
             if len(raw) <= JOIN_LIMIT:
-                transport.write(self.head + raw)
+                write(transport, self.head + raw)
             else:
-                transport.write(self.head)
-                transport.write(raw)
+                write(transport, self.head)
+                write(transport, raw)
             self.request_sent = True
             return
-        transport.write(self.head)
+        write(transport, self.head)
         if self.request.length == 0:
             self.request_sent = True
         else:
@@ -4378,7 +4437,7 @@ class Forward:
     def send_body(self, data: bytes) -> None:
         if self.upstream is not None and not self.upstream.closed:
             assert self.upstream.transport is not None
-            self.upstream.transport.write(data)
+            self.client.writes.write(self.upstream.transport, data)
 
     def body_sent(self) -> None:
         self.request_sent = True

@@ -181,6 +181,28 @@ class HeldUpstream(FakeUpstream):
         super().close()
 
 
+class DeferredWrites(llmhop.WriteBatch):
+    """Every write waits for the end of the event loop's pass, as it does under load, even
+    for a lone exchange: a router given this runs its tests on the deferred path."""
+
+    defer = property(lambda self: True, lambda self, value: None)  # type: ignore[assignment]
+
+
+# Ids of the two write paths, for suites that run on both.
+WRITE_PATHS = {"writes at once": False, "writes at the end of a pass": True}
+
+
+def router_on(deferred: bool) -> Callable[..., RunningRouter]:
+    """RunningRouter, its writes held to the end of the loop's pass when ``deferred``."""
+
+    def make(config: dict[str, Any], **attributes: Any) -> RunningRouter:
+        if deferred:
+            attributes.setdefault("writes", DeferredWrites())
+        return RunningRouter(config, **attributes)
+
+    return make
+
+
 class RunningRouter:
     """The router on an ephemeral loopback port, in a thread of its own with its own loop."""
 

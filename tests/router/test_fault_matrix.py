@@ -16,16 +16,24 @@ import socket
 import struct
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from support import WAIT, FakeUpstream, Received, chat
+from conftest import closed_after_the_test
+from support import WAIT, WRITE_PATHS, FakeUpstream, Received, chat, router_on
 
 from tests.support.processes import refused_url
 from tests.support.wire import SocketReader, http_response, read_reply, read_request, request_bytes
 
 Factory = Callable[..., Any]
+
+
+@pytest.fixture(params=list(WRITE_PATHS.values()), ids=list(WRITE_PATHS))
+def router_factory(request: pytest.FixtureRequest) -> Iterator[Factory]:
+    """Every case on both write paths: at once, and held to the end of the loop's pass."""
+    yield from closed_after_the_test(router_on(request.param))
+
 
 STEPS = (
     "before_head",  # as the request arrives, nothing of it read

@@ -20,7 +20,7 @@ import h11
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import WAIT, FakeUpstream, Received, RunningRouter
+from support import WAIT, WRITE_PATHS, FakeUpstream, Received, RunningRouter, router_on
 
 from tests.support.wire import Reply, SocketReader, http_response, read_reply
 
@@ -40,10 +40,10 @@ def echo(request: Received, conn: socket.socket) -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def oracle_router() -> Iterator[tuple[RunningRouter, FakeUpstream]]:
+@pytest.fixture(scope="module", params=list(WRITE_PATHS.values()), ids=list(WRITE_PATHS))
+def oracle_router(request: pytest.FixtureRequest) -> Iterator[tuple[RunningRouter, FakeUpstream]]:
     upstream = FakeUpstream(echo)
-    router = RunningRouter(
+    router = router_on(request.param)(
         {"maxBodyBytes": CAP, "maxConcurrentRequests": 0, "models": {"m": {"url": upstream.url}}}
     )
     yield router, upstream
