@@ -2645,10 +2645,11 @@ class WriteBatch:
     of the event loop's pass while several are (``defer``, which the router keeps).
 
     A peer asleep in its own event loop is woken by every write that reaches it; the writes of
-    a pass, sent one after another, wake it once. Under load that halves the kernel's time per
-    request (for the router and its peers alike), while a lone request, which nothing would
-    share a wake with, is not delayed. A transport's bytes keep their order: once some wait,
-    every later write waits behind them, and ``flush`` sends them before the transport closes.
+    a pass, sent one after another, wake it once. Under load that cuts the kernel's time per
+    request by about a third (for the router and its peers alike), while a lone request, which
+    nothing would share a wake with, is not delayed. A transport's bytes keep their order:
+    once some wait, every later write waits behind them, and ``flush`` sends them before the
+    transport closes.
     """
 
     __slots__ = ("_pending", "defer")
