@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -118,11 +119,13 @@ def test_the_end_of_a_tunnels_stream_comes_after_what_was_written_before_it() ->
 
     async def run() -> None:
         batch = llmhop.WriteBatch()
-        batch.defer = True
-        target = Ending()
-        batch.write(target, b"last words")
-        batch.flush(target)  # as Tunnel does before write_eof
-        target.write_eof()
+        batch.defer = True  # as under load: the client's bytes wait for the end of the pass
+        upstream = llmhop.UpstreamConnection()
+        upstream.transport = Ending()
+        client = SimpleNamespace(writes=batch, tunnel_closed=lambda: None)
+        tunnel = llmhop.Tunnel(client, upstream, admission=None)  # type: ignore[arg-type]
+        tunnel.client_data(b"last words")
+        tunnel.client_eof()  # the client's end of stream, passed on to the upstream
         await asyncio.sleep(0)
 
     asyncio.run(run())
