@@ -224,16 +224,18 @@ def parse_fields(block: bytes) -> Fields:
 
 def header_tokens(headers: Fields, lower_name: bytes) -> list[bytes]:
     """The comma-separated elements of every field of that name, lower-cased."""
-    if lower_name not in headers.lowered:
+    lowered = headers.lowered
+    if lower_name not in lowered:
         return []  # the usual answer, without building a list from nothing
-    values = headers.values(lower_name)
-    if len(values) == 1 and b"," not in values[0]:
-        # One element, the next most usual (Connection: keep-alive): a field value has no
-        # surrounding whitespace left, and an empty one has no element.
-        return [values[0].lower()] if values[0] else []
+    if lowered.count(lower_name) == 1:
+        value = headers[lowered.index(lower_name)][1]
+        if b"," not in value:
+            # One element, the next most usual (Connection: keep-alive): a field value has
+            # no surrounding whitespace left, and an empty one has no element.
+            return [value.lower()] if value else []
     return [
         element.strip(b" \t").lower()
-        for value in values
+        for value in headers.values(lower_name)
         for element in value.split(b",")
         if element.strip(b" \t")
     ]
@@ -246,20 +248,24 @@ UNTIL_CLOSE = -2  # a response body delimited by the connection closing
 
 def body_length(headers: Fields) -> int:
     """The framing of a request body (RFC 9112 §6.3): its length (0 for none) or CHUNKED."""
+    lowered = headers.lowered
     codings = header_tokens(headers, b"transfer-encoding")
-    lengths = headers.values(b"content-length")
     if codings:
-        if lengths:
+        if b"content-length" in lowered:
             raise ProtocolError(400, "both Content-Length and Transfer-Encoding")
         if codings[-1] != b"chunked":
             raise ProtocolError(400, "chunked must be the final transfer coding")
         if len(codings) > 1:
             raise ProtocolError(501, "transfer codings other than chunked are not supported")
         return CHUNKED
-    if not lengths:
+    fields = lowered.count(b"content-length")
+    if not fields:
         return 0
-    if len(lengths) == 1 and lengths[0].isdigit() and len(lengths[0]) <= 18:
-        return int(lengths[0])  # the usual case, in short
+    if fields == 1:  # the usual case, in short
+        length = headers[lowered.index(b"content-length")][1]
+        if length.isdigit() and len(length) <= 18:
+            return int(length)
+    lengths = headers.values(b"content-length")
     elements = {element.strip(b" \t") for value in lengths for element in value.split(b",")}
     if len(elements) != 1:
         raise ProtocolError(400, "conflicting Content-Length values")
