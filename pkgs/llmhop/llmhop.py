@@ -2072,7 +2072,6 @@ def _quoted(value: bytes) -> bytes:
     return b'"%s"' % value.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
 
 
-@functools.lru_cache(maxsize=256)  # a client sends the same Host request after request
 def forwarded_value(client_ip: str | None, host: bytes | None) -> bytes:
     """The RFC 7239 Forwarded element for a request the router received over plain HTTP."""
     elements = []
@@ -2083,6 +2082,18 @@ def forwarded_value(client_ip: str | None, host: bytes | None) -> bytes:
         elements.append(b"host=" + (host if _TOKEN.fullmatch(host) else _quoted(host)))
     elements.append(b"proto=http")
     return b";".join(elements)
+
+
+@functools.lru_cache(maxsize=256)  # a client sends the same Host request after request
+def forwarding_fields(client: Peer, host: bytes | None) -> bytes:
+    """The lines that tell the upstream who asked, and for which host, as the router saw it."""
+    lines = [b"Forwarded: " + forwarded_value(client.ip, host)]
+    if client.forwarded_for:
+        lines.append(client.forwarded_for)
+    if host:
+        lines.append(b"X-Forwarded-Host: " + host)
+    lines.append(b"X-Forwarded-Proto: http")
+    return b"\r\n".join(lines)
 
 
 def join_query(upstream_query: str, client_query: bytes) -> bytes:
@@ -2121,13 +2132,7 @@ def upstream_request_head(
     lines += request.headers.without(dropped)
     lines += replica.header_lines
     # Whatever the client claimed in these is replaced by what the router saw.
-    client_host = request.header(b"host")
-    lines.append(b"Forwarded: " + forwarded_value(client.ip, client_host))
-    if client.forwarded_for:
-        lines.append(client.forwarded_for)
-    if client_host:
-        lines.append(b"X-Forwarded-Host: " + client_host)
-    lines.append(b"X-Forwarded-Proto: http")
+    lines.append(forwarding_fields(client, request.header(b"host")))
     lines.append(b"X-Request-Id: " + request_id)
     if request.upgrade is not None:
         lines += [b"Connection: Upgrade", b"Upgrade: " + request.upgrade]
