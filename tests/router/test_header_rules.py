@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from support import llmhop
 
 CLIENT = llmhop.Peer("10.0.0.7", b"X-Forwarded-For: 10.0.0.7")
@@ -127,6 +129,31 @@ def test_a_unix_socket_client_has_no_address_to_forward() -> None:
     lines = upstream_head(request("Host: client.test"), client=llmhop.Peer.of(""))
     assert "Forwarded: host=client.test;proto=http" in lines
     assert not any(line.startswith("X-Forwarded-For") for line in lines)
+
+
+_CLIENTS = [llmhop.Peer.of(("10.0.0.7", 1)), llmhop.Peer.of(("::1", 2)), llmhop.Peer.of("")]
+_HOSTS = ["client.test", "other.test:8080", None]
+
+
+@given(st.lists(st.tuples(st.sampled_from(_CLIENTS), st.sampled_from(_HOSTS)), max_size=12))
+def test_the_forwarding_fields_are_each_requests_own(
+    requests: list[tuple[llmhop.Peer, str | None]],
+) -> None:
+    """They are built once per client and Host, and kept: whatever came before, a request's
+    lines name its own client and Host."""
+    for client, host in requests:
+        # Without a Host, an HTTP/1.0 request: HTTP/1.1 requires one.
+        req = request(f"Host: {host}") if host else llmhop.parse_request_head(b"GET / HTTP/1.0")
+        forwarded = llmhop.forwarded_value(client.ip, host.encode() if host else None)
+        expected = [
+            f"Forwarded: {forwarded.decode()}",
+            *([f"X-Forwarded-For: {client.ip}"] if client.ip else []),
+            *([f"X-Forwarded-Host: {host}"] if host else []),
+            "X-Forwarded-Proto: http",
+        ]
+        lines = upstream_head(req, client=client)
+        start = lines.index(expected[0])
+        assert lines[start : start + len(expected)] == expected
 
 
 def response(*lines: str, status: str = "200 OK", method: bytes = b"GET") -> llmhop.Response:
