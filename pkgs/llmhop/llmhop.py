@@ -2055,17 +2055,9 @@ def _too_large(cap: int) -> str:
 _RESPONSE_DROPS = HOP_BY_HOP | {b"content-length"}
 
 
-class Peer(NamedTuple):
-    """The client of a connection, as the forwarding headers tell the upstream of it."""
-
-    ip: str | None  # None for a client on a unix socket
-    forwarded_for: bytes  # the whole X-Forwarded-For line, or empty without an IP
-
-    @classmethod
-    def of(cls, peername: Any) -> Peer:
-        if isinstance(peername, tuple) and peername:
-            return cls(peername[0], b"X-Forwarded-For: " + peername[0].encode())
-        return cls(None, b"")
+def client_ip(peername: Any) -> str | None:
+    """A connection's client address, as the forwarding headers name it; None on a unix socket."""
+    return peername[0] if isinstance(peername, tuple) and peername else None
 
 
 def _quoted(value: bytes) -> bytes:
@@ -2085,11 +2077,11 @@ def forwarded_value(client_ip: str | None, host: bytes | None) -> bytes:
 
 
 @functools.lru_cache(maxsize=256)  # a client sends the same Host request after request
-def forwarding_fields(client: Peer, host: bytes | None) -> bytes:
+def forwarding_fields(client_ip: str | None, host: bytes | None) -> bytes:
     """The lines that tell the upstream who asked, and for which host, as the router saw it."""
-    lines = [b"Forwarded: " + forwarded_value(client.ip, host)]
-    if client.forwarded_for:
-        lines.append(client.forwarded_for)
+    lines = [b"Forwarded: " + forwarded_value(client_ip, host)]
+    if client_ip is not None:
+        lines.append(b"X-Forwarded-For: " + client_ip.encode())
     if host:
         lines.append(b"X-Forwarded-Host: " + host)
     lines.append(b"X-Forwarded-Proto: http")
@@ -2110,7 +2102,7 @@ def upstream_request_head(
     replica: Replica,
     target: bytes,
     length: int,
-    client: Peer,
+    client_ip: str | None,
     request_id: bytes,
 ) -> bytes:
     """The request head as the upstream gets it (RFC 9110 §7.6).
@@ -2132,7 +2124,7 @@ def upstream_request_head(
     lines += request.headers.without(dropped)
     lines += replica.header_lines
     # Whatever the client claimed in these is replaced by what the router saw.
-    lines.append(forwarding_fields(client, request.header(b"host")))
+    lines.append(forwarding_fields(client_ip, request.header(b"host")))
     lines.append(b"X-Request-Id: " + request_id)
     if request.upgrade is not None:
         lines += [b"Connection: Upgrade", b"Upgrade: " + request.upgrade]
@@ -3279,7 +3271,7 @@ class ClientConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # until connected
         self.buffer = bytearray()
-        self.peer = Peer(None, b"")  # until connected
+        self.client_ip: str | None = None  # until connected
         self.phase = Phase.IDLE
         self.keep_alive = True  # once False, the connection closes after the current answer
         self.busy = False  # between the first byte of a request and the end of its response
@@ -3308,7 +3300,7 @@ class ClientConnection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         transport.set_write_buffer_limits(WRITE_HIGH_WATER)
-        self.peer = Peer.of(transport.get_extra_info("peername"))
+        self.client_ip = client_ip(transport.get_extra_info("peername"))
         router = self.router
         router.connections.add(self)
         router.no_connections.clear()
@@ -4361,7 +4353,12 @@ class Forward:
         state.requests += 1
         client = self.client
         self.head = upstream_request_head(
-            self.request, replica, self.target, self.length, client.peer, self.exchange.request_id
+            self.request,
+            replica,
+            self.target,
+            self.length,
+            client.client_ip,
+            self.exchange.request_id,
         )
         self._attempt()
 
