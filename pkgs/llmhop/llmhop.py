@@ -160,12 +160,18 @@ class Fields(list[tuple[bytes, bytes]]):
         made.lowered = [name.lower() for name, _ in fields]
         return made
 
+    def only(self, lower_name: bytes) -> bytes | None:
+        """The value of the field of that name when there is exactly one, the usual case."""
+        lowered = self.lowered
+        return self[lowered.index(lower_name)][1] if lowered.count(lower_name) == 1 else None
+
     def values(self, lower_name: bytes) -> list[bytes]:
         """The values of every field of that name, in order."""
-        lowered = self.lowered
-        count = lowered.count(lower_name)
-        if count < 2:  # the usual answers, so the quickest
-            return [self[lowered.index(lower_name)][1]] if count else []
+        if lower_name not in self.lowered:
+            return []
+        value = self.only(lower_name)
+        if value is not None:
+            return [value]
         return [
             value
             for (_, value), lower in zip(self, self.lowered, strict=True)
@@ -224,15 +230,13 @@ def parse_fields(block: bytes) -> Fields:
 
 def header_tokens(headers: Fields, lower_name: bytes) -> list[bytes]:
     """The comma-separated elements of every field of that name, lower-cased."""
-    lowered = headers.lowered
-    if lower_name not in lowered:
+    if lower_name not in headers.lowered:
         return []  # the usual answer, without building a list from nothing
-    if lowered.count(lower_name) == 1:
-        value = headers[lowered.index(lower_name)][1]
-        if b"," not in value:
-            # One element, the next most usual (Connection: keep-alive): a field value has
-            # no surrounding whitespace left, and an empty one has no element.
-            return [value.lower()] if value else []
+    value = headers.only(lower_name)
+    if value is not None and b"," not in value:
+        # One element, the next most usual (Connection: keep-alive): a field value has no
+        # surrounding whitespace left, and an empty one has no element.
+        return [value.lower()] if value else []
     return [
         element.strip(b" \t").lower()
         for value in headers.values(lower_name)
@@ -248,24 +252,21 @@ UNTIL_CLOSE = -2  # a response body delimited by the connection closing
 
 def body_length(headers: Fields) -> int:
     """The framing of a request body (RFC 9112 §6.3): its length (0 for none) or CHUNKED."""
-    lowered = headers.lowered
     codings = header_tokens(headers, b"transfer-encoding")
     if codings:
-        if b"content-length" in lowered:
+        if b"content-length" in headers.lowered:
             raise ProtocolError(400, "both Content-Length and Transfer-Encoding")
         if codings[-1] != b"chunked":
             raise ProtocolError(400, "chunked must be the final transfer coding")
         if len(codings) > 1:
             raise ProtocolError(501, "transfer codings other than chunked are not supported")
         return CHUNKED
-    fields = lowered.count(b"content-length")
-    if not fields:
-        return 0
-    if fields == 1:  # the usual case, in short
-        length = headers[lowered.index(b"content-length")][1]
-        if length.isdigit() and len(length) <= 18:
-            return int(length)
+    length = headers.only(b"content-length")
+    if length is not None and length.isdigit() and len(length) <= 18:
+        return int(length)  # the usual case, in short
     lengths = headers.values(b"content-length")
+    if not lengths:
+        return 0
     elements = {element.strip(b" \t") for value in lengths for element in value.split(b",")}
     if len(elements) != 1:
         raise ProtocolError(400, "conflicting Content-Length values")
